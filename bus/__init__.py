@@ -1,0 +1,1 @@
+"""A small, dependable ZeroMQ messaging layer. Knows nothing of radiotherapy."""
