@@ -17,6 +17,7 @@ from m2m.agents.logs import configure_logging
 COMMAND_MODULES = (
     "m2m.physics.commands",
     "m2m.bus.commands",
+    "m2m.agents.drl.commands",
     "m2m.agents.commands",
 )
 
