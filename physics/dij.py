@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,6 +31,24 @@ class Dij:
     def __post_init__(self) -> None:
         # A stored transpose makes A.T @ y a row-parallel CSR product (FACTS: 4.9 ms vs far slower via CSC).
         object.__setattr__(self, "matrix_t", self.matrix.T.tocsr())
+
+    @classmethod
+    def with_transpose(cls, matrix_t: sp.csr_matrix, **values: Any) -> Dij:
+        """``Dij(**values)`` adopting a precomputed ``matrix_t`` (must equal ``matrix.T``, CSR) instead of transposing.
+
+        The dij cache stores both orientations: reading them is ~10× faster than a 40 M non-zero transpose.
+        """
+        values.setdefault("key", "")
+        obj = cls.__new__(cls)
+        for f in fields(cls):
+            if f.init:
+                object.__setattr__(obj, f.name, values.pop(f.name))
+        if values:
+            raise TypeError(f"unexpected Dij fields: {sorted(values)}")
+        if matrix_t.shape != obj.matrix.shape[::-1]:
+            raise ValueError(f"matrix_t shape {matrix_t.shape} is not the transpose of {obj.matrix.shape}")
+        object.__setattr__(obj, "matrix_t", matrix_t)
+        return obj
 
     @property
     def n_beamlets(self) -> int:
