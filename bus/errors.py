@@ -1,0 +1,114 @@
+"""Typed errors of the bus. Every error the bus raises or sends across a process is a :class:`BusError`.
+
+Errors that cross a process travel as an :class:`~m2m.bus.messages.ErrorReply` carrying ``code``; the receiving
+side maps the code back to the class through :func:`error_for_code`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BusError(Exception):
+    """Root of every bus error."""
+
+    code: ClassVar[str] = "bus_error"
+    retryable: ClassVar[bool] = False
+
+
+class DecodeError(BusError):
+    """Bytes that are not a valid message (truncated, wrong types, hostile input, bad array frames)."""
+
+    code = "decode_error"
+
+
+class UnknownSchema(DecodeError):
+    """The schema name is not registered in this process."""
+
+    code = "unknown_schema"
+
+
+class SchemaVersionError(DecodeError):
+    """The schema is known but not at this version (a breaking change is a new version)."""
+
+    code = "schema_version"
+
+
+class SchemaConflict(BusError):
+    """Two different classes declared the same (schema, version)."""
+
+    code = "schema_conflict"
+
+
+class MessageTooLarge(BusError):
+    """A message is over the bus's maximum message size."""
+
+    code = "message_too_large"
+
+
+class ProtocolError(BusError):
+    """Frames that do not follow the bus protocol (wrong header, command or frame count)."""
+
+    code = "protocol_error"
+
+
+class RequestTimeout(BusError):
+    """No reply arrived before the request's deadline."""
+
+    code = "deadline_exceeded"
+    retryable = True
+
+
+class ServiceUnavailable(BusError):
+    """No live worker served the service before the request's deadline."""
+
+    code = "service_unavailable"
+    retryable = True
+
+
+class WorkerLost(BusError):
+    """The worker holding the request died (missed heartbeats); the request may be retried."""
+
+    code = "worker_lost"
+    retryable = True
+
+
+class UnhandledMessage(BusError):
+    """The service has no handler for this message type."""
+
+    code = "unhandled_message"
+
+
+class RemoteError(BusError):
+    """The remote handler raised; ``message`` holds its exception type and text."""
+
+    code = "remote_error"
+
+
+class SecurityError(BusError):
+    """A configuration that would expose the bus without authentication."""
+
+    code = "security_error"
+
+
+class BusClosed(BusError):
+    """The client was closed."""
+
+    code = "closed"
+
+
+_BY_CODE: dict[str, type[BusError]] = {}
+
+
+def _collect(cls: type[BusError]) -> None:
+    _BY_CODE.setdefault(cls.code, cls)
+    for sub in cls.__subclasses__():
+        _collect(sub)
+
+
+_collect(BusError)
+
+
+def error_for_code(code: str) -> type[BusError]:
+    """The error class for a wire code; unknown codes map to :class:`RemoteError`."""
+    return _BY_CODE.get(code, RemoteError)
