@@ -1,0 +1,155 @@
+"""``m2m bench physics``: dij build, cold and warm-started FMO, and the sparse-matvec floor, in one run.
+
+The floor is what the solver's products alone cost: the median time of one ``A @ x`` and one ``Aᵀ @ y`` on the
+solver's row-restricted matrices, times the number of objective evaluations the solve made. Ratios printed
+(solve / floor, warm / cold) are measured in the same run, so they survive a busy or slow machine better than
+the absolute times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from m2m.physics.beams import beams_for, every_n_degrees
+from m2m.physics.dij import Dij
+from m2m.physics.dose import compute_dij
+from m2m.physics.optimizer import PlanResult, optimize, prepare
+from m2m.physics.phantoms import make_case
+from m2m.physics.tpp import TppSet, step
+
+log = structlog.get_logger()
+
+PROSTATE_OARS = ("bladder", "rectum")
+COMPLEX_OARS = ("bladder", "rectum", "femoral_head_l", "femoral_head_r")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the benchmark table."""
+
+    what: str
+    value: str
+    note: str = ""
+
+
+def _rss_mib() -> float:
+    """Resident set size of this process now (MiB), from /proc (Linux)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _walk(dij: Dij, plan: PlanResult, n: int, rng: np.random.Generator) -> list[PlanResult]:
+    """``n`` warm-started plans along a random walk of single TPP steps (each from the previous plan)."""
+    plans = []
+    tpps, previous = plan.tpps, plan
+    names = tpps.names()
+    for _ in range(n):
+        tpps = step(tpps, names[int(rng.integers(len(names)))], int(rng.choice([-1, 1])))
+        previous = optimize(dij, tpps, plan.rx_gy, warm_start=previous.fluence)
+        plans.append(previous)
+    return plans
+
+
+def run(*, seed: int = 0, evaluations: int = 30, skip_complex: bool = False) -> list[Row]:
+    """Run the benchmark on prostate phantom ``seed``; returns the table rows."""
+    rows: list[Row] = []
+    case = make_case("prostate", seed)
+    beams = beams_for(case)
+    started = time.perf_counter()
+    dij = compute_dij(case, beams)
+    dij_s = time.perf_counter() - started
+    rows.append(Row("dij build, prostate 7 beams", f"{dij_s:.2f} s",
+                    f"{dij.n_rows} rows × {dij.n_beamlets} beamlets, {dij.matrix.nnz / 1e6:.2f} M nnz"))
+
+    tpps = TppSet.default(PROSTATE_OARS)
+    cold_runs = [optimize(dij, tpps, case.rx_gy) for _ in range(3)]
+    cold = cold_runs[0]
+    cold_s = statistics.median(p.solve_time_s for p in cold_runs)
+    rows.append(Row("cold FMO (open-field start), default TPPs", f"{1e3 * cold_s:.0f} ms",
+                    f"{cold.evaluations} evaluations, median of 3"))
+
+    plans = _walk(dij, cold, evaluations, np.random.default_rng(seed))
+    warm_s = statistics.median(p.solve_time_s for p in plans)
+    warm_evals = statistics.median(p.evaluations for p in plans)
+
+    problem = prepare(dij, tpps.structures)
+    x = cold.fluence.astype(np.float32)
+    y = np.ones(problem.matrix.shape[0], dtype=np.float32)
+    forward = _median_time(lambda: problem.matrix @ x, 50)
+    backward = _median_time(lambda: problem.matrix_t @ y, 50)
+    floors = [p.evaluations * (forward + backward) for p in plans]
+    ratios = [p.solve_time_s / f for p, f in zip(plans, floors, strict=True)]
+    rows.append(Row(f"warm FMO per TPP evaluation (median of {evaluations} steps)", f"{1e3 * warm_s:.1f} ms",
+                    f"{warm_evals:g} evaluations; target ≤ 100 ms, goal ≤ 50 ms"))
+    rows.append(Row("matvec floor of those solves (median)", f"{1e3 * statistics.median(floors):.1f} ms",
+                    f"A@x {1e3 * forward:.2f} ms + Aᵀ@y {1e3 * backward:.2f} ms per evaluation, "
+                    f"{problem.matrix.shape[0]} rows, {problem.matrix.nnz / 1e6:.2f} M nnz"))
+    rows.append(Row("ratio warm solve / floor (median)", f"{statistics.median(ratios):.2f}",
+                    "1.0 = nothing but the products"))
+    rows.append(Row("ratio warm / cold FMO", f"{warm_s / cold_s:.3f}"))
+
+    if not skip_complex:
+        rows.extend(_complex(seed))
+    found = importlib.util.find_spec("pyRadPlan") is not None
+    rows.append(Row("pyRadPlan", "importable" if found else "not installed",
+                    "optional extra 'pyradplan'; not used here"))
+    return rows
+
+
+def _complex(seed: int) -> list[Row]:
+    rows = []
+    case = make_case("prostate", seed)
+    beams = beams_for(case, gantry_deg=every_n_degrees(2.0))
+    rss_before = _rss_mib()
+    started = time.perf_counter()
+    dij = compute_dij(case, beams)
+    dij_s = time.perf_counter() - started
+    size_mib = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (dij.matrix, dij.matrix_t)) / 2**20
+    rows.append(Row("dij build, prostate 180 beams (every 2°)", f"{dij_s:.1f} s",
+                    f"{dij.n_beamlets} beamlets, {dij.matrix.nnz / 1e6:.1f} M nnz, {size_mib:.0f} MiB with transpose"))
+    tpps = TppSet.default(COMPLEX_OARS)
+    cold = optimize(dij, tpps, case.rx_gy)
+    rows.append(Row("cold FMO, 180 beams", f"{cold.solve_time_s:.1f} s", f"{cold.evaluations} evaluations"))
+    warm = optimize(dij, step(tpps, "t_rectum", -1), case.rx_gy, warm_start=cold.fluence)
+    rows.append(Row("warm FMO, 180 beams (one step)", f"{warm.solve_time_s:.2f} s",
+                    f"{warm.evaluations} evaluations"))
+    rows.append(Row("RSS after 180-beam dij and FMO", f"{_rss_mib():.0f} MiB",
+                    f"+{_rss_mib() - rss_before:.0f} MiB over the 7-beam part"))
+    return rows
+
+
+def main(*, seed: int = 0, evaluations: int = 30, skip_complex: bool = False) -> int:
+    """Print the benchmark table (rich); returns an exit code."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    with console.status("benchmarking the physics layer (dij, FMO, matvec floor)…"):
+        rows = run(seed=seed, evaluations=evaluations, skip_complex=skip_complex)
+    table = Table(title=f"m2m bench physics — prostate phantom seed {seed}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    for row in rows:
+        table.add_row(row.what, row.value, row.note)
+    console.print(table)
+    return 0

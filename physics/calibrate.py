@@ -1,0 +1,248 @@
+"""Scenario calibration: how hard is a scenario, and is its maximum score reachable?
+
+For each case of a cohort: the protocol score of the plan from default TPPs and from the scenario's random
+initial TPPs, and a search over the published step actions (:func:`m2m.physics.tpp.step`) for TPPs that reach
+the protocol's maximum. The search ranks plans by (score, margin) and is greedy best-improvement: each round
+evaluates every single-step neighbour of the current TPPs (warm-started from the current plan) and moves to the
+best one. At a local optimum short of the maximum it draws random TPP sets from the training ranges and ascends
+again from the best draw, until the maximum is reached or the evaluation budget is spent. It starts from the
+better of the default and random initial TPPs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from m2m.physics.dij import Dij
+from m2m.physics.optimizer import PlanResult, optimize
+from m2m.physics.protocol import Protocol, ScoreReport, score
+from m2m.physics.tpp import TppSet, random_tpps, step
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """A plan for ``tpps`` and its protocol score."""
+
+    tpps: TppSet
+    plan: PlanResult
+    report: ScoreReport
+
+    @property
+    def key(self) -> tuple[float, float]:
+        """Ranking key: points first, then the summed clipped margins."""
+        return (round(self.report.total, 9), self.report.margin())
+
+
+class Planner:
+    """Plans and scores TPP sets on one case: a dij, a protocol and a prescription (Gy)."""
+
+    def __init__(self, dij: Dij, protocol: Protocol, rx_gy: float, *, target: str = "ptv") -> None:
+        self.dij, self.protocol, self.rx_gy, self.target = dij, protocol, rx_gy, target
+        self.evaluations = 0
+
+    def evaluate(self, tpps: TppSet, warm_start: np.ndarray | None = None) -> Evaluation:
+        """Optimise (warm-started if given) and score."""
+        self.evaluations += 1
+        plan = optimize(
+            self.dij, tpps, self.rx_gy, target=self.target, warm_start=warm_start,
+            dose_structures=self.protocol.structures,
+        )
+        return Evaluation(tpps, plan, score(self.protocol, plan, self.dij.voxel_volume_cc, self.rx_gy))
+
+
+@dataclass(frozen=True, eq=False)
+class SearchResult:
+    """The best evaluation found, how many plans the search cost, its ascents (``rounds``), and whether it
+    reached the maximum."""
+
+    best: Evaluation
+    evaluations: int
+    rounds: int
+
+    @property
+    def reached_max(self) -> bool:
+        return self.best.report.total >= self.best.report.max_score - 1e-9
+
+
+def _greedy(planner: Planner, start: Evaluation, budget: int, seen: set[tuple[float, ...]]) -> tuple[Evaluation, int]:
+    """Best-improvement single-step ascent from ``start``; returns the best evaluation and the plans spent."""
+    best, spent = start, 0
+    names = start.tpps.names()
+    while best.report.total < best.report.max_score - 1e-9 and spent < budget:
+        round_best: Evaluation | None = None
+        for name in names:
+            for direction in (1, -1):
+                candidate = step(best.tpps, name, direction)
+                signature = tuple(candidate.to_vector())
+                if signature in seen or spent >= budget:
+                    continue  # a clamped step that changes nothing, or a point already tried
+                seen.add(signature)
+                spent += 1
+                ev = planner.evaluate(candidate, warm_start=best.plan.fluence)
+                if round_best is None or ev.key > round_best.key:
+                    round_best = ev
+        if round_best is None or round_best.key <= best.key:
+            break
+        best = round_best
+    return best, spent
+
+
+def search_max(
+    planner: Planner,
+    start: Evaluation,
+    *,
+    max_evaluations: int = 400,
+    samples: int = 16,
+    rng: np.random.Generator | None = None,
+) -> SearchResult:
+    """Search for TPPs reaching the protocol maximum, within ``max_evaluations`` plans.
+
+    Greedy single-step ascent from ``start``; while short of the maximum, draw ``samples`` random TPP sets
+    (:func:`m2m.physics.tpp.random_tpps`, warm-started from the best plan so far) and ascend again from the
+    best of them. Single steps cannot cross a valley where one criterion must get worse before another
+    improves (e.g. lower t_rectum, then raise lambda_ptv to repair the PTV hot spot); the random draws can.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    seen = {tuple(start.tpps.to_vector())}
+    best, spent = _greedy(planner, start, max_evaluations, seen)
+    rounds = 1
+    while best.report.total < best.report.max_score - 1e-9 and spent + samples < max_evaluations:
+        rounds += 1
+        draws = [planner.evaluate(random_tpps(rng, start.tpps.oar_names), warm_start=best.plan.fluence)
+                 for _ in range(samples)]
+        spent += samples
+        local, used = _greedy(planner, max(draws, key=lambda e: e.key), max_evaluations - spent, seen)
+        spent += used
+        if local.key > best.key:
+            best = local
+    return SearchResult(best, spent, rounds)
+
+
+@dataclass(frozen=True)
+class CaseCalibration:
+    """One case: scores of default and random initial TPPs, the search outcome from the better one, and the
+    default plan's measured value per criterion (label → value in the criterion's unit)."""
+
+    seed: int
+    default_score: float
+    random_score: float
+    searched_score: float
+    reached_max: bool
+    search_evaluations: int
+    best_tpps: dict[str, float]
+    failing_after_search: tuple[str, ...]
+    default_values: dict[str, float]
+    dij_seconds: float
+    fmo_seconds: float
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """Per-case results for one scenario and their summaries."""
+
+    scenario: str
+    max_score: float
+    cases: tuple[CaseCalibration, ...] = field(default_factory=tuple)
+
+    @staticmethod
+    def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+        return float(np.mean(values)), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    @property
+    def default_mean_sd(self) -> tuple[float, float]:
+        return self._mean_sd([c.default_score for c in self.cases])
+
+    @property
+    def random_mean_sd(self) -> tuple[float, float]:
+        return self._mean_sd([c.random_score for c in self.cases])
+
+    @property
+    def n_reached_max(self) -> int:
+        return sum(c.reached_max for c in self.cases)
+
+    @property
+    def n_default_at_max(self) -> int:
+        return sum(c.default_score >= self.max_score - 1e-9 for c in self.cases)
+
+    def summary(self) -> str:
+        """One line for a scenario file's comments."""
+        (dm, ds), (rm, rs) = self.default_mean_sd, self.random_mean_sd
+        return (
+            f"{len(self.cases)} cases: default TPPs {dm:.2f}±{ds:.2f}, random TPPs {rm:.2f}±{rs:.2f} of "
+            f"{self.max_score:g}; defaults at max on {self.n_default_at_max}; search reached max on "
+            f"{self.n_reached_max}/{len(self.cases)}"
+        )
+
+
+def calibrate_case(
+    scenario_name: str, seed: int, *, cache_dir: str | Path | None = None, max_evaluations: int = 400
+) -> CaseCalibration:
+    """Calibrate one phantom ``seed`` of a scenario (dij from the cache when present)."""
+    from m2m.physics.beams import beams_for
+    from m2m.physics.dij_cache import load_or_compute_dij
+    from m2m.physics.phantoms import make_case
+    from m2m.scenarios import load_scenario
+
+    scenario = load_scenario(scenario_name)
+    case = make_case(scenario.site, seed)
+    started = time.perf_counter()
+    beams = beams_for(case, gantry_deg=scenario.beams.angles(), bixel_mm=scenario.beams.bixel_mm)
+    dij = load_or_compute_dij(case, beams, cache_dir=cache_dir)
+    dij_seconds = time.perf_counter() - started
+    planner = Planner(dij, scenario.protocol, scenario.rx_gy)
+    started = time.perf_counter()
+    default = planner.evaluate(scenario.default_tpps())
+    fmo_seconds = time.perf_counter() - started
+    rand = planner.evaluate(scenario.random_tpps(seed))
+    result = search_max(
+        planner, max(default, rand, key=lambda e: e.key), max_evaluations=max_evaluations,
+        rng=np.random.default_rng([scenario.initial_seed, seed, 1]),
+    )
+    return CaseCalibration(
+        seed=seed,
+        default_score=default.report.total,
+        random_score=rand.report.total,
+        searched_score=result.best.report.total,
+        reached_max=result.reached_max,
+        search_evaluations=result.evaluations,
+        best_tpps=result.best.tpps.as_dict(),
+        failing_after_search=result.best.report.failing,
+        default_values={i.criterion.label: round(i.value, 2) for i in default.report.items},
+        dij_seconds=dij_seconds,
+        fmo_seconds=fmo_seconds,
+    )
+
+
+def calibrate(
+    scenario_name: str,
+    seeds: Sequence[int],
+    *,
+    cache_dir: str | Path | None = None,
+    max_evaluations: int = 400,
+    on_case: Callable[[CaseCalibration], None] | None = None,
+) -> CalibrationReport:
+    """Calibrate a scenario on the phantoms ``seeds``; ``on_case`` is called after each case (progress)."""
+    from m2m.scenarios import load_scenario
+
+    scenario = load_scenario(scenario_name)
+    cases = []
+    for seed in seeds:
+        result = calibrate_case(scenario_name, seed, cache_dir=cache_dir, max_evaluations=max_evaluations)
+        log.info(
+            "calibrated_case", scenario=scenario_name, seed=seed, default=round(result.default_score, 2),
+            random=round(result.random_score, 2), searched=round(result.searched_score, 2),
+            evaluations=result.search_evaluations,
+        )
+        cases.append(result)
+        if on_case is not None:
+            on_case(result)
+    return CalibrationReport(scenario_name, scenario.protocol.max_score, tuple(cases))

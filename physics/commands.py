@@ -1,0 +1,73 @@
+"""Subcommands contributed by the physics layer: ``m2m bench physics`` and ``m2m calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
+    """Register ``bench physics`` (under ``bench_sub``) and ``calibrate`` (under ``sub``)."""
+    bench = bench_sub.add_parser(
+        "physics", help="dij build, cold/warm FMO and the sparse-matvec floor on the prostate phantom"
+    )
+    bench.add_argument("--seed", type=int, default=0, help="prostate phantom seed (default 0)")
+    bench.add_argument("--evaluations", type=int, default=30, help="warm-started TPP steps to time (default 30)")
+    bench.add_argument("--skip-complex", action="store_true", help="skip the 180-beam case (quick run)")
+    bench.set_defaults(func=_bench)
+
+    cal = sub.add_parser(
+        "calibrate", help="score default/random initial TPPs and search for the maximum score on a cohort"
+    )
+    cal.add_argument("--scenario", required=True, help="prostate-basic, prostate-complex or liver")
+    cal.add_argument("--cases", type=int, default=20, help="number of phantoms (default 20)")
+    cal.add_argument("--cohort", default="validation", help="cohort whose first seeds are used (default validation)")
+    cal.add_argument("--max-evaluations", type=int, default=400, help="search budget per case (plans)")
+    cal.add_argument("--cache-dir", default=None, help="dij cache directory (default: the cache's own)")
+    cal.add_argument("--json", default=None, help="also write per-case results to this JSON file")
+    cal.set_defaults(func=_calibrate)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from m2m.physics.bench import main
+
+    return main(seed=args.seed, evaluations=args.evaluations, skip_complex=args.skip_complex)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from m2m.physics.calibrate import calibrate
+    from m2m.scenarios import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    seeds = list(scenario.cohorts.get(args.cohort).seeds)[: args.cases]
+    console = Console()
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"calibrating {args.scenario}", total=len(seeds))
+        report = calibrate(
+            args.scenario, seeds, cache_dir=args.cache_dir, max_evaluations=args.max_evaluations,
+            on_case=lambda _: progress.advance(task),
+        )
+    table = Table(title=f"calibration: {args.scenario} (max {report.max_score:g})")
+    for column in ("seed", "default", "random", "searched", "max?", "plans", "still failing"):
+        table.add_column(column)
+    for c in report.cases:
+        table.add_row(
+            str(c.seed), f"{c.default_score:.2f}", f"{c.random_score:.2f}", f"{c.searched_score:.2f}",
+            "yes" if c.reached_max else "no", str(c.search_evaluations), "; ".join(c.failing_after_search),
+        )
+    console.print(table)
+    console.print(report.summary())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(
+                {"scenario": args.scenario, "summary": report.summary(),
+                 "cases": [dataclasses.asdict(c) for c in report.cases]},
+                f, indent=1,
+            )
+    return 0

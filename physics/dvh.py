@@ -1,0 +1,82 @@
+"""Dose-volume histograms and dose metrics on per-voxel dose arrays (Gy), all voxels of equal volume.
+
+Conventions: ``Dx%`` is the minimum dose received by the hottest ``x`` % of the volume; ``D(cc)`` the minimum
+dose received by the hottest ``cc`` cm³ (at least one voxel, so ``D0.03cc`` on coarse grids is the voxel max
+or near it); ``Vx`` the fraction of the volume receiving at least ``x`` Gy. Volumes count whole voxels: the
+hottest ``x`` % of ``n`` voxels is ``ceil(x/100·n)`` voxels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def _as_dose(dose: np.ndarray) -> np.ndarray:
+    d = np.asarray(dose, dtype=np.float64).ravel()
+    if d.size == 0:
+        raise ValueError("empty dose array: the structure has no voxels")
+    return d
+
+
+def cumulative_dvh(dose: np.ndarray, bins_gy: np.ndarray) -> np.ndarray:
+    """Fraction of the volume (0..1) receiving at least each dose in ``bins_gy`` (Gy)."""
+    d = np.sort(_as_dose(dose))
+    bins = np.asarray(bins_gy, dtype=np.float64)
+    return (d.size - np.searchsorted(d, bins, side="left")) / d.size
+
+
+def dvh_by_structure(dose_by_structure: Mapping[str, np.ndarray], bins_gy: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`cumulative_dvh` of each structure on the same bins."""
+    return {name: cumulative_dvh(dose, bins_gy) for name, dose in dose_by_structure.items()}
+
+
+def _hottest_k(d: np.ndarray, k: int) -> float:
+    """The k-th largest value (1-based), k clipped into [1, n]; O(n) via partition."""
+    k = min(max(k, 1), d.size)
+    return float(np.partition(d, d.size - k)[d.size - k])
+
+
+def d_percent(dose: np.ndarray, percent: float) -> float:
+    """Dx% (Gy): minimum dose to the hottest ``percent`` % of the volume (D95% is the coverage metric)."""
+    if not 0.0 <= percent <= 100.0:
+        raise ValueError(f"percent must be in [0, 100], got {percent}")
+    d = _as_dose(dose)
+    # The small guard stops 95/100·n landing one voxel high through float rounding.
+    return _hottest_k(d, math.ceil(percent / 100.0 * d.size - 1e-9))
+
+
+def d_cc(dose: np.ndarray, cc: float, voxel_volume_cc: float) -> float:
+    """D(cc) (Gy): minimum dose to the hottest ``cc`` cm³, at least one voxel (D0.03cc is the hot spot)."""
+    if cc < 0 or voxel_volume_cc <= 0:
+        raise ValueError(f"need cc >= 0 and voxel_volume_cc > 0, got {cc}, {voxel_volume_cc}")
+    d = _as_dose(dose)
+    return _hottest_k(d, math.ceil(cc / voxel_volume_cc - 1e-9))
+
+
+def v_gy(dose: np.ndarray, threshold_gy: float) -> float:
+    """Vx as a fraction (0..1) of the volume receiving at least ``threshold_gy`` Gy."""
+    d = _as_dose(dose)
+    return float(np.count_nonzero(d >= threshold_gy)) / d.size
+
+
+def v_percent_rx(dose: np.ndarray, percent_rx: float, rx_gy: float) -> float:
+    """Fraction (0..1) of the volume receiving at least ``percent_rx`` % of the prescription ``rx_gy``."""
+    return v_gy(dose, percent_rx / 100.0 * rx_gy)
+
+
+def mean_gy(dose: np.ndarray) -> float:
+    """Mean dose (Gy)."""
+    return float(_as_dose(dose).mean())
+
+
+def max_gy(dose: np.ndarray) -> float:
+    """Maximum voxel dose (Gy)."""
+    return float(_as_dose(dose).max())
+
+
+def volume_cc(dose: np.ndarray, voxel_volume_cc: float) -> float:
+    """Structure volume (cm³) from its voxel count."""
+    return _as_dose(dose).size * voxel_volume_cc

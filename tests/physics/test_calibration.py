@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from m2m.physics import dvh
+from m2m.physics.beams import beams_for
+from m2m.physics.calibrate import CalibrationReport, CaseCalibration, Planner, search_max
+from m2m.physics.dij_cache import load_or_compute_dij
+from m2m.physics.phantoms import make_case
+from m2m.physics.protocol import Criterion, Protocol, load_protocol
+from m2m.physics.tpp import TppSet
+
+OARS = ("bladder", "rectum")
+
+
+def test_search_reaches_a_maximum_the_defaults_miss(tmp_path: Path) -> None:
+    case = make_case("prostate", 1001)
+    dij = load_or_compute_dij(case, beams_for(case), cache_dir=tmp_path)
+    probe = Planner(dij, load_protocol("prostate-basic"), case.rx_gy)
+    default_v70 = 100.0 * dvh.v_gy(probe.evaluate(TppSet.default(OARS)).plan.dose["rectum"], 70.0)
+    # A limit well below what default TPPs give, which sparing the rectum harder can meet.
+    protocol = Protocol(
+        "tight-rectum",
+        (
+            Criterion("ptv", "D0.03cc", "%Rx", limit=107.0, zero=110.0),
+            Criterion("rectum", "V70Gy", "%", limit=0.5 * default_v70, zero=0.5 * default_v70 + 5.0),
+        ),
+    )
+    planner = Planner(dij, protocol, case.rx_gy)
+    start = planner.evaluate(TppSet.default(OARS))
+    assert start.report.total < 2.0
+    result = search_max(planner, start, max_evaluations=120)
+    assert result.reached_max and result.best.report.failing == ()
+    assert 0 < result.evaluations <= 120
+    assert result.best.tpps.get("t_rectum") < 1.0 or result.best.tpps.get("lambda_rectum") > 1.0
+
+
+def test_search_costs_nothing_when_the_start_is_already_at_the_maximum(tmp_path: Path) -> None:
+    case = make_case("prostate", 1000)
+    dij = load_or_compute_dij(case, beams_for(case), cache_dir=tmp_path)
+    probe = Planner(dij, load_protocol("prostate-basic"), case.rx_gy)
+    v70 = 100.0 * dvh.v_gy(probe.evaluate(TppSet.default(OARS)).plan.dose["rectum"], 70.0)
+    lenient = Protocol("lenient", (Criterion("rectum", "V70Gy", "%", limit=v70 + 10.0, zero=v70 + 15.0),))
+    planner = Planner(dij, lenient, case.rx_gy)
+    start = planner.evaluate(TppSet.default(OARS))
+    assert start.report.total == pytest.approx(1.0)
+    result = search_max(planner, start)
+    assert result.reached_max and result.evaluations == 0 and result.best is start
+
+
+def _case(seed: int, default: float, random: float, reached: bool) -> CaseCalibration:
+    return CaseCalibration(seed, default, random, 9.0 if reached else random, reached, 3, {}, (), {}, 0.1, 0.1)
+
+
+def test_report_summarises_mean_sd_and_counts() -> None:
+    report = CalibrationReport("prostate-basic", 9.0, (_case(0, 9.0, 6.0, True), _case(1, 7.0, 8.0, False)))
+    assert report.default_mean_sd == pytest.approx((8.0, 2**0.5))
+    assert report.random_mean_sd == pytest.approx((7.0, 2**0.5))
+    assert report.n_reached_max == 1 and report.n_default_at_max == 1
+    assert report.summary() == (
+        "2 cases: default TPPs 8.00±1.41, random TPPs 7.00±1.41 of 9; defaults at max on 1; "
+        "search reached max on 1/2"
+    )
+
+
+def test_cli_registers_calibrate_and_bench_physics() -> None:
+    from m2m.agents.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["calibrate", "--scenario", "liver", "--cases", "3"])
+    assert (args.scenario, args.cases, args.cohort) == ("liver", 3, "validation") and callable(args.func)
+    args = parser.parse_args(["bench", "physics", "--skip-complex"])
+    assert args.skip_complex and callable(args.func)
