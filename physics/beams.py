@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from m2m.physics.case import Case
 from scipy import ndimage
+
+from m2m.physics.case import Case
 
 DEFAULT_GANTRY_DEG: tuple[float, ...] = (0, 32, 64, 96, 264, 296, 328)
 

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import structlog
+from matplotlib.path import Path as Polygon
+
 from m2m.physics.case import Case, Grid, Role, Structure
 from m2m.physics.matrad import hu_to_red
-from matplotlib.path import Path as Polygon
 
 log = structlog.get_logger()
 

@@ -11,6 +11,7 @@ transpose), so a 40 M non-zero, 180-beam dij loads in a fraction of a second onc
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import struct
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import structlog
+
 from m2m.physics.beams import BeamSet
 from m2m.physics.case import Case
 from m2m.physics.dij import Dij
@@ -44,6 +46,18 @@ def resolved_structures(case: Case, structures: Sequence[str] | None) -> tuple[s
     return tuple(s.name for s in case.structures if s.role != "body")
 
 
+def _engine_source_hash() -> str:
+    """sha256 of the dose engine's and beam geometry's source: an edit that changes the numbers but forgets to
+    bump ENGINE_VERSION must still miss the cache (it happened during development)."""
+    h = hashlib.sha256()
+    for obj in (compute_dij, BeamSet):
+        h.update(Path(str(inspect.getsourcefile(obj))).read_bytes())
+    return h.hexdigest()
+
+
+_ENGINE_SOURCE_HASH = _engine_source_hash()
+
+
 def dij_key(case: Case, beams: BeamSet, structures: Sequence[str] | None = None) -> str:
     """Content hash (hex sha256) identifying the dij of (case, beams, structures, engine version)."""
     h = hashlib.sha256()
@@ -61,6 +75,7 @@ def dij_key(case: Case, beams: BeamSet, structures: Sequence[str] | None = None)
     )
     h.update(repr(resolved_structures(case, structures)).encode())
     h.update(ENGINE_VERSION.encode())
+    h.update(_ENGINE_SOURCE_HASH.encode())
     return h.hexdigest()
 
 

@@ -37,11 +37,12 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 import structlog
+from scipy import ndimage
+from scipy.special import erf
+
 from m2m.physics.beams import BeamSet, BixelGrid, beam_geometry, bixel_grid, project, voxel_centres_mm
 from m2m.physics.case import Case
 from m2m.physics.dij import Dij
-from scipy import ndimage
-from scipy.special import erf
 
 log = structlog.get_logger()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io as sio
 import structlog
+
 from m2m.physics.case import Case, Grid, Role, Structure
 
 log = structlog.get_logger()

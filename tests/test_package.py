@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import m2m.agents
 import m2m.bus
 import m2m.physics
 import m2m.scenarios
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 

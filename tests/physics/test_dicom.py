@@ -9,10 +9,11 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom", reason="pydicom not installed (optional extra 'dicom')")
 
-from m2m.physics.dicom import load_dicom  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+from m2m.physics.dicom import load_dicom  # noqa: E402
 
 NZ, ROWS, COLS = 6, 40, 50
 X0, Y0, Z0 = -60.0, -40.0, -7.5

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from m2m.physics import dij_cache
 from m2m.physics.beams import BeamSet, beams_for
 from m2m.physics.dij import Dij

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from m2m.physics.beams import (
     DEFAULT_GANTRY_DEG,
     BeamSet,

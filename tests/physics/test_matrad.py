@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io as sio
+
 from m2m.physics.matrad import hu_to_red, load_matrad, shared_data_dir
 
 DATA = shared_data_dir()
