@@ -1,0 +1,139 @@
+"""A training run end to end: environments on the scenario's cohorts, :func:`dqn.train`, and the shipped artifacts
+(checkpoint, JSON summary, training-curve PNG)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from m2m.agents.drl.dqn import DqnConfig, TrainingLog, checkpoint_meta, save_checkpoint, train
+from m2m.agents.drl.env import PlanningEnv, scenario_env
+from m2m.agents.drl.roles import scenario_roles
+from m2m.scenarios import Scenario, load_scenario
+
+log = structlog.get_logger()
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+CHECKPOINT_NAME = "dqn_prostate.pt"
+SUMMARY_NAME = "training_summary.json"
+CURVE_NAME = "training_curve.png"
+#: Agent roles the shipped policy controls besides the PTV (the 9-TPP prostate setting).
+CONTROLLED_OAR_ROLES = ("oar1", "oar2")
+
+
+def controlled_oars(roles: dict[str, str], oar_roles: tuple[str, ...] = CONTROLLED_OAR_ROLES) -> list[str]:
+    """Structure names of the controlled OAR roles under a scenario's role map."""
+    return [roles[r] for r in oar_roles]
+
+
+def training_envs(
+    cfg: DqnConfig, scenario: Scenario, roles: dict[str, str]
+) -> tuple[PlanningEnv, PlanningEnv, list[int]]:
+    """The training env (random starts on the first ``cfg.train_cases`` training seeds) and the validation env
+    (the scenario's fixed starts) with its seeds."""
+    oars = controlled_oars(roles)
+    train_seeds = list(scenario.cohorts.train.seeds[: cfg.train_cases])
+    val_seeds = list(scenario.cohorts.validation.seeds[: cfg.validation_cases])
+    env = scenario_env(scenario, train_seeds, oars, fmo_max_iterations=cfg.fmo_max_iterations)
+    val_env = scenario_env(
+        scenario, val_seeds, oars, fixed_initial_tpps=True, fmo_max_iterations=cfg.fmo_max_iterations,
+        capacity=len(val_seeds),
+    )
+    env.action_space.seed(cfg.seed)
+    return env, val_env, val_seeds
+
+
+def plot_curve(tlog: TrainingLog, path: Path, max_score: float) -> None:
+    """Training episodes' final scores (with a running mean) and validation results against env steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for kind, colour in (("demo", "tab:orange"), ("agent", "tab:blue")):
+        eps = [e for e in tlog.episodes if e["kind"] == kind]
+        ax1.scatter([e["env_steps"] for e in eps], [e["final_score"] for e in eps], s=6, alpha=0.4, color=colour,
+                    label=f"{kind} episodes")
+    finals = np.array([e["final_score"] for e in tlog.episodes])
+    if finals.size:
+        window = min(20, finals.size)
+        running = np.convolve(finals, np.ones(window) / window, mode="valid")
+        ax1.plot([e["env_steps"] for e in tlog.episodes][window - 1 :], running, color="k", label=f"mean of {window}")
+    ax1.axhline(max_score, color="grey", lw=0.8, ls="--")
+    ax1.set_ylabel("final score (training)")
+    ax1.legend(loc="lower right", fontsize=8)
+    steps = [v["env_steps"] for v in tlog.validations]
+    ax2.plot(steps, [v["final_mean"] for v in tlog.validations], "o-", label="mean final score")
+    ax2.axhline(max_score, color="grey", lw=0.8, ls="--")
+    ax2.set_ylabel("validation final score")
+    ax2.set_xlabel("env steps (optimisations, demonstration previews included)")
+    twin = ax2.twinx()
+    twin.plot(steps, [v["pct_at_max"] for v in tlog.validations], "s--", color="tab:green", label="% at max")
+    twin.set_ylabel("% at max score")
+    twin.set_ylim(0, 105)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_training(cfg: DqnConfig, out_dir: Path = ASSETS) -> dict[str, Any]:
+    """Train, write ``dqn_prostate.pt``, ``training_summary.json`` and ``training_curve.png`` to ``out_dir``; return
+    the summary."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    scenario = load_scenario(cfg.scenario)
+    roles = scenario_roles(scenario)
+    env, val_env, val_seeds = training_envs(cfg, scenario, roles)
+    log.info("drl_train_start", scenario=cfg.scenario, seed=cfg.seed, roles=roles, minutes=cfg.wall_minutes)
+    with Progress(TextColumn("[bold]drl train"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("", total=60.0 * cfg.wall_minutes)
+
+        def on_progress(tlog: TrainingLog, message: str) -> None:
+            progress.update(task, completed=tlog.wall_seconds, description=f"{tlog.env_steps} env steps · {message}")
+
+        q_net, tlog = train(cfg, env, val_env, val_seeds, on_progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = checkpoint_meta(cfg, env, roles, tlog)
+    meta["scenario"] = cfg.scenario
+    sha = save_checkpoint(out_dir / CHECKPOINT_NAME, q_net, meta)
+    plot_curve(tlog, out_dir / CURVE_NAME, scenario.protocol.max_score)
+    agent = [e for e in tlog.episodes if e["kind"] == "agent"]
+    summary = {
+        "command": f"m2m drl train --site {scenario.site} --seed {cfg.seed} --minutes {cfg.wall_minutes:g}",
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "python": platform.python_version()},
+        "config": asdict(cfg),
+        "roles": roles,
+        "checkpoint": {"file": CHECKPOINT_NAME, "sha256": sha,
+                       "bytes": (out_dir / CHECKPOINT_NAME).stat().st_size},
+        "wall_seconds": round(tlog.wall_seconds, 1),
+        "env_steps": tlog.env_steps,
+        "env_seconds": round(tlog.env_seconds, 1),
+        "env_steps_per_second": round(tlog.env_steps / max(tlog.env_seconds, 1e-9), 2),
+        "gradient_updates": tlog.gradient_updates,
+        "demo_episodes": tlog.demo_episodes,
+        "agent_episodes": tlog.agent_episodes,
+        "agent_last50_final_mean": float(np.mean([e["final_score"] for e in agent[-50:]])) if agent else None,
+        "validations": tlog.validations,
+        "best_validation": meta["best_validation"],
+    }
+    (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("drl_train_done", checkpoint=str(out_dir / CHECKPOINT_NAME), sha256=sha[:12],
+             wall_s=summary["wall_seconds"], env_steps=tlog.env_steps, steps_per_s=summary["env_steps_per_second"])
+    return summary
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()

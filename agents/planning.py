@@ -1,0 +1,119 @@
+"""One autonomous planning session without a human: initial TPPs → {optimise → score → choose a TPP step} until
+the protocol's maximum score or the scenario's step cap.
+
+Two planners exist today: a greedy one-step lookahead that re-optimises the plan for every possible TPP step and
+keeps the best (18 optimisations per step for 9 TPPs), and a trained DRL policy (:mod:`m2m.agents.drl`). Both
+act through the same gymnasium environment, so scores are comparable; the session folder is written by
+:mod:`m2m.agents.session_report`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from m2m.agents.drl.env import PlanningEnv, scenario_env
+from m2m.agents.session_report import StepRecord, write_session_folder
+from m2m.scenarios import load_scenario
+
+log = structlog.get_logger()
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "drl" / "assets" / "dqn_prostate.pt"
+
+
+def greedy_policy(env: PlanningEnv) -> Callable[[np.ndarray], int]:
+    """Preview every action and take the one whose plan gains most smoothed score (lowest index on ties)."""
+
+    def act(_observation: np.ndarray) -> int:
+        rewards = [env.preview(a).reward for a in range(int(env.action_space.n))]
+        return int(np.argmax(rewards))
+
+    return act
+
+
+def _drl_env(scenario: str, cohort: str, case_index: int, checkpoint: Path) -> tuple[PlanningEnv, Callable]:
+    from m2m.agents.drl.advisor import Advisor
+
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no DRL checkpoint at {checkpoint}: train one with `m2m drl train --site prostate`")
+    advisor = Advisor.from_checkpoint(checkpoint)
+    env, _ = advisor.cohort_env(scenario, cohort, case_index + 1)
+    return env, advisor.act
+
+
+def run_session(
+    *,
+    scenario: str,
+    case_index: int,
+    cohort: str = "test",
+    planner: str = "greedy",
+    checkpoint: Path | None = None,
+    out_parent: Path = Path("runs"),
+    console: Console | None = None,
+) -> Path:
+    """Plan case ``case_index`` of ``cohort`` in ``scenario`` from the scenario's initial TPPs for that case.
+
+    Returns the session folder (``out_parent/<scenario>-<case id>-<planner>-<UTC time>``).
+    """
+    console = console or Console(stderr=True)
+    sc = load_scenario(scenario)
+    seeds = sc.cohorts.get(cohort).seeds
+    if not 0 <= case_index < len(seeds):
+        raise ValueError(f"case index {case_index} outside cohort {cohort!r} of {len(seeds)} cases")
+    seed = int(seeds[case_index])
+    if planner == "drl":
+        env, act = _drl_env(scenario, cohort, case_index, checkpoint or DEFAULT_CHECKPOINT)
+    elif planner == "greedy":
+        env = scenario_env(sc, [seed], sc.oar_names, fixed_initial_tpps=True, capacity=1)
+        act = greedy_policy(env)
+    else:
+        raise ValueError(f"unknown planner {planner!r}; expected 'drl' or 'greedy'")
+
+    with console.status(f"building {sc.site} case (seed {seed}) and its initial plan"):
+        obs, info = env.reset(options={"case_seed": seed})
+    initial_dose = dict(env.plan.dose)
+    steps = [StepRecord(0, float(info["score"]), env.max_score, dict(info["tpps"]), tuple(info["failing"]))]
+    table = Table(title=f"{info['case_id']} · {scenario} · planner {planner}")
+    for column in ("step", "score", "action", "failing criteria"):
+        table.add_column(column)
+    table.add_row("0", f"{steps[0].score:.2f}/{env.max_score:g}", "initial TPPs", ", ".join(steps[0].failing))
+    console.print(f"initial plan: {steps[0].score:.2f}/{env.max_score:g}")
+    done = steps[0].score >= env.max_score - 1e-9
+    while not done:
+        with console.status(f"step {len(steps)}: choosing and re-optimising"):
+            action = act(obs)
+            obs, _reward, terminated, truncated, info = env.step(action)
+        name, direction = env.action_meaning(action)
+        label = f"{'raise' if direction > 0 else 'lower'} {name}"
+        record = StepRecord(
+            len(steps), float(info["score"]), env.max_score, dict(info["tpps"]), tuple(info["failing"]), label
+        )
+        steps.append(record)
+        table.add_row(str(record.step), f"{record.score:.2f}", label, ", ".join(record.failing))
+        console.print(f"step {record.step}: {label:<24} score {record.score:.2f}/{env.max_score:g}")
+        log.info("plan.step", case=info["case_id"], step=record.step, action=label, score=record.score)
+        done = terminated or truncated
+    console.print(table)
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    folder = out_parent / f"{scenario}-{info['case_id']}-{planner}-{stamp}"
+    write_session_folder(
+        folder,
+        title=f"{info['case_id']} ({planner})",
+        steps=steps,
+        initial_dose=initial_dose,
+        final_dose=env.plan.dose,
+        rx_gy=sc.rx_gy,
+    )
+    final = steps[-1]
+    console.print(
+        f"final score {final.score:.2f}/{env.max_score:g} after {final.step} steps"
+        f" ({'maximum reached' if final.score >= env.max_score - 1e-9 else 'step cap reached'})"
+    )
+    return folder
