@@ -40,6 +40,11 @@ check: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy agents bus physics scenarios
 
+# The main job until the agents on the bus exist: one autonomous planning session (greedy TPP planner) on
+# prostate case 0, written to runs/.
+demo: $(VENV)/.installed-demo
+	$(BIN)/m2m plan --scenario prostate-basic --case 0 --planner greedy
+
 # pytest exits 5 when it selects no test: that must fail, never pass as an empty green run.
 test: check
 	@$(BIN)/python -m pytest; rc=$$?; \
