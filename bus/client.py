@@ -62,8 +62,8 @@ class _Pending:
 
 @dataclass
 class BusConfig:
-    endpoint: str = "ipc:///tmp/m2m-bus.sock"
-    pub_endpoint: str = "ipc:///tmp/m2m-bus-pub.sock"
+    endpoint: str = P.DEFAULT_ENDPOINT
+    pub_endpoint: str = P.DEFAULT_PUB_ENDPOINT
     heartbeat: float = 1.0
     liveness: int = 3
     max_message_size: int = 64 << 20

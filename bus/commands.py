@@ -6,8 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-DEFAULT_ENDPOINT = "ipc:///tmp/m2m-bus.sock"
-DEFAULT_PUB_ENDPOINT = "ipc:///tmp/m2m-bus-pub.sock"
+from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
 
 
 def add_broker_args(p: argparse.ArgumentParser) -> None:

@@ -38,6 +38,10 @@ from __future__ import annotations
 
 import struct
 
+#: Default endpoints: ipc:// is local-only, so a default bus needs no keys.
+DEFAULT_ENDPOINT = "ipc:///tmp/m2m-bus.sock"
+DEFAULT_PUB_ENDPOINT = "ipc:///tmp/m2m-bus-pub.sock"
+
 CLIENT = b"C1"
 WORKER = b"W1"
 

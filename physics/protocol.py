@@ -185,14 +185,16 @@ def protocol_file(name: str) -> str:
     return f"protocol_{name.replace('-', '_')}.toml"
 
 
-def _read_toml(file_name: str) -> dict[str, Any]:
+def read_packaged_toml(file_name: str, error: type[Exception] = ProtocolError) -> dict[str, Any] | None:
+    """The table of ``file_name`` packaged in ``m2m.scenarios``, or None if there is no such file; a syntax error
+    raises ``error`` naming the file."""
     resource = resources.files("m2m.scenarios") / file_name
     if not resource.is_file():
-        raise FileNotFoundError(f"no {file_name} in m2m.scenarios")
+        return None
     try:
         return tomllib.loads(resource.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ProtocolError(f"{file_name}: {exc}") from exc
+        raise error(f"{file_name}: {exc}") from exc
 
 
 _CRITERION_KEYS = {"structure", "metric", "unit", "limit", "zero", "source"}
@@ -227,7 +229,9 @@ def load_protocol(name: str, _seen: tuple[str, ...] = ()) -> Protocol:
     if name in _seen:
         raise ProtocolError(f"protocol {name!r} extends itself through {_seen}")
     file_name = protocol_file(name)
-    data = _read_toml(file_name)
+    data = read_packaged_toml(file_name)
+    if data is None:
+        raise FileNotFoundError(f"no {file_name} in m2m.scenarios")
     unknown = set(data) - {"name", "description", "extends", "criteria"}
     if unknown:
         raise ProtocolError(f"{file_name}: unknown keys {sorted(unknown)}")

@@ -7,14 +7,13 @@ returns frozen dataclasses; cohort seed ranges are half-open ``[start, stop)`` a
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, cast
 
 import numpy as np
 
-from m2m.physics.protocol import Protocol, ProtocolError, load_protocol
+from m2m.physics.protocol import Protocol, ProtocolError, load_protocol, read_packaged_toml
 from m2m.physics.tpp import PTV, TppSet, random_tpps
 
 Site = Literal["prostate", "liver"]
@@ -135,7 +134,7 @@ def list_scenarios() -> tuple[str, ...]:
     names = []
     for entry in resources.files(__name__).iterdir():
         if entry.name.startswith(_PREFIX) and entry.name.endswith(".toml"):
-            data = tomllib.loads(entry.read_text(encoding="utf-8"))
+            data = read_packaged_toml(entry.name, ScenarioError) or {}
             names.append(str(data.get("name", entry.name)))
     return tuple(sorted(names))
 
@@ -199,14 +198,10 @@ def _parse_cohorts(data: dict[str, Any], where: str) -> Cohorts:
 
 def read_scenario_data(name: str) -> dict[str, Any]:
     """The raw TOML table of scenario ``name``."""
-    where = scenario_file(name)
-    resource = resources.files(__name__) / where
-    if not resource.is_file():
+    data = read_packaged_toml(scenario_file(name), ScenarioError)
+    if data is None:
         raise ScenarioError(f"unknown scenario {name!r}; available: {list_scenarios()}")
-    try:
-        return tomllib.loads(resource.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{where}: {exc}") from exc
+    return data
 
 
 def load_scenario(name: str) -> Scenario:
