@@ -47,11 +47,11 @@ EXPIRY_MARGIN = 0.02
 class BrokerConfig:
     endpoint: str = P.DEFAULT_ENDPOINT
     pub_endpoint: str = P.DEFAULT_PUB_ENDPOINT
-    heartbeat: float = 1.0
-    liveness: int = 3
-    max_message_size: int = 64 * MiB
-    hwm: int = 10_000
-    pub_hwm: int = 100_000
+    heartbeat: float = P.DEFAULT_HEARTBEAT_S
+    liveness: int = P.DEFAULT_LIVENESS
+    max_message_size: int = P.DEFAULT_MAX_MESSAGE_SIZE
+    hwm: int = P.DEFAULT_HWM
+    pub_hwm: int = P.DEFAULT_PUB_HWM
     queue_limit: int = 10_000
     reply_cache_entries: int = 4096
     reply_cache_bytes: int = 64 * MiB

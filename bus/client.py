@@ -64,10 +64,10 @@ class _Pending:
 class BusConfig:
     endpoint: str = P.DEFAULT_ENDPOINT
     pub_endpoint: str = P.DEFAULT_PUB_ENDPOINT
-    heartbeat: float = 1.0
-    liveness: int = 3
-    max_message_size: int = 64 << 20
-    hwm: int = 10_000
+    heartbeat: float = P.DEFAULT_HEARTBEAT_S
+    liveness: int = P.DEFAULT_LIVENESS
+    max_message_size: int = P.DEFAULT_MAX_MESSAGE_SIZE
+    hwm: int = P.DEFAULT_HWM
     curve: ClientKeys | None = None
     reply_cache: int = 1024
 

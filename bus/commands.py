@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from m2m.bus import protocol as P
 from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
 
 
@@ -15,11 +16,15 @@ def add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transcript", default=None, metavar="FILE", help="append every routed message to FILE")
     p.add_argument("--curve-secret", default=None, metavar="FILE", help="broker secret key (m2m keys broker)")
     p.add_argument("--curve-clients", default=None, metavar="DIR", help="folder of authorised client *.key files")
-    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds (%(default)s)")
-    p.add_argument("--liveness", type=int, default=3, help="missed heartbeats before a peer is dead (%(default)s)")
-    p.add_argument("--max-message-size", type=int, default=64 << 20, help="bytes (%(default)s)")
-    p.add_argument("--hwm", type=int, default=10_000, help="ROUTER high-water mark (%(default)s)")
-    p.add_argument("--pub-hwm", type=int, default=100_000, help="PUB high-water mark (%(default)s)")
+    p.add_argument(
+        "--heartbeat", type=float, default=P.DEFAULT_HEARTBEAT_S, help="heartbeat interval in seconds (%(default)s)"
+    )
+    p.add_argument(
+        "--liveness", type=int, default=P.DEFAULT_LIVENESS, help="missed heartbeats before a peer is dead (%(default)s)"
+    )
+    p.add_argument("--max-message-size", type=int, default=P.DEFAULT_MAX_MESSAGE_SIZE, help="bytes (%(default)s)")
+    p.add_argument("--hwm", type=int, default=P.DEFAULT_HWM, help="ROUTER high-water mark (%(default)s)")
+    p.add_argument("--pub-hwm", type=int, default=P.DEFAULT_PUB_HWM, help="PUB high-water mark (%(default)s)")
 
 
 def run_broker(args: argparse.Namespace) -> int:

@@ -122,6 +122,8 @@ class _Frames(threading.local):
 _ctx = _Frames()
 
 
+# msgspec's hook protocol: a hook raises NotImplementedError for a type it does not handle, and msgspec turns it
+# into its own typed EncodeError/ValidationError (which the codec maps to BusError).
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, np.ndarray) and _ctx.out is not None:
         if obj.dtype.kind not in _ARRAY_KINDS:

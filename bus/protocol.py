@@ -41,6 +41,12 @@ import struct
 #: Default endpoints: ipc:// is local-only, so a default bus needs no keys.
 DEFAULT_ENDPOINT = "ipc:///tmp/m2m-bus.sock"
 DEFAULT_PUB_ENDPOINT = "ipc:///tmp/m2m-bus-pub.sock"
+#: Defaults both ends must agree on: a peer is dead after LIVENESS missed heartbeats of HEARTBEAT_S seconds.
+DEFAULT_HEARTBEAT_S = 1.0
+DEFAULT_LIVENESS = 3
+DEFAULT_MAX_MESSAGE_SIZE = 64 << 20
+DEFAULT_HWM = 10_000
+DEFAULT_PUB_HWM = 100_000
 
 CLIENT = b"C1"
 WORKER = b"W1"
