@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 
 from m2m.agents.drl.dqn import QNetwork, load_checkpoint
 from m2m.agents.drl.env import PlanningEnv, scenario_env
-from m2m.agents.drl.roles import scenario_roles, to_structure_name
+from m2m.agents.drl.roles import roles_of, to_structure_name
 from m2m.scenarios import load_scenario
 
 #: Boltzmann temperature (reward units: smoothed-score points) turning Q-values into action probabilities.
@@ -32,11 +31,6 @@ class Advice:
     direction: int
     q_value: float
     probability: float
-
-
-@cache
-def _roles(scenario: str) -> dict[str, str]:
-    return scenario_roles(load_scenario(scenario))
 
 
 class Advisor:
@@ -111,7 +105,7 @@ class Advisor:
 
     def roles_for(self, scenario: str) -> dict[str, str]:
         """The scenario's role map (``{role: structure}``), see :mod:`m2m.agents.drl.roles`."""
-        return _roles(scenario)
+        return roles_of(scenario)
 
     def cohort_env(self, scenario: str, cohort: str, n_cases: int) -> tuple[PlanningEnv, list[int]]:
         """An env on the first ``n_cases`` seeds of ``cohort`` with the scenario's fixed random starts, the policy

@@ -59,6 +59,41 @@ def smoothed_score(report: ScoreReport) -> float:
     )
 
 
+def dvh_bins_gy(rx_gy: float) -> np.ndarray:
+    """The observation's dose bins (Gy): :data:`N_BINS` from 0 to :data:`DOSE_SPAN` × ``rx_gy``."""
+    return np.linspace(0.0, DOSE_SPAN * rx_gy, N_BINS)
+
+
+def observation_bounds(n_controlled: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds (float32) of the observation for ``n_controlled`` structures."""
+    n = n_controlled
+    low = np.concatenate([np.zeros(n * N_BINS), np.zeros(n), np.tile([0.0, -1.0, 0.0], n)])
+    high = np.concatenate([np.ones(n * N_BINS), np.full(n, MAX_DOSE_CAP), np.tile([1.2, 1.0, 1.0], n)])
+    return low.astype(np.float32), high.astype(np.float32)
+
+
+def observation_vector(
+    dvh_fraction: Sequence[np.ndarray],
+    dmax_gy: Sequence[float],
+    tpps: TppSet,
+    controlled: Sequence[str],
+    rx_gy: float,
+) -> np.ndarray:
+    """The observation from each controlled structure's cumulative DVH (volume fraction 0..1 on
+    :func:`dvh_bins_gy`) and maximum dose (Gy), and the TPPs — the same vector whether the DVHs come from a plan
+    in this process or from a dose engine on the bus."""
+    dmax, tpp_features = [], []
+    for s, d in zip(controlled, dmax_gy, strict=True):
+        dmax.append(min(float(d) / rx_gy, MAX_DOSE_CAP))
+        st = tpps.of(s)
+        log_lam = float(np.clip(math.log10(st.lam) / LOG_LAMBDA_SCALE, -1.0, 1.0))
+        tpp_features.extend([st.t, log_lam, st.v])
+    obs = np.concatenate([np.concatenate([np.asarray(h, dtype=np.float64) for h in dvh_fraction]), dmax,
+                          tpp_features]).astype(np.float32)
+    low, high = observation_bounds(len(controlled))
+    return np.clip(obs, low, high)
+
+
 @dataclass(frozen=True, eq=False)
 class PlanningCase:
     """One case ready to plan: its dij (rows for the TPP and protocol structures) and identity."""
@@ -162,11 +197,9 @@ class PlanningEnv(gym.Env[np.ndarray, np.int64]):
         self.fmo_max_iterations = fmo_max_iterations
         self.tpp_names = tuple(f"{p}_{s}" for s in self.controlled for p in ("t", "lambda", "v"))
         self.action_space: spaces.Discrete = spaces.Discrete(2 * len(self.tpp_names))
-        n = len(self.controlled)
-        low = np.concatenate([np.zeros(n * N_BINS), np.zeros(n), np.tile([0.0, -1.0, 0.0], n)]).astype(np.float32)
-        high = np.concatenate([np.ones(n * N_BINS), np.full(n, MAX_DOSE_CAP), np.tile([1.2, 1.0, 1.0], n)])
-        self.observation_space: spaces.Box = spaces.Box(low, high.astype(np.float32), dtype=np.float32)
-        self._bins_gy = np.linspace(0.0, DOSE_SPAN * self.rx_gy, N_BINS)
+        low, high = observation_bounds(len(self.controlled))
+        self.observation_space: spaces.Box = spaces.Box(low, high, dtype=np.float32)
+        self._bins_gy = dvh_bins_gy(self.rx_gy)
         self._case: PlanningCase | None = None
         self._current: Transition | None = None
         self._previews: dict[int, Transition] = {}
@@ -221,16 +254,9 @@ class PlanningEnv(gym.Env[np.ndarray, np.int64]):
 
     def observe(self, plan: PlanResult, tpps: TppSet) -> np.ndarray:
         """The observation of ``plan`` made with ``tpps``; see the module docstring for the layout."""
-        dvhs, dmax, tpp_features = [], [], []
-        for s in self.controlled:
-            dose = plan.dose[s]
-            dvhs.append(cumulative_dvh(dose, self._bins_gy))
-            dmax.append(min(float(dose.max()) / self.rx_gy, MAX_DOSE_CAP))
-            st = tpps.of(s)
-            log_lam = float(np.clip(math.log10(st.lam) / LOG_LAMBDA_SCALE, -1.0, 1.0))
-            tpp_features.extend([st.t, log_lam, st.v])
-        obs = np.concatenate([np.concatenate(dvhs), dmax, tpp_features]).astype(np.float32)
-        return np.clip(obs, self.observation_space.low, self.observation_space.high)
+        dvhs = [cumulative_dvh(plan.dose[s], self._bins_gy) for s in self.controlled]
+        dmax = [float(plan.dose[s].max()) for s in self.controlled]
+        return observation_vector(dvhs, dmax, tpps, self.controlled, self.rx_gy)
 
     def _evaluate(self, tpps: TppSet, warm_start: np.ndarray | None, previous: float | None) -> Transition:
         case = self.case

@@ -25,7 +25,7 @@ import msgspec
 import numpy as np
 
 from m2m.agents.drl.evaluate import EpisodeRecord
-from m2m.agents.drl.roles import PROXIMITY_MM, to_role_name
+from m2m.agents.drl.roles import PROXIMITY_MM, to_role_name, to_structure_name
 
 SCHEMA = "m2m.drl.tpp-knowledge"
 VERSION = 1
@@ -200,15 +200,42 @@ def extract_knowledge(
     )
 
 
+def relabel_knowledge(knowledge: TppKnowledge, roles: Mapping[str, str]) -> TppKnowledge:
+    """The same knowledge labelled in another scenario's structure names (``roles``: role → structure, from
+    :func:`m2m.agents.drl.roles.scenario_roles`), so knowledge learned on prostate can guide liver. Roles the
+    scenario lacks are dropped."""
+
+    def keep(name: str) -> bool:
+        return name.partition("_")[2] in roles
+
+    return msgspec.structs.replace(
+        knowledge,
+        roles=dict(roles),
+        tpps=[msgspec.structs.replace(t, label=to_structure_name(t.name, roles)) for t in knowledge.tpps
+              if keep(t.name)],
+        lambda_ratios=[msgspec.structs.replace(t, label=to_structure_name(t.name, roles))
+                       for t in knowledge.lambda_ratios if keep(t.name)],
+        moves=[msgspec.structs.replace(m, label=to_structure_name(m.tpp, roles)) for m in knowledge.moves
+               if keep(m.tpp)],
+        priority=[p for p in knowledge.priority if keep(p)],
+    )
+
+
 def save_knowledge(knowledge: TppKnowledge, path: Path) -> None:
     """Write ``knowledge`` as indented JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(msgspec.json.format(msgspec.json.encode(knowledge), indent=2) + b"\n")
 
 
-def load_knowledge(path: Path) -> TppKnowledge:
-    """Read and validate a knowledge JSON; raises ValueError on another schema or version."""
-    knowledge = msgspec.json.decode(path.read_bytes(), type=TppKnowledge)
+def decode_knowledge(data: bytes | str, source: str = "<knowledge>") -> TppKnowledge:
+    """Decode and validate a knowledge JSON document; raises ValueError on another schema or version (and
+    ``msgspec.DecodeError``/``ValidationError`` on a malformed one)."""
+    knowledge = msgspec.json.decode(data, type=TppKnowledge)
     if knowledge.schema != SCHEMA or knowledge.version != VERSION:
-        raise ValueError(f"{path}: schema {knowledge.schema} v{knowledge.version}, expected {SCHEMA} v{VERSION}")
+        raise ValueError(f"{source}: schema {knowledge.schema} v{knowledge.version}, expected {SCHEMA} v{VERSION}")
     return knowledge
+
+
+def load_knowledge(path: Path) -> TppKnowledge:
+    """Read and validate a knowledge JSON file (see :func:`decode_knowledge`)."""
+    return decode_knowledge(path.read_bytes(), str(path))

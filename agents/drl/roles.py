@@ -14,6 +14,7 @@ rectum``; for prostate-complex the femoral heads follow as ``oar3``/``oar4``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import cache
 
 import numpy as np
 from scipy import ndimage
@@ -61,6 +62,14 @@ def scenario_roles(scenario: Scenario) -> dict[str, str]:
     seeds = scenario.cohorts.train.seeds[:REFERENCE_CASES]
     cases = [make_case(scenario.site, s) for s in seeds]
     return role_map(rank_oars(scenario.oar_names, cases, scenario.protocol))
+
+
+@cache
+def roles_of(scenario_name: str) -> dict[str, str]:
+    """:func:`scenario_roles` of a packaged scenario, computed once per process (it builds phantoms)."""
+    from m2m.scenarios import load_scenario
+
+    return scenario_roles(load_scenario(scenario_name))
 
 
 def to_role_name(tpp_name: str, roles: Mapping[str, str]) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from m2m.agents.drl.evaluate import EpisodeRecord
-from m2m.agents.drl.knowledge import SCHEMA, extract_knowledge, load_knowledge, save_knowledge
+from m2m.agents.drl.knowledge import SCHEMA, extract_knowledge, load_knowledge, relabel_knowledge, save_knowledge
 
 ROLES = {"ptv": "ptv", "oar1": "bladder", "oar2": "rectum"}
 
@@ -90,3 +90,16 @@ def test_other_schema_is_rejected(tmp_path: Path) -> None:
     save_knowledge(msgspec.structs.replace(extract(), schema="other"), path)
     with pytest.raises(ValueError, match=SCHEMA):
         load_knowledge(path)
+
+
+def test_relabel_names_another_sites_structures_and_keeps_the_statistics() -> None:
+    k = extract()
+    liver = relabel_knowledge(k, {"ptv": "ptv", "oar1": "liver_normal"})  # a site with one OAR role here
+    assert {t.label for t in liver.tpps} == {"t_ptv", "lambda_ptv", "v_ptv", "t_liver_normal", "lambda_liver_normal",
+                                             "v_liver_normal"}
+    by_name = {t.name: t for t in k.tpps}
+    for t in liver.tpps:
+        assert t.quantiles == by_name[t.name].quantiles  # same numbers, only the label changes
+    assert all(not p.endswith("oar2") for p in liver.priority)
+    assert {m.label for m in liver.moves} <= {t.label for t in liver.tpps}
+    assert liver.roles == {"ptv": "ptv", "oar1": "liver_normal"}
