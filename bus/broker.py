@@ -343,7 +343,7 @@ class Broker:
         expiry = time.monotonic() + self.cfg.heartbeat * self.cfg.liveness
         if w is not None and w.service == service:
             w.expiry = expiry
-            w.capacity = max(1, capacity)
+            w.capacity = max(0, capacity)  # 0: the worker is draining
         else:
             if w is not None:
                 self._purge(wid, "service changed")

@@ -213,11 +213,13 @@ class BusClient:
         retries: int = 3,
         idempotency_key: str | None = None,
         expect: type[M] | None = None,
+        session: str | None = None,
     ) -> Any:
         """Send ``msg`` to ``service`` and return the typed reply.
 
         Raises :class:`RequestTimeout` / :class:`ServiceUnavailable` at the deadline (``timeout`` seconds),
-        or the typed error the worker sent. The request is resent with the same idempotency key every
+        or the typed error the worker sent. ``session`` tags the request (and so the transcript) with a session id
+        other than the client's. The request is resent with the same idempotency key every
         ``timeout / (retries + 1)`` seconds without a reply, and at once when its worker is lost.
         """
         if self._closed:
@@ -236,6 +238,8 @@ class BusClient:
                     raise RequestTimeout(f"no reply from {service!r}")
                 existing = self._pending[idem]
         env = self._envelope("request", service, deadline=time.time() + timeout, idem=idem)
+        if session is not None:
+            env.session = session
         frames = encode(msg, env)
         self._check_size(frames)
         raw = [f if isinstance(f, bytes) else bytes(f) for f in frames]
@@ -309,10 +313,12 @@ class BusClient:
         return w
 
     # ------------------------------------------------------------------------------------------ pub/sub
-    async def publish(self, topic: str, msg: Message, *, retain: bool = False) -> None:
+    async def publish(self, topic: str, msg: Message, *, retain: bool = False, session: str | None = None) -> None:
         """Publish an event (best effort) or, with ``retain=True``, a knowledge value (last value kept by the
-        broker and sent to late joiners)."""
+        broker and sent to late joiners); ``session`` as in :meth:`request`."""
         env = self._envelope("event", topic)
+        if session is not None:
+            env.session = session
         frames = encode(msg, env)
         self._check_size(frames)
         topic_b = topic.encode()

@@ -14,6 +14,7 @@ Topics are of two kinds, chosen by the publisher per message:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from m2m.bus.reactor import Conn
 
 if TYPE_CHECKING:
     from m2m.bus.client import BusClient
+
+CATCH_UP_S = 0.5
+"""When the follow-up snapshot is taken (s after the first one); see :meth:`Subscription._catch_up`."""
 
 
 class KnowledgeStore:
@@ -88,6 +92,7 @@ class Subscription:
         self._buf: deque[Delivery] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._need_snapshot = snapshot
+        self._catch_up_due: float | None = None
         self._closed = False
         self.conn = Conn(sock, self._on_frames, paused=lambda: len(self._buf) >= self.limit)
 
@@ -100,14 +105,22 @@ class Subscription:
                 raise StopAsyncIteration
             if self._need_snapshot:
                 await self._load_snapshot()
+            loop = self.conn.loop
+            if self._catch_up_due is not None and loop.time() >= self._catch_up_due:
+                self._catch_up_due = None
+                await self._catch_up()
             if self._buf:
                 d = self._buf.popleft()
                 if len(self._buf) == self.limit - 1:
                     self.conn.schedule()  # the buffer was full: read the socket again
                 return d
-            self._waiter = self.conn.loop.create_future()
+            self._waiter = loop.create_future()
             try:
-                await self._waiter
+                if self._catch_up_due is None:
+                    await self._waiter
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._waiter, max(0.0, self._catch_up_due - loop.time()))
             finally:
                 self._waiter = None
 
@@ -127,8 +140,8 @@ class Subscription:
         self._need_snapshot = False
         try:
             items = await self.client._request_snapshot(self.prefix)
-        except TimeoutError:
-            self._need_snapshot = True  # broker not reachable yet; try again on the next call
+        except (TimeoutError, asyncio.CancelledError):
+            self._need_snapshot = True  # broker not reachable yet, or the caller gave up: try again next call
             raise
         # Clone: live updates that arrived while the snapshot was on its way stay after it; older ones go
         live = list(self._buf)
@@ -142,6 +155,21 @@ class Subscription:
             last = self.last.get(d.topic)
             if last is None or d.seq > last:
                 self.last[d.topic] = d.seq
+                self._buf.append(d)
+        self._catch_up_due = self.conn.loop.time() + CATCH_UP_S
+
+    async def _catch_up(self) -> None:
+        """The SUB socket's subscription reaches the broker a moment after it connects: a value published in
+        between is in neither the snapshot nor the live stream, and if it is the last on its topic no later
+        sequence number reveals the gap. One more snapshot, once the subscription is surely active, delivers
+        what is newer than what was seen."""
+        try:
+            items = await self.client._request_snapshot(self.prefix)
+        except TimeoutError:
+            return
+        for item in items:
+            d = self._accept(item, snapshot=True)
+            if d is not None:
                 self._buf.append(d)
 
     def _accept(self, frames: list[bytes], *, snapshot: bool) -> Delivery | None:

@@ -79,6 +79,23 @@ class Worker:
         for j in list(self._jobs):
             j.cancel()
 
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests, let those in progress finish (at most ``timeout`` s), then leave the broker.
+
+        The broker routes nothing more once it sees capacity 0, so no request is lost; a job still running at
+        the timeout is cancelled and its client retries elsewhere (it gets :class:`WorkerLost`). Returns True
+        when every job finished.
+        """
+        self.capacity = 0
+        if self.conn is not None:
+            self.conn.send_nowait([P.WORKER, P.HEARTBEAT, *self._hello()])
+        finished = True
+        if self._jobs:
+            _, pending = await asyncio.wait(list(self._jobs), timeout=timeout)
+            finished = not pending
+        await self.stop()
+        return finished
+
     def _hello(self) -> list[bytes]:
         return [self.service.encode(), str(self.capacity).encode()]
 

@@ -170,3 +170,24 @@ def test_subscriber_survives_undecodable_deliveries(procs: Procs) -> None:
             assert sub.errors == 3
 
     asyncio.run(main())
+
+
+def test_value_published_before_the_subscription_is_live_still_arrives(procs: Procs) -> None:
+    """A retained value that misses both the first snapshot and the live stream (the SUB subscription was not
+    active yet) comes with the follow-up snapshot."""
+    import zmq
+
+    procs.broker()
+
+    async def main() -> None:
+        async with client(procs, "watcher") as bus, client(procs, "announcer") as other:
+            sub = bus.subscribe("status.")
+            with pytest.raises(TimeoutError):
+                await sub.get(timeout=0.1)  # the first snapshot: nothing retained yet
+            sub.conn.sock.setsockopt(zmq.UNSUBSCRIBE, b"status.")  # the live stream misses what comes next
+            await other.publish("status.a", Fact(value=7), retain=True)
+            d = await sub.get(timeout=5)
+            assert isinstance(d.message, Fact) and d.message.value == 7 and d.snapshot
+            sub.close()
+
+    asyncio.run(main())
