@@ -157,13 +157,14 @@ class _HasDose(TypingProtocol):
     dose: dict[str, np.ndarray]
 
 
-def score(
+def measure_all(
     protocol: Protocol,
     plan_or_dose_by_structure: _HasDose | Mapping[str, np.ndarray],
     voxel_volume_cc: float,
     rx_gy: float,
-) -> ScoreReport:
-    """Score a plan (anything with ``.dose``) or a ``{structure: dose in Gy per voxel}`` mapping.
+) -> dict[str, float]:
+    """Every criterion's metric value (in its unit), keyed by :attr:`Criterion.label`, for a plan (anything with
+    ``.dose``) or a ``{structure: dose in Gy per voxel}`` mapping.
 
     ``voxel_volume_cc`` (cm³) is needed by D(cc) and V(cc) metrics; ``rx_gy`` (Gy) by %Rx units.
     """
@@ -173,11 +174,32 @@ def score(
     missing = [s for s in protocol.structures if s not in dose]
     if missing:
         raise KeyError(f"protocol {protocol.name} needs dose for {missing}; got {sorted(dose)}")
+    return {c.label: c.measure(dose[c.structure], voxel_volume_cc, rx_gy) for c in protocol.criteria}
+
+
+def score_values(protocol: Protocol, values: Mapping[str, float]) -> ScoreReport:
+    """Score metric ``values`` keyed by criterion label (as :func:`measure_all` returns them); a missing label
+    raises ``KeyError`` naming it, a non-finite value ``ValueError``."""
     items = []
     for c in protocol.criteria:
-        value = c.measure(dose[c.structure], voxel_volume_cc, rx_gy)
+        if c.label not in values:
+            raise KeyError(f"protocol {protocol.name}: no value for {c.label!r}")
+        value = float(values[c.label])
+        if not np.isfinite(value):
+            raise ValueError(f"protocol {protocol.name}: {c.label!r} = {value} is not finite")
         items.append(CriterionScore(c, value, c.points(value), c.passed(value)))
     return ScoreReport(protocol.name, tuple(items), float(sum(i.points for i in items)), protocol.max_score)
+
+
+def score(
+    protocol: Protocol,
+    plan_or_dose_by_structure: _HasDose | Mapping[str, np.ndarray],
+    voxel_volume_cc: float,
+    rx_gy: float,
+) -> ScoreReport:
+    """Score a plan (anything with ``.dose``) or a ``{structure: dose in Gy per voxel}`` mapping (see
+    :func:`measure_all` for the units)."""
+    return score_values(protocol, measure_all(protocol, plan_or_dose_by_structure, voxel_volume_cc, rx_gy))
 
 
 def protocol_file(name: str) -> str:
