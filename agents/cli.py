@@ -18,7 +18,9 @@ COMMAND_MODULES = (
     "m2m.physics.commands",
     "m2m.bus.commands",
     "m2m.agents.drl.commands",
+    "m2m.agents.llm.commands",
     "m2m.agents.commands",
+    "m2m.agents.supervisor_commands",
 )
 
 

@@ -3,35 +3,177 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from m2m.bus.client import BusConfig
 
 PLANNERS = ("drl", "greedy")
 
 
+def add_bus_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the broker is and how to authenticate (CURVE keys are required off-loopback)."""
+    from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
+
+    p.add_argument("--connect", default=DEFAULT_ENDPOINT, metavar="ENDPOINT", help="broker ROUTER (%(default)s)")
+    p.add_argument("--pub-connect", default=DEFAULT_PUB_ENDPOINT, metavar="ENDPOINT", help="broker PUB (%(default)s)")
+    p.add_argument("--curve-secret", default=None, metavar="FILE", help="this agent's CURVE secret key file")
+    p.add_argument("--curve-server", default=None, metavar="FILE", help="the broker's CURVE public key file")
+    p.add_argument("--heartbeat", type=float, default=None, help="heartbeat interval in s (must match the broker's)")
+
+
+def bus_config(args: argparse.Namespace) -> BusConfig:
+    from m2m.bus.client import BusConfig
+    from m2m.bus.security import ClientKeys
+
+    if (args.curve_secret is None) != (args.curve_server is None):
+        raise ValueError("--curve-secret and --curve-server go together")
+    curve = ClientKeys.load(args.curve_secret, args.curve_server) if args.curve_secret else None
+    config = BusConfig(endpoint=args.connect, pub_endpoint=args.pub_connect, curve=curve)
+    if args.heartbeat is not None:
+        config.heartbeat = args.heartbeat
+    return config
+
+
 def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``plan``."""
+    """Add ``agent`` and ``plan``."""
+    from m2m.agents.runtime import IMPLEMENTATIONS
+
+    a = sub.add_parser("agent", help="run one agent process (dose-engine, evaluator, drl-advisor, planner)")
+    a.add_argument("role", choices=sorted(IMPLEMENTATIONS))
+    a.add_argument("--impl", default=None, help="implementation (default: the role's first; see README)")
+    a.add_argument("--name", default=None, help="unique agent name on the bus (default ROLE-PID)")
+    a.add_argument("--incarnation", type=int, default=0, help="restart count (set by the supervisor)")
+    a.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="implementation option")
+    add_bus_arguments(a)
+    a.set_defaults(func=_agent)
+
     p = sub.add_parser(
         "plan",
-        help="plan one case autonomously (DRL policy or greedy one-step lookahead) and write a session folder",
+        help="plan one case autonomously: on the bus with the LLM planner (default), or in-process (--planner)",
     )
     p.add_argument("--scenario", default="prostate-basic", help="prostate-basic, prostate-complex or liver")
     p.add_argument("--case", type=int, default=0, help="index into the cohort (0 = its first seed)")
     p.add_argument("--cohort", default="test", help="train, validation, test, knowledge or paper (default test)")
+    p.add_argument("--mode", choices=("guided", "unguided"), default="guided",
+                   help="bus session: guided (the LLM sees the DRL knowledge; default) or unguided")
+    p.add_argument("--with-advice", action="store_true", help="guided: also show the LLM the DRL's per-step advice")
+    p.add_argument("--step-cap", type=int, default=None, help="maximum steps (default: the scenario's, 20)")
+    p.add_argument("--config", type=Path, default=None, help="stack config used if none runs")
+    p.add_argument("--keep-up", action="store_true", help="leave a stack this command started running")
     p.add_argument(
         "--planner",
         choices=PLANNERS,
-        default="greedy",
-        help="greedy: try every TPP step, keep the best (default); drl: a trained DQN checkpoint",
+        default=None,
+        help="in-process baseline instead of the bus: greedy (try every TPP step) or drl (a DQN checkpoint)",
     )
     p.add_argument(
         "--checkpoint", type=Path, default=None, help="DRL checkpoint (default: agents/drl/assets/dqn_prostate.pt)"
     )
     p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the session folder (runs/)")
+    add_bus_arguments(p)
     p.set_defaults(func=_plan)
+
+    r = sub.add_parser("replay", help="re-drive a recorded session against the live agents and compare scores")
+    r.add_argument("file", type=Path, help="a session transcript (transcript.m2mt) or a whole bus transcript")
+    r.add_argument("--session", default=None, help="session id (needed when the file holds several)")
+    r.add_argument("--speed", type=float, default=0.0, help="seconds to wait before each step (demos)")
+    r.add_argument("--step", action="store_true", help="wait for Enter before each step")
+    r.add_argument("--config", type=Path, default=None, help="stack config to bring up if none runs")
+    add_bus_arguments(r)
+    r.set_defaults(func=_replay)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from m2m.agents.runtime import EXIT_USAGE, AgentConfigError, parse_options, run_agent
+
+    try:
+        options = parse_options(args.option)
+        config = bus_config(args)
+    except (AgentConfigError, ValueError, OSError) as exc:
+        print(f"m2m agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_agent(args.role, args.impl, name=args.name, config=config, options=options,
+                     incarnation=args.incarnation)
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.planner is not None:
+        return _plan_in_process(args)
+    from m2m.scenarios import ScenarioError, load_scenario
+
+    try:
+        sc = load_scenario(args.scenario)
+        seeds = sc.cohorts.get(args.cohort).seeds
+        if not 0 <= args.case < len(seeds):
+            raise ValueError(f"case index {args.case} outside cohort {args.cohort!r} of {len(seeds)} cases")
+        config = bus_config(args)
+    except (ScenarioError, KeyError, ValueError, OSError) as exc:
+        print(f"m2m plan: {exc}", file=sys.stderr)
+        return 1
+    return asyncio.run(_plan_on_bus(args, config, sc.step_cap, int(seeds[args.case])))
+
+
+async def _ensure_stack(args: argparse.Namespace, config: BusConfig) -> tuple[Path | None, bool]:
+    """The running stack's transcript path, and whether this command started the stack."""
+    from rich.console import Console
+
+    from m2m.agents.supervisor import stack_status, start_detached
+
+    status = await stack_status(config, timeout=2.0)
+    if status is not None:
+        return (Path(status.transcript) if status.transcript else None), False
+    with Console(stderr=True).status("bringing the stack up (broker, dose engines, evaluator, DRL advisor, planner)"):
+        status = await asyncio.to_thread(
+            start_detached, args.config, endpoint=config.endpoint, pub_endpoint=config.pub_endpoint
+        )
+    return (Path(status.transcript) if status.transcript else None), True
+
+
+async def _plan_on_bus(args: argparse.Namespace, config: BusConfig, default_cap: int, seed: int) -> int:
+    from rich.console import Console
+
+    from m2m.agents.messages import SessionRequest, new_session_id
+    from m2m.agents.session_client import (
+        print_summary,
+        run_session_request,
+        session_folder_name,
+        step_line,
+        write_bus_session_folder,
+    )
+    from m2m.agents.supervisor import StackError, shutdown
+    from m2m.bus.errors import BusError
+
+    console = Console(stderr=True)
+    try:
+        transcript, started = await _ensure_stack(args, config)
+    except StackError as exc:
+        print(f"m2m plan: the stack did not come up: {exc}", file=sys.stderr)
+        return 1
+    req = SessionRequest(
+        session_id=new_session_id(), scenario=args.scenario, case_seed=seed, mode=args.mode,
+        step_cap=default_cap if args.step_cap is None else args.step_cap, with_advice=args.with_advice,
+    )
+    console.print(f"session {req.session_id}: {args.scenario} case {args.case} (seed {seed}), mode {args.mode}")
+    try:
+        result, events = await run_session_request(config, req, lambda e: console.print(step_line(e)))
+    except (BusError, LookupError, ValueError) as exc:
+        print(f"m2m plan: session failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if started and not args.keep_up:
+            await shutdown(config, timeout=60.0)
+    print_summary(console, result, events)
+    folder = args.out / session_folder_name(args.scenario, result.case_id, args.mode)
+    write_bus_session_folder(folder, events, transcript)
+    print(f"session folder: {folder}")
+    return 0
+
+
+def _plan_in_process(args: argparse.Namespace) -> int:
     from m2m.agents.planning import run_session
 
     try:
@@ -48,3 +190,59 @@ def _plan(args: argparse.Namespace) -> int:
         return 1
     print(f"session folder: {folder}")
     return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from m2m.agents.session_client import recorded_sessions
+    from m2m.bus.errors import BusError
+
+    try:
+        sessions = recorded_sessions(args.file)
+        config = bus_config(args)
+    except (OSError, BusError, ValueError) as exc:
+        print(f"m2m replay: {exc}", file=sys.stderr)
+        return 1
+    if args.session is not None:
+        sessions = {k: v for k, v in sessions.items() if k == args.session}
+    if len(sessions) != 1:
+        print(f"m2m replay: {len(sessions)} sessions in {args.file} ({', '.join(sessions) or 'none'}): "
+              "choose one with --session", file=sys.stderr)
+        return 1
+    return asyncio.run(_replay_on_bus(args, config, next(iter(sessions.values()))))
+
+
+async def _replay_on_bus(args: argparse.Namespace, config: BusConfig, recorded: list) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from m2m.agents.session_client import replay, step_line
+    from m2m.agents.supervisor import StackError, shutdown
+
+    console = Console(stderr=True)
+    try:
+        _, started = await _ensure_stack(args, config)
+    except StackError as exc:
+        print(f"m2m replay: the stack did not come up: {exc}", file=sys.stderr)
+        return 1
+
+    async def pause(step: int) -> None:
+        if args.step:
+            await asyncio.to_thread(input, f"step {step}: press Enter to replay the decision ")
+        elif args.speed > 0:
+            await asyncio.sleep(args.speed)
+
+    try:
+        steps = await replay(config, recorded, on_step=lambda e: console.print(step_line(e)), pause=pause)
+    finally:
+        if started:
+            await shutdown(config, timeout=60.0)
+    table = Table(title=f"replay of session {recorded[0].session_id} ({len(recorded)} recorded steps)")
+    for col in ("step", "recorded score", "replayed score", "match"):
+        table.add_column(col)
+    for s in steps:
+        table.add_row(str(s.step), f"{s.recorded:.6f}", f"{s.replayed:.6f}", "yes" if s.matches else "NO")
+    console.print(table)
+    ok = len(steps) == len(recorded) and all(s.matches for s in steps)
+    print(f"replay {'matches' if ok else 'DIFFERS from'} the recording: {sum(s.matches for s in steps)}/"
+          f"{len(recorded)} steps with the recorded score")
+    return 0 if ok else 1

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from m2m.agents.drl.env import PlanningEnv, scenario_env
-from m2m.agents.session_report import StepRecord, write_session_folder
+from m2m.agents.session_report import StepRecord, dvh_bins, dvh_curves, write_session_folder
 from m2m.scenarios import load_scenario
 
 log = structlog.get_logger()
@@ -103,12 +103,14 @@ def run_session(
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = out_parent / f"{scenario}-{info['case_id']}-{planner}-{stamp}"
+    bins = dvh_bins(sc.rx_gy)
     write_session_folder(
         folder,
         title=f"{info['case_id']} ({planner})",
         steps=steps,
-        initial_dose=initial_dose,
-        final_dose=env.plan.dose,
+        dvh_bins_gy=bins,
+        initial_dvh_pct=dvh_curves(initial_dose, bins),
+        final_dvh_pct=dvh_curves(env.plan.dose, bins),
         rx_gy=sc.rx_gy,
     )
     final = steps[-1]

@@ -4,11 +4,12 @@ Files written by :func:`write_session_folder`:
 
 * ``dvh.png`` – cumulative DVH of every scored structure, initial plan dashed, final plan solid (dose in Gy);
 * ``score.png`` – protocol score vs step;
+* ``tpps.png`` – every TPP vs step (relative to its initial value, log scale);
 * ``trajectory.csv`` / ``trajectory.json`` – per step: score, failing criteria, action, every TPP value;
 * ``final.json`` – final TPPs, score, maximum score, steps taken and whether the maximum was reached.
 
-The module takes plain data (dose arrays per structure, step records) so any planner — the DRL policy now, the
-LLM planner later — can write the same folder.
+The module takes plain data (DVH curves per structure, step records) so every planner — in process or on the
+bus — writes the same folder.
 """
 
 from __future__ import annotations
@@ -46,14 +47,17 @@ def write_session_folder(
     *,
     title: str,
     steps: Sequence[StepRecord],
-    initial_dose: Mapping[str, np.ndarray],
-    final_dose: Mapping[str, np.ndarray],
+    dvh_bins_gy: np.ndarray,
+    initial_dvh_pct: Mapping[str, np.ndarray],
+    final_dvh_pct: Mapping[str, np.ndarray],
     rx_gy: float,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> dict[str, Path]:
     """Write the session files into ``folder`` (created) and return them by kind.
 
-    ``initial_dose`` / ``final_dose`` map structure names to per-voxel dose in Gy (equal voxel volumes within
-    a structure, so the DVH is a voxel fraction). ``steps`` must start with step 0.
+    ``initial_dvh_pct`` / ``final_dvh_pct`` map structure names to cumulative DVHs (% volume) on ``dvh_bins_gy``
+    (Gy; see :func:`dvh_curves`). ``steps`` must start with step 0. ``extra_files`` (kind → path, e.g. the
+    transcript) are listed in ``final.json``.
     """
     if not steps or steps[0].step != 0:
         raise ValueError("a session record starts with step 0, the initial plan")
@@ -61,12 +65,14 @@ def write_session_folder(
     paths = {
         "dvh": folder / "dvh.png",
         "score": folder / "score.png",
+        "tpps": folder / "tpps.png",
         "trajectory_csv": folder / "trajectory.csv",
         "trajectory_json": folder / "trajectory.json",
         "final": folder / "final.json",
     }
-    _plot_dvh(paths["dvh"], title, initial_dose, final_dose, rx_gy)
+    _plot_dvh(paths["dvh"], title, dvh_bins_gy, initial_dvh_pct, final_dvh_pct, rx_gy)
     _plot_score(paths["score"], title, steps)
+    _plot_tpps(paths["tpps"], title, steps)
     _write_trajectory(paths["trajectory_csv"], paths["trajectory_json"], steps)
     last = steps[-1]
     paths["final"].write_text(
@@ -79,6 +85,7 @@ def write_session_folder(
                 "steps": last.step,
                 "failing": list(last.failing),
                 "tpps": last.tpps,
+                "files": {k: p.name for k, p in {**paths, **(extra_files or {})}.items()},
             },
             indent=2,
         )
@@ -87,21 +94,35 @@ def write_session_folder(
     return paths
 
 
+def dvh_bins(rx_gy: float) -> np.ndarray:
+    """Fine bins (Gy) for session DVH plots: 0 to 120 % of Rx."""
+    return np.linspace(0.0, DVH_SPAN_OF_RX * rx_gy, DVH_BINS)
+
+
+def dvh_curves(dose_by_structure: Mapping[str, np.ndarray], bins_gy: np.ndarray) -> dict[str, np.ndarray]:
+    """Cumulative DVH (% volume) per structure from per-voxel doses (Gy; equal voxel volumes in a structure)."""
+    return {name: 100 * cumulative_dvh(dose, bins_gy) for name, dose in dose_by_structure.items()}
+
+
 def _plot_dvh(
-    path: Path, title: str, initial: Mapping[str, np.ndarray], final: Mapping[str, np.ndarray], rx_gy: float
+    path: Path,
+    title: str,
+    bins: np.ndarray,
+    initial: Mapping[str, np.ndarray],
+    final: Mapping[str, np.ndarray],
+    rx_gy: float,
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bins = np.linspace(0.0, DVH_SPAN_OF_RX * rx_gy, DVH_BINS)
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, name in enumerate(final):
         colour = f"C{i % 10}"
         if name in initial:
-            ax.plot(bins, 100 * cumulative_dvh(initial[name], bins), "--", color=colour, alpha=0.6)
-        ax.plot(bins, 100 * cumulative_dvh(final[name], bins), "-", color=colour, label=name)
+            ax.plot(bins, initial[name], "--", color=colour, alpha=0.6)
+        ax.plot(bins, final[name], "-", color=colour, label=name)
     ax.axvline(rx_gy, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("dose (Gy)")
     ax.set_ylabel("volume (%)")
@@ -129,6 +150,29 @@ def _plot_score(path: Path, title: str, steps: Sequence[StepRecord]) -> None:
     ax.set_ylim(0, steps[0].max_score + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_tpps(path: Path, title: str, steps: Sequence[StepRecord]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    x = [s.step for s in steps]
+    for i, name in enumerate(steps[0].tpps):
+        first = steps[0].tpps[name]
+        ax.plot(x, [s.tpps[name] / first for s in steps], marker="o", ms=3, color=f"C{i % 10}",
+                ls=("-", "--", ":")[i % 3], label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("TPP / initial value")
+    ax.set_title(f"{title}: TPP trajectories")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

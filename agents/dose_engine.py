@@ -1,0 +1,91 @@
+"""The dose-engine agent (``dose.plan``): TPPs → optimised plan → DVHs and the protocol's dose metrics.
+
+Each case's dij is built once (on-disk cache, :mod:`m2m.physics.dij_cache`) and kept in a small in-memory LRU.
+The optimisation runs in a worker thread so the agent keeps heart-beating while it solves. Several instances can
+serve ``dose.plan`` together: a request carries everything a plan depends on (the warm-start fluence included),
+so any instance returns the same plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import ClassVar
+
+import numpy as np
+
+from m2m.agents.drl.env import CaseBank, dvh_bins_gy, phantom_bank
+from m2m.agents.messages import DOSE_PLAN, DosePlanRequest, DosePlanResult, StructureDose
+from m2m.agents.runtime import Agent
+from m2m.bus.worker import Handlers, RequestContext
+from m2m.physics.dvh import cumulative_dvh, d_percent
+from m2m.physics.optimizer import optimize
+from m2m.physics.protocol import measure_all
+from m2m.physics.tpp import TppSet
+from m2m.scenarios import Scenario, load_scenario
+
+
+def tpps_from_dict(values: dict[str, float], oar_names: tuple[str, ...]) -> TppSet:
+    """A validated :class:`TppSet` for ``oar_names`` from ``{tpp name: value}``; every TPP must be given once."""
+    expected = TppSet.default(oar_names).names()
+    missing = [n for n in expected if n not in values]
+    extra = sorted(set(values) - set(expected))
+    if missing or extra:
+        raise ValueError(f"TPPs must be exactly {list(expected)}; missing {missing}, unexpected {extra}")
+    return TppSet.from_vector([values[n] for n in expected], oar_names)
+
+
+def structure_doses(dose: dict[str, np.ndarray], bins_gy: np.ndarray) -> list[StructureDose]:
+    """DVH (% volume) and summary doses (Gy) of each structure."""
+    return [
+        StructureDose(
+            name=name,
+            dvh_pct=(100.0 * cumulative_dvh(d, bins_gy)).astype(np.float32),
+            dmax_gy=float(d.max()),
+            dmean_gy=float(d.mean()),
+            d95_gy=d_percent(d, 95.0),
+        )
+        for name, d in dose.items()
+    ]
+
+
+class DoseEngine(Agent):
+    """Serves ``dose.plan`` with the pencil-beam dij and the TPP-driven optimizer of :mod:`m2m.physics`."""
+
+    known_options: ClassVar[frozenset[str]] = frozenset({"cases_in_memory"})
+
+    async def setup(self) -> None:
+        self._banks: dict[str, tuple[Scenario, CaseBank]] = {}
+        self._capacity = int(self.option("cases_in_memory", "8"))
+        self._lock = asyncio.Lock()
+
+    def handlers(self) -> dict[str, Handlers]:
+        return {DOSE_PLAN: {DosePlanRequest: self.on_plan}}
+
+    def _bank(self, scenario_name: str) -> tuple[Scenario, CaseBank]:
+        if scenario_name not in self._banks:
+            sc = load_scenario(scenario_name)
+            self._banks[scenario_name] = (sc, phantom_bank(sc, [0], capacity=self._capacity))
+        return self._banks[scenario_name]
+
+    async def on_plan(self, msg: DosePlanRequest, ctx: RequestContext) -> DosePlanResult:
+        sc, bank = self._bank(msg.scenario)
+        tpps = tpps_from_dict(msg.tpps, sc.oar_names)
+        warm = None if msg.warm_start is None else np.asarray(msg.warm_start, dtype=np.float64)
+        async with self._lock:  # one solve at a time per process: the solver already uses the cores it can
+            started = time.perf_counter()
+            case = await asyncio.to_thread(bank.get, msg.case_seed)
+            if warm is not None and warm.shape != (case.dij.n_beamlets,):
+                raise ValueError(f"warm start has {warm.shape} weights; the case has {case.dij.n_beamlets} beamlets")
+            plan = await asyncio.to_thread(
+                optimize, case.dij, tpps, sc.rx_gy, warm_start=warm, dose_structures=sc.protocol.structures
+            )
+            solve_s = time.perf_counter() - started
+        bins = dvh_bins_gy(sc.rx_gy)
+        metrics = measure_all(sc.protocol, plan, case.dij.voxel_volume_cc, sc.rx_gy)
+        self.log.info("dose_planned", case=case.case_id, solve_s=round(solve_s, 3), iterations=plan.iterations)
+        return DosePlanResult(
+            scenario=msg.scenario, case_id=case.case_id, case_seed=msg.case_seed, rx_gy=sc.rx_gy,
+            tpps=tpps.as_dict(), dvh_bins_gy=bins, structures=structure_doses(plan.dose, bins), metrics=metrics,
+            fluence=plan.fluence, solve_s=solve_s, iterations=plan.iterations, engine=self.ctx.name,
+        )

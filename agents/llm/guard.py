@@ -1,0 +1,184 @@
+"""The guard between the LLM's proposal and the plan: rules every step must pass, and the action taken instead.
+
+Rules in both modes:
+
+* the TPP must exist and the step must change its value inside the valid range (a step at a bound is a no-op);
+* ``stop`` only at the maximum score (every criterion passes);
+* no valid decision at all (``None``) → the safe action.
+
+Rules added in the guided mode:
+
+* no step may LOOSEN a structure that has an at-risk criterion: one that fails, or passes with less room than
+  :data:`NEAR_LIMIT_FRACTION` of its limit-to-zero span (the protocol's scoring span, e.g. 5 percentage points for
+  rectum V70Gy ≤ 25 %, 3 % Rx for the PTV hot spot);
+* no step may move a TPP further outside the DRL knowledge's 5–95 % support of successful final values (on log10
+  for the lambdas, as the knowledge stores them).
+
+A vetoed proposal is replaced, in the guided mode, by the first admissible action of ``situation.advice`` (the
+DRL's best admissible action), otherwise, and always in the unguided mode, by the SAFE ACTION: tighten the
+structure of the worst failing criterion (fewest points, then largest overshoot relative to its span) with the first
+admissible of
+
+* an OAR: raise ``lambda_<oar>``, lower ``t_<oar>``, raise ``v_<oar>``;
+* the PTV hot spot: lower ``t_ptv``, raise ``v_ptv``, raise ``lambda_ptv`` (last: it loosens every OAR);
+
+(for a failing lower limit, the same list reversed in direction: the structure needs more dose). At the maximum score
+the safe action, and the replacement of any vetoed proposal, is ``stop``. When nothing in those lists is admissible
+under the mode's rules, the range rule alone decides; when even that leaves nothing, the guard stops (direction 0)
+with a veto that says so, the only stop below the maximum.
+
+Effects follow the optimizer objective (:mod:`m2m.physics.optimizer`): lowering ``t_s`` or raising ``lambda_s`` or
+``v_s`` tightens structure ``s``; ``lambda_ptv`` also divides every OAR weight, so raising it loosens every OAR and
+lowering it tightens every OAR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from m2m.agents.llm.decision import TppDecision
+from m2m.agents.llm.situation import (
+    CriterionView,
+    Mode,
+    Situation,
+    change_words,
+    criterion_span,
+    stepped_value,
+    worst_failing,
+)
+from m2m.physics.tpp import PTV, split_name
+
+#: A criterion passing with less room than this fraction of its limit-to-zero span counts as at risk. Not calibrated:
+#: 10 % of rectum V70Gy's 5-point span would be 0.5 percentage points, less than one loosening step (t ×1.25, lambda
+#: ×0.6) usually moves such a point, so twice that.
+NEAR_LIMIT_FRACTION = 0.2
+
+Source = Literal["llm", "drl", "safe"]
+
+
+@dataclass(frozen=True)
+class Veto:
+    """Why a proposal was refused: a short ``reason`` code and a human-readable ``detail``."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The action actually taken: ``tpp`` and ``direction`` (+1 raise, −1 lower; ``""``/0 for a stop), the vetoes
+    raised against the proposal, and where the action came from."""
+
+    tpp: str
+    direction: int
+    vetoes: tuple[Veto, ...]
+    source: Source
+
+    @property
+    def stop(self) -> bool:
+        return self.direction == 0
+
+
+def span(situation: Situation, criterion: CriterionView) -> float:
+    """The limit-to-zero span of ``criterion`` in its unit (:func:`~m2m.agents.llm.situation.criterion_span`)."""
+    return criterion_span(situation.scenario, criterion)
+
+
+def at_risk(situation: Situation, criterion: CriterionView) -> bool:
+    """Fails, or passes with less room than :data:`NEAR_LIMIT_FRACTION` of its span."""
+    return not criterion.passed or criterion.room < NEAR_LIMIT_FRACTION * span(situation, criterion)
+
+
+def effects(tpp: str, direction: int, oar_names: Iterable[str]) -> dict[str, int]:
+    """``{structure: +1 tightened / −1 loosened}`` by one step of ``tpp`` in ``direction`` (see the module doc)."""
+    param, structure = split_name(tpp)
+    out = {structure: -direction if param == "t" else direction}
+    if structure == PTV and param == "lambda":
+        out.update({oar: -direction for oar in oar_names})
+    return out
+
+
+def _support_distance(value: float, low: float, high: float) -> float:
+    return max(low - value, 0.0, value - high)
+
+
+def rule_vetoes(situation: Situation, tpp: str, direction: int, mode: Mode, oar_names: Sequence[str]) -> list[Veto]:
+    """Every rule a change of ``tpp`` in ``direction`` breaks in ``situation`` under ``mode`` (empty: admissible)."""
+    if tpp not in situation.tpps:
+        return [Veto("unknown_tpp", f"{tpp!r} is not a TPP of {situation.scenario}")]
+    value = situation.tpps[tpp]
+    new = stepped_value(tpp, value, direction)
+    if new == value:
+        return [Veto("no_op_at_bound", f"{tpp}={value:g} is at its {'upper' if direction > 0 else 'lower'} bound")]
+    if mode != "guided":
+        return []
+    vetoes: list[Veto] = []
+    words = change_words(tpp, direction)
+    moved = effects(tpp, direction, oar_names)
+    for c in situation.criteria:
+        need = 1 if c.upper else -1  # an upper limit needs the structure tightened, a lower limit loosened
+        if moved.get(c.structure, need) != need and at_risk(situation, c):
+            state = "fails" if not c.passed else f"is within {c.room:g} {c.unit} of its limit"
+            vetoes.append(Veto("loosens_at_risk", f"{words} loosens {c.structure}: {c.label} {state}"))
+    knowledge = situation.usable_knowledge()
+    stats = next((s for s in knowledge.tpps if s.label == tpp), None) if knowledge is not None else None
+    if stats is not None and stats.count > 0:
+        log_scale = stats.scale == "log10"
+        before, after = (math.log10(x) if log_scale else x for x in (value, new))
+        low, high = stats.quantiles["5"], stats.quantiles["95"]
+        if _support_distance(after, low, high) > _support_distance(before, low, high):
+            shown = (10.0**low, 10.0**high) if log_scale else (low, high)
+            vetoes.append(Veto("outside_knowledge",
+                               f"{words} moves {tpp} further outside the DRL's 5-95 % range "
+                               f"{shown[0]:.3g}-{shown[1]:.3g} (now {value:.3g})"))
+    return vetoes
+
+
+def _candidates(structure: str, need: int) -> list[tuple[str, int]]:
+    if structure == PTV:
+        moves = [("t_ptv", -1), ("v_ptv", 1), ("lambda_ptv", 1)]
+    else:
+        moves = [(f"lambda_{structure}", 1), (f"t_{structure}", -1), (f"v_{structure}", 1)]
+    return [(tpp, d * need) for tpp, d in moves]
+
+
+def safe_action(situation: Situation, mode: Mode, oar_names: Sequence[str]) -> tuple[str, int]:
+    """The documented safe action (module doc): ``("", 0)`` at the maximum score or when nothing is admissible."""
+    if situation.at_max:
+        return "", 0
+    ordered = [m for c in worst_failing(situation) for m in _candidates(c.structure, 1 if c.upper else -1)]
+    for rules in (mode, "unguided"):
+        for tpp, direction in ordered:
+            if not rule_vetoes(situation, tpp, direction, rules, oar_names):
+                return tpp, direction
+    return "", 0
+
+
+def guard(situation: Situation, decision: TppDecision | None, mode: Mode, oar_names: Sequence[str]) -> GuardResult:
+    """The action to take for ``decision`` in ``situation`` (see the module docstring for every rule)."""
+    if decision is None:
+        vetoes = [Veto("invalid_decision", "no valid decision from the LLM")]
+    elif decision.action == "stop":
+        if situation.at_max:
+            return GuardResult("", 0, (), "llm")
+        failing = sum(1 for c in situation.criteria if not c.passed)
+        vetoes = [Veto("early_stop", f"stop at score {situation.score:.2f} of {situation.max_score:g} "
+                                     f"with {failing} failing criteria")]
+    else:
+        direction = decision.signed_direction
+        vetoes = ([Veto("invalid_decision", "a change without a direction")] if direction == 0
+                  else rule_vetoes(situation, decision.tpp, direction, mode, oar_names))
+        if not vetoes:
+            return GuardResult(decision.tpp, direction, (), "llm")
+    if mode == "guided" and not situation.at_max:
+        for advice in situation.advice:
+            if advice.direction in (1, -1) and not rule_vetoes(situation, advice.tpp, advice.direction, mode,
+                                                                oar_names):
+                return GuardResult(advice.tpp, advice.direction, tuple(vetoes), "drl")
+    tpp, direction = safe_action(situation, mode, oar_names)
+    if direction == 0 and not situation.at_max:
+        vetoes.append(Veto("no_admissible_action", "no step passes the range rule: stopping"))
+    return GuardResult(tpp, direction, tuple(vetoes), "safe")

@@ -1,0 +1,408 @@
+"""The planner agent (``plan.session``): one autonomous planning session per request, no human in the loop.
+
+Loop: dose engine (``dose.plan``) → evaluator (``plan.evaluate``) → stop at the protocol's maximum or the step
+cap → else [guided: the DRL's advice, ``drl.advise``] → a decision → the guard → the next TPPs. After every step
+the session's state is published retained on ``session.<id>`` (:class:`StepEvent`): the progress view, the
+transcript and a planner taking over the session (after a swap or a crash) all read it there.
+
+Two implementations share the loop and the guard and differ only in who proposes the step:
+
+* ``llm`` — an autogen-agentchat ``AssistantAgent`` with structured output (:mod:`m2m.agents.llm.decision`) on an
+  embedded llama.cpp model, an OpenAI-compatible endpoint or a replay of recorded answers;
+* ``drl`` — the DRL advisor's best admissible action.
+
+Modes: ``unguided`` (DVH, criteria, TPPs) and ``guided`` (the same plus the knowledge this agent subscribed to on
+``knowledge.tpp.<site>``, which also constrains the guard). Nothing else differs between the modes.
+
+Exactly-once steps: every dose/evaluation request carries the idempotency key ``<session>:<step>:…``, so a step
+redone after a takeover is answered from the broker's reply cache instead of being planned twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import msgspec
+import structlog
+
+from m2m.agents.dose_engine import tpps_from_dict
+from m2m.agents.drl.knowledge import TppKnowledge, decode_knowledge, relabel_knowledge
+from m2m.agents.drl.roles import roles_of
+from m2m.agents.llm.decision import DecisionOutcome, TppDecision, decide
+from m2m.agents.llm.guard import GuardResult, guard
+from m2m.agents.llm.situation import AdviceView, CriterionView, Situation, StepView
+from m2m.agents.messages import (
+    ADVISE,
+    DOSE_PLAN,
+    EVALUATE,
+    SESSION,
+    Advice,
+    AdviseRequest,
+    DosePlanRequest,
+    DosePlanResult,
+    EvaluateRequest,
+    Evaluation,
+    KnowledgeMessage,
+    SessionRequest,
+    SessionResult,
+    StepEvent,
+    Veto,
+    knowledge_topic,
+    session_topic,
+)
+from m2m.agents.runtime import Agent, AgentConfigError
+from m2m.bus.client import BusClient
+from m2m.bus.errors import WorkerLost
+from m2m.bus.worker import Handlers, RequestContext
+from m2m.physics.tpp import step as tpp_step
+from m2m.scenarios import load_scenario
+
+if TYPE_CHECKING:
+    from m2m.agents.llm.clients import ModelClientSpec
+
+log = structlog.get_logger("planner")
+
+MODES = ("guided", "unguided")
+HISTORY_STEPS = 3
+"""Past steps shown to the LLM: the context stays bounded whatever the step cap."""
+DOSE_TIMEOUT_S = 600.0
+"""A cold 180-beam plan takes minutes on 2 cores; a 7-beam plan well under a second."""
+ADVISE_TIMEOUT_S = 30.0
+KNOWLEDGE_WAIT_S = 30.0
+ADVICE_K = 5
+SCORE_TOLERANCE = 1e-9
+
+
+class HandOver(WorkerLost):
+    """Raised by a draining planner between steps: the client retries and another planner resumes the session."""
+
+
+class Decider(Protocol):
+    """Who proposes the next step."""
+
+    name: str
+    needs_advice: bool
+
+    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome: ...
+
+
+@dataclass
+class LlmDecider:
+    """The LLM proposes (through :func:`m2m.agents.llm.decision.decide`)."""
+
+    client: Any
+    name: str = "llm"
+    needs_advice: bool = False
+
+    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome:
+        return await decide(self.client, situation, mode, with_advice=with_advice)
+
+
+@dataclass
+class DrlDecider:
+    """The DRL's best admissible action is the proposal."""
+
+    name: str = "drl"
+    needs_advice: bool = True
+
+    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome:
+        started = time.perf_counter()
+        if not situation.advice:
+            return DecisionOutcome(raw=None, valid=False, retries=0, error="no DRL advice", latency_s=0.0, prompt="")
+        best = situation.advice[0]
+        raw = TppDecision(action="change", tpp=best.tpp, direction="raise" if best.direction > 0 else "lower",
+                          rationale=f"DRL top action (p={best.probability:.2f})")
+        return DecisionOutcome(raw=raw, valid=True, retries=0, error="", latency_s=time.perf_counter() - started,
+                               prompt="")
+
+
+def situation_from(
+    scenario: str,
+    step: int,
+    step_cap: int,
+    plan: DosePlanResult,
+    evaluation: Evaluation,
+    history: list[str],
+    knowledge: TppKnowledge | None,
+    advice: Advice | None,
+) -> Situation:
+    """What the decision sees at one step (doses in % of Rx)."""
+    rx = plan.rx_gy
+    return Situation(
+        scenario=scenario,
+        step=step,
+        step_cap=step_cap,
+        score=evaluation.total,
+        max_score=evaluation.max_score,
+        criteria=tuple(
+            CriterionView(label=c.label, structure=c.structure, value=c.value, limit=c.limit, unit=c.unit,
+                          points=c.points, passed=c.passed, upper=c.zero > c.limit)
+            for c in evaluation.criteria
+        ),
+        tpps=dict(plan.tpps),
+        dose_summary={
+            s.name: {"dmax_pct_rx": 100 * s.dmax_gy / rx, "dmean_pct_rx": 100 * s.dmean_gy / rx,
+                     "d95_pct_rx": 100 * s.d95_gy / rx}
+            for s in plan.structures
+        },
+        history=tuple(_parse_history(h) for h in history[-HISTORY_STEPS:]),
+        knowledge=knowledge,
+        advice=tuple(AdviceView(tpp=a.tpp, direction=a.direction, probability=a.probability)
+                     for a in (advice.actions if advice else []) if a.admissible),
+    )
+
+
+def _history_entry(step: int, change: str, score: float) -> str:
+    return f"{step}|{change}|{score:.6f}"
+
+
+def _parse_history(entry: str) -> StepView:
+    step, change, score = entry.split("|")
+    return StepView(step=int(step), change=change, score=float(score))
+
+
+def _label(tpp: str, direction: int) -> str:
+    return f"{'raise' if direction > 0 else 'lower'} {tpp}" if direction else "stop"
+
+
+@dataclass
+class SessionRunner:
+    """Runs sessions over a bus connection; used by the planner agent and, in-process, by ``m2m replay``."""
+
+    bus: BusClient
+    decider: Decider
+    planner_name: str
+    knowledge: dict[str, TppKnowledge] = field(default_factory=dict)
+    knowledge_arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    handover: bool = False
+    _listener: asyncio.Task[None] | None = None
+
+    def follow_knowledge(self) -> None:
+        """Subscribe to every site's knowledge (the retained value arrives at once) and keep the latest."""
+        sub = self.bus.subscribe("knowledge.tpp.", snapshot=True)
+
+        async def listen() -> None:
+            async for delivery in sub:
+                msg = delivery.message
+                if not isinstance(msg, KnowledgeMessage):
+                    continue
+                try:
+                    self.knowledge[msg.site] = decode_knowledge(msg.knowledge_json, delivery.topic)
+                except (ValueError, msgspec.DecodeError) as exc:
+                    log.warning("bad_knowledge", topic=delivery.topic, error=str(exc)[:200])
+                    continue
+                self.knowledge_arrived.set()
+                log.info("knowledge_received", site=msg.site, checkpoint=msg.checkpoint_sha256[:12])
+
+        self._listener = asyncio.get_running_loop().create_task(listen())
+
+    def stop_following(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+
+    async def last_state(self, session_id: str) -> StepEvent | None:
+        """The session's retained state on the bus (None for a new session)."""
+        sub = self.bus.subscribe(session_topic(session_id), snapshot=True)
+        try:
+            delivery = await sub.get(timeout=2.0)
+        except TimeoutError:
+            return None
+        finally:
+            sub.close()
+        msg = delivery.message
+        return msg if isinstance(msg, StepEvent) and msg.session_id == session_id else None
+
+    async def _knowledge_for(self, site: str) -> TppKnowledge:
+        """The knowledge published for ``site``; for a site without its own, another site's (it is written in
+        site-agnostic roles, as the paper guided liver with prostate knowledge)."""
+        deadline = time.monotonic() + KNOWLEDGE_WAIT_S
+        while not self.knowledge:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LookupError(f"no knowledge on {knowledge_topic(site)!r}: is a drl-advisor running?")
+            self.knowledge_arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.knowledge_arrived.wait(), remaining)
+        if site in self.knowledge:
+            return self.knowledge[site]
+        other = sorted(self.knowledge)[0]
+        log.info("cross_site_knowledge", site=site, knowledge_site=other)
+        return self.knowledge[other]
+
+    async def run(self, req: SessionRequest) -> SessionResult:
+        if req.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {req.mode!r}")
+        if req.step_cap < 0:
+            raise ValueError(f"step_cap must be >= 0, got {req.step_cap}")
+        sc = load_scenario(req.scenario)
+        sid = req.session_id
+        started = time.perf_counter()
+        last = await self.last_state(sid)
+        if last is not None and last.done:
+            log.info("session_already_done", session=sid)
+            return self._result(req, last, [], started)
+        if last is not None:
+            step, tpps, warm = last.step + 1, dict(last.next_tpps), last.fluence
+            history, initial_score = list(last.history), last.initial_score
+            log.info("session_resumed", session=sid, step=step, previous_planner=last.planner)
+        else:
+            step, warm, history, initial_score = 0, None, [], float("nan")
+            tpps = dict(req.initial_tpps) if req.initial_tpps else sc.initial_tpp_set(req.case_seed).as_dict()
+        events: list[StepEvent] = []
+        while True:
+            t0 = time.perf_counter()
+            plan: DosePlanResult = await self.bus.request(
+                DOSE_PLAN, DosePlanRequest(scenario=req.scenario, case_seed=req.case_seed, tpps=tpps, warm_start=warm),
+                timeout=DOSE_TIMEOUT_S, idempotency_key=f"{sid}:{step}:dose", expect=DosePlanResult, session=sid,
+            )
+            evaluation: Evaluation = await self.bus.request(
+                EVALUATE, EvaluateRequest(protocol=sc.protocol.name, metrics=plan.metrics),
+                idempotency_key=f"{sid}:{step}:evaluate", expect=Evaluation, session=sid,
+            )
+            plan_s = time.perf_counter() - t0
+            if step == 0:
+                initial_score = evaluation.total
+            base: dict[str, Any] = dict(
+                session_id=sid, scenario=req.scenario, case_id=plan.case_id, case_seed=req.case_seed, mode=req.mode,
+                planner=self.planner_name, step=step, step_cap=req.step_cap, initial_score=initial_score,
+                score=evaluation.total, max_score=evaluation.max_score, criteria=evaluation.criteria,
+                tpps=plan.tpps, plan_s=plan_s, history=history[-HISTORY_STEPS:], dvh_bins_gy=plan.dvh_bins_gy,
+                structures=plan.structures,
+            )
+            at_max = evaluation.total >= evaluation.max_score - SCORE_TOLERANCE
+            if at_max or step >= req.step_cap:
+                event = StepEvent(**base, done=True, outcome="maximum score" if at_max else "step cap")
+                await self._publish(event)
+                events.append(event)
+                return self._result(req, event, events, started)
+            knowledge = None
+            if req.mode == "guided":
+                knowledge = relabel_knowledge(await self._knowledge_for(sc.site), roles_of(req.scenario))
+            advice = None
+            if req.mode == "guided" or self.decider.needs_advice:
+                advice = await self.bus.request(
+                    ADVISE, AdviseRequest(scenario=req.scenario, tpps=plan.tpps, dvh_bins_gy=plan.dvh_bins_gy,
+                                          structures=plan.structures, k=ADVICE_K),
+                    timeout=ADVISE_TIMEOUT_S, idempotency_key=f"{sid}:{step}:advise", expect=Advice, session=sid,
+                )
+            situation = situation_from(req.scenario, step, req.step_cap, plan, evaluation, history, knowledge, advice)
+            outcome = await self.decider.decide(situation, req.mode, req.with_advice and req.mode == "guided")
+            guarded: GuardResult = guard(situation, outcome.raw, req.mode, sc.oar_names)
+            if guarded.direction == 0:  # the guard allows a stop only at the maximum, handled above
+                raise RuntimeError(f"guard returned a stop below the maximum at step {step}")
+            current = tpps_from_dict(dict(plan.tpps), sc.oar_names)
+            next_tpps = tpp_step(current, guarded.tpp, guarded.direction).as_dict()
+            change = _label(guarded.tpp, guarded.direction)
+            raw = outcome.raw
+            event = StepEvent(
+                **base, done=False,
+                raw_action=raw.action if raw else "", raw_tpp=raw.tpp if raw else "",
+                raw_direction=raw.direction if raw else "", rationale=raw.rationale if raw else outcome.error,
+                action_tpp=guarded.tpp, action_direction=guarded.direction,
+                action_source=self.decider.name if guarded.source == "llm" else guarded.source,
+                vetoes=[Veto(reason=v.reason, detail=v.detail) for v in guarded.vetoes],
+                valid=outcome.valid, retries=outcome.retries, llm_answers=list(outcome.answers),
+                decision_s=outcome.latency_s, next_tpps=next_tpps, fluence=plan.fluence,
+            )
+            history = [*history, _history_entry(step, change, evaluation.total)][-HISTORY_STEPS:]
+            event.history = history
+            await self._publish(event)
+            events.append(event)
+            log.info("session_step", session=sid, step=step, score=evaluation.total, action=change,
+                     source=guarded.source, vetoes=len(guarded.vetoes))
+            step, tpps, warm = step + 1, next_tpps, plan.fluence
+            if self.handover:
+                raise HandOver(f"planner {self.planner_name} is stopping: session {sid} continues elsewhere")
+
+    async def _publish(self, event: StepEvent) -> None:
+        await self.bus.publish(session_topic(event.session_id), event, retain=True, session=event.session_id)
+
+    def _result(self, req: SessionRequest, last: StepEvent, events: list[StepEvent], started: float) -> SessionResult:
+        return SessionResult(
+            session_id=req.session_id, scenario=req.scenario, case_id=last.case_id, mode=req.mode,
+            initial_score=last.initial_score, final_score=last.score, max_score=last.max_score, steps=last.step,
+            reached_max=last.score >= last.max_score - SCORE_TOLERANCE,
+            invalid_answers=sum(not e.valid for e in events), vetoes=sum(len(e.vetoes) for e in events),
+            fallbacks=sum(e.action_source == "safe" for e in events),
+            planners=sorted({e.planner for e in events} | {last.planner}), wall_s=time.perf_counter() - started,
+        )
+
+
+class _PlannerAgent(Agent):
+    """The planner agent: serves ``plan.session`` and keeps the knowledge it subscribed to."""
+
+    def make_decider(self) -> Decider:
+        raise NotImplementedError
+
+    async def setup(self) -> None:
+        self.runner = SessionRunner(self.bus, self.make_decider(), f"{self.ctx.impl}:{self.ctx.name}")
+        self.runner.follow_knowledge()
+
+    def handlers(self) -> dict[str, Handlers]:
+        return {SESSION: {SessionRequest: self.on_session}}
+
+    async def on_session(self, msg: SessionRequest, ctx: RequestContext) -> SessionResult:
+        return await self.runner.run(msg)
+
+    def begin_drain(self) -> None:
+        self.runner.handover = True
+
+    async def close(self) -> None:
+        self.runner.stop_following()
+
+
+def client_spec_from_options(options: Mapping[str, str]) -> ModelClientSpec:
+    """The model client an ``llm`` planner's options describe (``model=embedded`` by default)."""
+    from m2m.agents.llm.clients import ModelClientSpec
+
+    kind = options.get("model", "embedded")
+    if kind not in ("embedded", "openai", "replay"):
+        raise AgentConfigError(f"model must be embedded, openai or replay, got {kind!r}")
+    if kind == "replay" and "replay" not in options:
+        raise AgentConfigError("model=replay needs replay=FILE (a JSON array of recorded answers)")
+    if kind == "openai" and "base_url" not in options:
+        raise AgentConfigError("model=openai needs base_url=URL (and model_name=, api_key_env= as the server wants)")
+    kw: dict[str, Any] = {"kind": kind}
+    if "model_name" in options:
+        kw["model"] = options["model_name"]
+    for key in ("base_url", "api_key_env", "request_format"):
+        if key in options:
+            kw[key] = options[key]
+    if "replay" in options:
+        kw["replay_path"] = Path(options["replay"])
+    return ModelClientSpec(**kw)
+
+
+def replay_client(answers: list[str]) -> Any:
+    """autogen's replay model client answering with ``answers`` in order (recorded raw LLM texts)."""
+    from m2m.agents.llm.clients import ModelClientSpec, make_client
+
+    return make_client(ModelClientSpec(kind="replay", replay_answers=tuple(answers)))
+
+
+class LlmPlannerAgent(_PlannerAgent):
+    """Options: ``model`` (``embedded``, ``openai`` or ``replay``), ``model_name``, ``base_url``,
+    ``api_key_env``, ``request_format``, ``replay`` (a file of recorded answers)."""
+
+    known_options: ClassVar[frozenset[str]] = frozenset(
+        {"model", "model_name", "base_url", "api_key_env", "request_format", "replay"}
+    )
+
+    def make_decider(self) -> Decider:
+        from m2m.agents.llm.clients import make_client
+
+        spec = client_spec_from_options(dict(self.ctx.options))
+        return LlmDecider(make_client(spec), name=f"llm:{spec.kind}")
+
+
+class DrlPlannerAgent(_PlannerAgent):
+    """The DRL's best admissible action at every step (a baseline and a swap target)."""
+
+    def make_decider(self) -> Decider:
+        return DrlDecider()
