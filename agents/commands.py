@@ -159,7 +159,9 @@ async def _plan_on_bus(args: argparse.Namespace, config: BusConfig, default_cap:
     )
     console.print(f"session {req.session_id}: {args.scenario} case {args.case} (seed {seed}), mode {args.mode}")
     try:
-        result, events = await run_session_request(config, req, lambda e: console.print(step_line(e)))
+        result, events = await run_session_request(
+            config, req, lambda e: console.print(step_line(e), markup=False, highlight=False)
+        )
     except (BusError, LookupError, ValueError) as exc:
         print(f"m2m plan: session failed: {exc}", file=sys.stderr)
         return 1
@@ -232,7 +234,9 @@ async def _replay_on_bus(args: argparse.Namespace, config: BusConfig, recorded: 
             await asyncio.sleep(args.speed)
 
     try:
-        steps = await replay(config, recorded, on_step=lambda e: console.print(step_line(e)), pause=pause)
+        steps = await replay(
+            config, recorded, on_step=lambda e: console.print(step_line(e), markup=False, highlight=False), pause=pause
+        )
     finally:
         if started:
             await shutdown(config, timeout=60.0)

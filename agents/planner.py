@@ -294,8 +294,12 @@ class SessionRunner:
             situation = situation_from(req.scenario, step, req.step_cap, plan, evaluation, history, knowledge, advice)
             outcome = await self.decider.decide(situation, req.mode, req.with_advice and req.mode == "guided")
             guarded: GuardResult = guard(situation, outcome.raw, req.mode, sc.oar_names)
-            if guarded.direction == 0:  # the guard allows a stop only at the maximum, handled above
-                raise RuntimeError(f"guard returned a stop below the maximum at step {step}")
+            if guarded.direction == 0:  # no admissible move at all (every TPP at the bound it would move to)
+                event = StepEvent(**base, done=True, outcome="no admissible action",
+                                  vetoes=[Veto(reason=v.reason, detail=v.detail) for v in guarded.vetoes])
+                await self._publish(event)
+                events.append(event)
+                return self._result(req, event, events, started)
             current = tpps_from_dict(dict(plan.tpps), sc.oar_names)
             next_tpps = tpp_step(current, guarded.tpp, guarded.direction).as_dict()
             change = _label(guarded.tpp, guarded.direction)

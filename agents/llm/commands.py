@@ -69,7 +69,8 @@ def _bench(args: argparse.Namespace) -> int:
     rows = summarise(records)
     title = (f"m2m bench llm: {len(cases)} situations, {args.threads} threads, prefix reuse "
              f"{'off' if args.no_prefix_reuse else 'on'}, guided {'without' if args.no_advice else 'with'} advice")
-    Console().print(table(rows, title))
+    # Piped output gets rich's 80 columns, which truncates the model names: give it room.
+    Console(width=None if sys.stdout.isatty() else 150).print(table(rows, title))
     print("model load + verification (s): " + ", ".join(f"{m} {s:.1f}" for m, s in load_seconds.items()))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
