@@ -294,3 +294,43 @@ def test_guided_session_with_the_embedded_model(services: AgentProcs) -> None:
     assert first.valid and first.raw_tpp in first.tpps and first.raw_direction in ("raise", "lower")
     answer = json.loads(first.llm_answers[-1])  # the model's own text is JSON of the decision schema
     assert answer["tpp"] == first.raw_tpp and answer["action"] == "change"
+
+
+def test_agent_joins_a_curve_broker_over_tcp_with_its_keys(tmp_path: Path) -> None:
+    """The off-host path: a TCP broker that admits only authorised CURVE keys, an evaluator given its keys on the
+    command line, a client with its own authorised key."""
+    import socket
+
+    from m2m.bus.security import ClientKeys, generate_keys
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    generate_keys("broker", keys)
+    generate_keys("evaluator", allowed)
+    generate_keys("client", allowed)
+    ep, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    p = AgentProcs(Path(tempfile.mkdtemp(prefix="m2mcurve", dir="/tmp")))
+    try:
+        p._spawn("broker", ["broker", "--endpoint", ep, "--pub-endpoint", pub, "--curve-secret",
+                            str(keys / "broker.key_secret"), "--curve-clients", str(allowed)])
+        p._spawn("evaluator-curve", ["agent", "evaluator", "--name", "evaluator-curve", "--connect", ep,
+                                     "--pub-connect", pub, "--curve-secret", str(allowed / "evaluator.key_secret"),
+                                     "--curve-server", str(keys / "broker.key")])
+        protocol = load_protocol(SCENARIO)
+        metrics = {c.label: c.limit for c in protocol.criteria}
+        curve = ClientKeys.load(allowed / "client.key_secret", keys / "broker.key")
+
+        async def main() -> Evaluation:
+            async with BusClient("curve-client", endpoint=ep, pub_endpoint=pub, curve=curve) as bus:
+                return await bus.request(EVALUATE, EvaluateRequest(protocol=SCENARIO, metrics=metrics), timeout=60,
+                                         expect=Evaluation)
+
+        ev = asyncio.run(main())
+        assert ev.total == 9.0 and not ev.failing  # every metric exactly at its limit passes
+    finally:
+        p.close()
+        shutil.rmtree(p.dir, ignore_errors=True)
