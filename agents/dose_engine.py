@@ -1,6 +1,7 @@
 """The dose-engine agent (``dose.plan``): TPPs → optimised plan → DVHs and the protocol's dose metrics.
 
-Each case's dij is built once (on-disk cache, :mod:`m2m.physics.dij_cache`) and kept in a small in-memory LRU.
+DVHs are reported on the DRL policy's dose bins continued to 150 % Rx (:func:`report_bins_gy`). Each case's dij
+is built once (on-disk cache, :mod:`m2m.physics.dij_cache`) and kept in a small in-memory LRU.
 The optimisation runs in a worker thread so the agent keeps heart-beating while it solves. Several instances can
 serve ``dose.plan`` together: a request carries everything a plan depends on (the warm-start fluence included),
 so any instance returns the same plan.
@@ -14,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from m2m.agents.drl.env import CaseBank, dvh_bins_gy, phantom_bank
+from m2m.agents.drl.env import DOSE_SPAN, N_BINS, CaseBank, phantom_bank
 from m2m.agents.messages import DOSE_PLAN, DosePlanRequest, DosePlanResult, StructureDose
 from m2m.agents.runtime import Agent
 from m2m.bus.worker import Handlers, RequestContext
@@ -23,6 +24,17 @@ from m2m.physics.optimizer import optimize
 from m2m.physics.protocol import measure_all
 from m2m.physics.tpp import TppSet
 from m2m.scenarios import Scenario, load_scenario
+
+REPORT_SPAN = 1.5
+"""DVHs are reported up to this multiple of Rx: hot initial plans (t_ptv up to 1.2) reach well past 115 %."""
+
+
+def report_bins_gy(rx_gy: float) -> np.ndarray:
+    """The reported DVH bins (Gy): the DRL policy's bins (:data:`N_BINS` from 0 to :data:`DOSE_SPAN` × Rx, so the
+    advisor reads its input off the first :data:`N_BINS`) continued with the same spacing to :data:`REPORT_SPAN`
+    × Rx."""
+    spacing = DOSE_SPAN * rx_gy / (N_BINS - 1)
+    return np.arange(int(np.ceil(REPORT_SPAN * rx_gy / spacing)) + 1) * spacing
 
 
 def tpps_from_dict(values: dict[str, float], oar_names: tuple[str, ...]) -> TppSet:
@@ -81,7 +93,7 @@ class DoseEngine(Agent):
                 optimize, case.dij, tpps, sc.rx_gy, warm_start=warm, dose_structures=sc.protocol.structures
             )
             solve_s = time.perf_counter() - started
-        bins = dvh_bins_gy(sc.rx_gy)
+        bins = report_bins_gy(sc.rx_gy)
         metrics = measure_all(sc.protocol, plan, case.dij.voxel_volume_cc, sc.rx_gy)
         self.log.info("dose_planned", case=case.case_id, solve_s=round(solve_s, 3), iterations=plan.iterations)
         return DosePlanResult(

@@ -68,14 +68,15 @@ class DrlAdvisorAgent(Agent):
         controlled = [roles[r] for r in self.advisor.controlled_roles]
         tpps = tpps_from_dict(msg.tpps, sc.oar_names)
         bins = dvh_bins_gy(sc.rx_gy)
-        if msg.dvh_bins_gy.shape != bins.shape or not np.allclose(msg.dvh_bins_gy, bins):
-            raise ValueError(f"DVH bins must be {bins.size} bins from 0 to {bins[-1]:.2f} Gy (the policy's input)")
+        n = bins.size
+        if msg.dvh_bins_gy.shape[0] < n or not np.allclose(msg.dvh_bins_gy[:n], bins):
+            raise ValueError(f"DVH bins must start with the policy's {n} bins from 0 to {bins[-1]:.2f} Gy")
         by_name = {s.name: s for s in msg.structures}
         missing = [s for s in controlled if s not in by_name]
         if missing:
             raise ValueError(f"the advice needs the DVH of {missing}")
         obs = observation_vector(
-            [np.asarray(by_name[s].dvh_pct, dtype=np.float64) / 100.0 for s in controlled],
+            [np.asarray(by_name[s].dvh_pct[:n], dtype=np.float64) / 100.0 for s in controlled],
             [by_name[s].dmax_gy for s in controlled], tpps, controlled, sc.rx_gy,
         )
         names = [to_structure_name(r, roles) for r in self.advisor.tpp_roles]
