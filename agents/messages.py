@@ -142,13 +142,12 @@ class AdviseRequest(Message):
 
 
 class AdvisedAction(msgspec.Struct, frozen=True, kw_only=True):
-    """One action: ``direction`` +1 raises ``tpp``, −1 lowers it; ``admissible``: it changes the TPP."""
+    """One admissible action (it changes the TPP): ``direction`` +1 raises ``tpp``, −1 lowers it."""
 
     tpp: str
     direction: int
     probability: float
     q: float
-    admissible: bool
 
 
 class Advice(Message):
@@ -174,6 +173,14 @@ class SessionRequest(Message):
     step_cap: int = 20
     with_advice: bool = False
     initial_tpps: dict[str, float] | None = None
+
+
+class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A past step as the planner remembers it: the change made from it and the score it had."""
+
+    step: int
+    change: str
+    score: float
 
 
 class Veto(msgspec.Struct, frozen=True, kw_only=True):
@@ -220,7 +227,7 @@ class StepEvent(Message):
     plan_s: float = 0.0
     next_tpps: dict[str, float] = msgspec.field(default_factory=dict)
     fluence: np.ndarray | None = None
-    history: list[str] = msgspec.field(default_factory=list)
+    history: list[HistoryEntry] = msgspec.field(default_factory=list)
     dvh_bins_gy: np.ndarray | None = None
     structures: list[StructureDose] = msgspec.field(default_factory=list)
 

@@ -20,6 +20,7 @@ redone after a takeover is answered from the broker's reply cache instead of bei
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import time
@@ -48,6 +49,7 @@ from m2m.agents.messages import (
     DosePlanResult,
     EvaluateRequest,
     Evaluation,
+    HistoryEntry,
     KnowledgeMessage,
     SessionRequest,
     SessionResult,
@@ -128,7 +130,7 @@ def situation_from(
     step_cap: int,
     plan: DosePlanResult,
     evaluation: Evaluation,
-    history: list[str],
+    history: list[HistoryEntry],
     knowledge: TppKnowledge | None,
     advice: Advice | None,
 ) -> Situation:
@@ -151,20 +153,11 @@ def situation_from(
                      "d95_pct_rx": 100 * s.d95_gy / rx}
             for s in plan.structures
         },
-        history=tuple(_parse_history(h) for h in history[-HISTORY_STEPS:]),
+        history=tuple(StepView(step=h.step, change=h.change, score=h.score) for h in history[-HISTORY_STEPS:]),
         knowledge=knowledge,
         advice=tuple(AdviceView(tpp=a.tpp, direction=a.direction, probability=a.probability)
-                     for a in (advice.actions if advice else []) if a.admissible),
+                     for a in (advice.actions if advice else [])),
     )
-
-
-def _history_entry(step: int, change: str, score: float) -> str:
-    return f"{step}|{change}|{score:.6f}"
-
-
-def _parse_history(entry: str) -> StepView:
-    step, change, score = entry.split("|")
-    return StepView(step=int(step), change=change, score=float(score))
 
 
 def _label(tpp: str, direction: int) -> str:
@@ -208,14 +201,9 @@ class SessionRunner:
 
     async def last_state(self, session_id: str) -> StepEvent | None:
         """The session's retained state on the bus (None for a new session)."""
-        sub = self.bus.subscribe(session_topic(session_id), snapshot=True)
-        try:
-            delivery = await sub.get(timeout=2.0)
-        except TimeoutError:
-            return None
-        finally:
-            sub.close()
-        msg = delivery.message
+        topic = session_topic(session_id)
+        retained = await self.bus.retained(topic)
+        msg = retained.get(topic)
         return msg if isinstance(msg, StepEvent) and msg.session_id == session_id else None
 
     async def _knowledge_for(self, site: str) -> TppKnowledge:
@@ -314,7 +302,7 @@ class SessionRunner:
                 valid=outcome.valid, retries=outcome.retries, llm_answers=list(outcome.answers),
                 decision_s=outcome.latency_s, next_tpps=next_tpps, fluence=plan.fluence,
             )
-            history = [*history, _history_entry(step, change, evaluation.total)][-HISTORY_STEPS:]
+            history = [*history, HistoryEntry(step=step, change=change, score=evaluation.total)][-HISTORY_STEPS:]
             event.history = history
             await self._publish(event)
             events.append(event)
@@ -338,11 +326,12 @@ class SessionRunner:
         )
 
 
-class _PlannerAgent(Agent):
+class _PlannerAgent(Agent, abc.ABC):
     """The planner agent: serves ``plan.session`` and keeps the knowledge it subscribed to."""
 
+    @abc.abstractmethod
     def make_decider(self) -> Decider:
-        raise NotImplementedError
+        """Who proposes each step (the implementation's one difference)."""
 
     async def setup(self) -> None:
         self.runner = SessionRunner(self.bus, self.make_decider(), f"{self.ctx.impl}:{self.ctx.name}")

@@ -199,7 +199,6 @@ def run_agent(
 ) -> int:
     """Blocking entry point of ``m2m agent``: the exit code for the process."""
     try:
-        agent_class(role, impl)
         return asyncio.run(
             serve_agent(role, impl, name=name, config=config, options=options, incarnation=incarnation)
         )

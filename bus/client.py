@@ -37,6 +37,7 @@ from m2m.bus.messages import (
     Envelope,
     ErrorReply,
     Message,
+    decode,
     decode_envelope,
     decode_payload,
     encode,
@@ -335,6 +336,19 @@ class BusClient:
         sub = Subscription(self, prefix, snapshot=snapshot, hwm=hwm)
         self._subs.append(sub)
         return sub
+
+    async def retained(self, prefix: str) -> dict[str, Message]:
+        """The retained value of every topic under ``prefix`` right now (one snapshot, no subscription): for a
+        one-off read of state, where a subscription would wait for updates that may never come. A value that does
+        not decode is left out."""
+        out: dict[str, Message] = {}
+        for item in await self._request_snapshot(prefix.encode()):
+            try:
+                _, msg = decode(item[2:])
+                out[item[0].decode()] = msg
+            except (BusError, UnicodeDecodeError) as exc:
+                self.log.warning("bad_retained_value", prefix=prefix, error=str(exc)[:200])
+        return out
 
     async def _request_snapshot(self, prefix: bytes) -> list[list[bytes]]:
         token = new_id().encode()

@@ -15,14 +15,13 @@ import numpy as np
 
 from m2m.agents.dose_engine import tpps_from_dict
 from m2m.agents.drl.advisor import Advisor
-from m2m.agents.drl.env import dvh_bins_gy, observation_vector
+from m2m.agents.drl.env import action_mask, dvh_bins_gy, observation_vector
 from m2m.agents.drl.knowledge import decode_knowledge
 from m2m.agents.drl.roles import to_structure_name
 from m2m.agents.drl.training import file_sha256
 from m2m.agents.messages import ADVISE, Advice, AdvisedAction, AdviseRequest, KnowledgeMessage, knowledge_topic
 from m2m.agents.runtime import Agent
 from m2m.bus.worker import Handlers, RequestContext
-from m2m.physics.tpp import step
 from m2m.scenarios import load_scenario
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -79,14 +78,10 @@ class DrlAdvisorAgent(Agent):
             [np.asarray(by_name[s].dvh_pct[:n], dtype=np.float64) / 100.0 for s in controlled],
             [by_name[s].dmax_gy for s in controlled], tpps, controlled, sc.rx_gy,
         )
-        names = [to_structure_name(r, roles) for r in self.advisor.tpp_roles]
-        mask = np.array([
-            step(tpps, names[a // 2], 1 if a % 2 == 0 else -1).as_dict() != tpps.as_dict()
-            for a in range(2 * len(names))
-        ])
+        mask = action_mask(tpps, [to_structure_name(r, roles) for r in self.advisor.tpp_roles])
         advice = self.advisor.advise(obs, max(1, msg.k), labels=roles, mask=mask)
         return Advice(
-            actions=[AdvisedAction(tpp=a.label, direction=a.direction, probability=a.probability, q=a.q_value,
-                                   admissible=True) for a in advice],
+            actions=[AdvisedAction(tpp=a.label, direction=a.direction, probability=a.probability, q=a.q_value)
+                     for a in advice],
             checkpoint_sha256=self.sha256,
         )

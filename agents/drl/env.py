@@ -64,6 +64,13 @@ def dvh_bins_gy(rx_gy: float) -> np.ndarray:
     return np.linspace(0.0, DOSE_SPAN * rx_gy, N_BINS)
 
 
+def action_mask(tpps: TppSet, tpp_names: Sequence[str]) -> np.ndarray:
+    """For actions ``2i`` (raise ``tpp_names[i]``) and ``2i + 1`` (lower it): whether the step changes the TPPs
+    (False: the TPP sits at the bound it would move towards)."""
+    now = tpps.to_vector()
+    return np.array([not np.array_equal(step(tpps, name, d).to_vector(), now) for name in tpp_names for d in (1, -1)])
+
+
 def observation_bounds(n_controlled: int) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper bounds (float32) of the observation for ``n_controlled`` structures."""
     n = n_controlled
@@ -208,11 +215,7 @@ class PlanningEnv(gym.Env[np.ndarray, np.int64]):
     def action_masks(self) -> np.ndarray:
         """Which actions change the TPPs from the current state (False: the TPP sits at the bound it would move
         towards, so the action is a no-op). A deterministic policy that picks a no-op repeats it to the step cap."""
-        tpps = self.tpps
-        return np.array(
-            [step(tpps, *self.action_meaning(a)).to_vector().tolist() != tpps.to_vector().tolist()
-             for a in range(int(self.action_space.n))]
-        )
+        return action_mask(self.tpps, self.tpp_names)
 
     def action_meaning(self, action: int) -> tuple[str, int]:
         """``(tpp name, direction)`` of ``action``: direction +1 raises the TPP, −1 lowers it."""

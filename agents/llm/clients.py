@@ -52,8 +52,9 @@ class ModelClientSpec:
     """How to reach a model.
 
     ``model``: a :data:`~m2m.agents.llm.models.REGISTRY` name (embedded) or the server's model name (openai).
-    ``base_url`` and ``api_key_env`` (the name of the environment variable holding the key; none: a placeholder key,
-    as local servers need none) for openai; ``request_format`` selects its structured-output request.
+    ``base_url`` and ``api_key_env`` (the name of the environment variable holding the key; when unset the client
+    sends the fixed key "unused", because local servers check none but the OpenAI client requires one) for openai;
+    ``request_format`` selects its structured-output request.
     ``replay_path`` (a JSON array of answers, each a string or an object) or ``replay_answers`` for replay.
     ``n_ctx`` (tokens), ``threads`` (CPU threads), ``reuse_prefix`` and ``model_dir`` (default: the models cache)
     for embedded; ``seed``, ``temperature`` and ``max_tokens`` (answer cap, tokens) for embedded and openai.

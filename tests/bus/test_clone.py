@@ -191,3 +191,20 @@ def test_value_published_before_the_subscription_is_live_still_arrives(procs: Pr
             sub.close()
 
     asyncio.run(main())
+
+
+def test_retained_reads_the_current_values_once(procs: Procs) -> None:
+    procs.broker()
+
+    async def main() -> None:
+        async with client(procs, "reader") as bus, client(procs, "writer") as other:
+            assert await bus.retained("state.") == {}  # nothing yet: an answer at once, not a wait
+            await other.publish("state.a", Fact(value=1), retain=True)
+            await other.publish("state.a", Fact(value=2), retain=True)
+            await other.publish("other.b", Fact(value=3), retain=True)
+            end = time.monotonic() + 10
+            while (got := await bus.retained("state.")).get("state.a") != Fact(value=2) and time.monotonic() < end:
+                await asyncio.sleep(0.05)  # the writer's publishes reach the broker on another socket
+            assert list(got) == ["state.a"] and got["state.a"] == Fact(value=2)  # the last value, one topic only
+
+    asyncio.run(main())
