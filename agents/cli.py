@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "m2m.agents.llm.commands",
     "m2m.agents.commands",
     "m2m.agents.supervisor_commands",
+    "m2m.agents.experiment_commands",
 )
 
 

@@ -117,7 +117,7 @@ def _plan(args: argparse.Namespace) -> int:
     return asyncio.run(_plan_on_bus(args, config, sc.step_cap, int(seeds[args.case])))
 
 
-async def _ensure_stack(args: argparse.Namespace, config: BusConfig) -> tuple[Path | None, bool]:
+async def ensure_stack(args: argparse.Namespace, config: BusConfig) -> tuple[Path | None, bool]:
     """The running stack's transcript path, and whether this command started the stack."""
     from rich.console import Console
 
@@ -149,7 +149,7 @@ async def _plan_on_bus(args: argparse.Namespace, config: BusConfig, default_cap:
 
     console = Console(stderr=True)
     try:
-        transcript, started = await _ensure_stack(args, config)
+        transcript, started = await ensure_stack(args, config)
     except StackError as exc:
         print(f"m2m plan: the stack did not come up: {exc}", file=sys.stderr)
         return 1
@@ -222,7 +222,7 @@ async def _replay_on_bus(args: argparse.Namespace, config: BusConfig, recorded: 
 
     console = Console(stderr=True)
     try:
-        _, started = await _ensure_stack(args, config)
+        _, started = await ensure_stack(args, config)
     except StackError as exc:
         print(f"m2m replay: the stack did not come up: {exc}", file=sys.stderr)
         return 1

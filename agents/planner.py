@@ -5,11 +5,13 @@ cap → else [guided: the DRL's advice, ``drl.advise``] → a decision → the g
 the session's state is published retained on ``session.<id>`` (:class:`StepEvent`): the progress view, the
 transcript and a planner taking over the session (after a swap or a crash) all read it there.
 
-Two implementations share the loop and the guard and differ only in who proposes the step:
+Three implementations share the loop and the guard and differ only in who proposes the step:
 
 * ``llm`` — an autogen-agentchat ``AssistantAgent`` with structured output (:mod:`m2m.agents.llm.decision`) on an
   embedded llama.cpp model, an OpenAI-compatible endpoint or a replay of recorded answers;
-* ``drl`` — the DRL advisor's best admissible action.
+* ``drl`` — the DRL advisor's best admissible action;
+* ``rules`` — a rule-based planner (a baseline): tighten the structure of the worst failing criterion, escalating
+  to the next TPP of that structure when the same step just failed to raise the score.
 
 Modes: ``unguided`` (DVH, criteria, TPPs) and ``guided`` (the same plus the knowledge this agent subscribed to on
 ``knowledge.tpp.<site>``, which also constrains the guard). Nothing else differs between the modes.
@@ -36,7 +38,7 @@ from m2m.agents.dose_engine import tpps_from_dict
 from m2m.agents.drl.knowledge import TppKnowledge, decode_knowledge, relabel_knowledge
 from m2m.agents.drl.roles import roles_of
 from m2m.agents.llm.decision import DecisionOutcome, TppDecision, decide
-from m2m.agents.llm.guard import GuardResult, guard
+from m2m.agents.llm.guard import GuardResult, guard, rule_vetoes, tightening_moves
 from m2m.agents.llm.situation import AdviceView, CriterionView, Situation, StepView
 from m2m.agents.messages import (
     ADVISE,
@@ -120,6 +122,35 @@ class DrlDecider:
         best = situation.advice[0]
         raw = TppDecision(action="change", tpp=best.tpp, direction="raise" if best.direction > 0 else "lower",
                           rationale=f"DRL top action (p={best.probability:.2f})")
+        return DecisionOutcome(raw=raw, valid=True, retries=0, error="", latency_s=time.perf_counter() - started,
+                               prompt="")
+
+
+@dataclass
+class RulesDecider:
+    """A rule-based planner, the baseline a physicist would script: take the failing criteria worst first and, for
+    the structure of each, the guard's tightening moves in their documented order (OAR: raise ``lambda``, lower
+    ``t``, raise ``v``; PTV hot spot: lower ``t_ptv``, raise ``v_ptv``, raise ``lambda_ptv``). The first move that
+    is inside the valid ranges and was not just made without raising the score is the proposal."""
+
+    name: str = "rules"
+    needs_advice: bool = False
+
+    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome:
+        started = time.perf_counter()
+        last = situation.history[-1] if situation.history else None
+        stalled = last.change if last is not None and situation.score <= last.score + SCORE_TOLERANCE else ""
+        moves = [m for m in tightening_moves(situation) if not rule_vetoes(situation, *m, "unguided", ())]
+        chosen = next((m for m in moves if _label(*m) != stalled), moves[0] if moves else None)
+        if chosen is None:
+            raw = TppDecision(action="stop", tpp="", direction="none", rationale="no tightening move is in range")
+        else:
+            escalated = chosen != moves[0]
+            raw = TppDecision(
+                action="change", tpp=chosen[0], direction="raise" if chosen[1] > 0 else "lower",
+                rationale="tighten for the worst failing criterion"
+                + ("; the previous step did not raise the score" if escalated else ""),
+            )
         return DecisionOutcome(raw=raw, valid=True, retries=0, error="", latency_s=time.perf_counter() - started,
                                prompt="")
 
@@ -399,3 +430,10 @@ class DrlPlannerAgent(_PlannerAgent):
 
     def make_decider(self) -> Decider:
         return DrlDecider()
+
+
+class RulesPlannerAgent(_PlannerAgent):
+    """The rule-based baseline (:class:`RulesDecider`)."""
+
+    def make_decider(self) -> Decider:
+        return RulesDecider()

@@ -39,7 +39,8 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "dose-engine": {"pencil-beam": "m2m.agents.dose_engine:DoseEngine"},
     "evaluator": {"protocol": "m2m.agents.evaluator:Evaluator"},
     "drl-advisor": {"dqn": "m2m.agents.drl.agent:DrlAdvisorAgent"},
-    "planner": {"llm": "m2m.agents.planner:LlmPlannerAgent", "drl": "m2m.agents.planner:DrlPlannerAgent"},
+    "planner": {"llm": "m2m.agents.planner:LlmPlannerAgent", "drl": "m2m.agents.planner:DrlPlannerAgent",
+                "rules": "m2m.agents.planner:RulesPlannerAgent"},
 }
 
 

@@ -145,11 +145,17 @@ def _candidates(structure: str, need: int) -> list[tuple[str, int]]:
     return [(tpp, d * need) for tpp, d in moves]
 
 
+def tightening_moves(situation: Situation) -> list[tuple[str, int]]:
+    """The moves that tighten each failing criterion's structure, worst criterion first, in the order of the module
+    doc, admissible or not."""
+    return [m for c in worst_failing(situation) for m in _candidates(c.structure, 1 if c.upper else -1)]
+
+
 def safe_action(situation: Situation, mode: Mode, oar_names: Sequence[str]) -> tuple[str, int]:
     """The documented safe action (module doc): ``("", 0)`` at the maximum score or when nothing is admissible."""
     if situation.at_max:
         return "", 0
-    ordered = [m for c in worst_failing(situation) for m in _candidates(c.structure, 1 if c.upper else -1)]
+    ordered = tightening_moves(situation)
     for rules in (mode, "unguided"):
         for tpp, direction in ordered:
             if not rule_vetoes(situation, tpp, direction, rules, oar_names):
