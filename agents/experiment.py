@@ -276,12 +276,13 @@ _DECODER = msgspec.json.Decoder(SessionRecord)
 
 
 def load_records(folder: Path) -> dict[str, SessionRecord]:
-    """The finished sessions in ``folder`` by run key. A last line cut off by a kill is ignored (that session is
-    planned again); any other unreadable line is an error."""
+    """The finished sessions in ``folder`` by run key. A last line cut off by a kill (no newline) is ignored: that
+    session is planned again. Any other unreadable line is an error."""
     path = folder / RECORDS_FILE
     if not path.is_file():
         return {}
-    lines = path.read_bytes().splitlines()
+    data = path.read_bytes()
+    lines = data.splitlines()
     records: dict[str, SessionRecord] = {}
     for i, line in enumerate(lines):
         if not line.strip():
@@ -289,7 +290,7 @@ def load_records(folder: Path) -> dict[str, SessionRecord]:
         try:
             rec = _DECODER.decode(line)
         except msgspec.DecodeError as exc:
-            if i == len(lines) - 1:
+            if i == len(lines) - 1 and not data.endswith(b"\n"):
                 log.warning("partial_record_ignored", file=str(path), line=i + 1)
                 continue
             raise ExperimentError(f"{path}:{i + 1}: not a session record: {exc}") from None
@@ -298,12 +299,13 @@ def load_records(folder: Path) -> dict[str, SessionRecord]:
 
 
 def append_record(folder: Path, record: SessionRecord) -> None:
-    """Append one session, flushed to disk before the next session starts."""
+    """Append one session, flushed before the next session starts; a last line cut off by a kill is dropped first."""
     path = folder / RECORDS_FILE
     data = path.read_bytes() if path.is_file() else b""
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
     with open(path, "ab") as f:
-        if data and not data.endswith(b"\n"):
-            f.write(b"\n")  # a line cut off by a kill stays a line of its own
         f.write(_ENCODER.encode(record) + b"\n")
         f.flush()
 

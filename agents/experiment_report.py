@@ -304,7 +304,8 @@ def _report_lines(
 
 def _write_cases_csv(path: Path, records: Sequence[SessionRecord]) -> None:
     columns = ["scenario", "arm", "impl", "mode", "case_id", "case_seed", "init", "initial_score", "final_score",
-               "max_score", "steps", "reached_max", "outcome", "vetoed_decisions", "invalid_answers", "mean_decision_s", "wall_s", "session_id"]
+               "max_score", "steps", "reached_max", "outcome", "vetoed_decisions", "invalid_answers",
+               "mean_decision_s", "wall_s", "session_id"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
@@ -313,7 +314,8 @@ def _write_cases_csv(path: Path, records: Sequence[SessionRecord]) -> None:
             w.writerow([
                 r.scenario, r.arm, r.impl, r.mode, r.case_id, r.case_seed, r.init, f"{r.initial_score:.4f}",
                 f"{r.final_score:.4f}", f"{r.max_score:g}", r.steps, int(r.reached_max), r.outcome,
-                sum(bool(x.vetoes) for x in d), sum(not x.valid for x in d), f"{np.mean([x.decision_s for x in d]) if d else 0.0:.2f}",
+                sum(bool(x.vetoes) for x in d), sum(not x.valid for x in d),
+                f"{np.mean([x.decision_s for x in d]) if d else 0.0:.2f}",
                 f"{r.wall_s:.1f}", r.session_id,
             ])
 
@@ -333,7 +335,7 @@ def _write_hierarchy(path: Path, design: Design, groups: Mapping[tuple[str, str]
             moves = hierarchy(guided, proposals=proposals)
             order = [m.tpp for m in moves]
             n, tau = rank_agreement(order, reference)
-            shown = ", ".join(f"{m.tpp} ({'+' * bool(m.raise_n)}{m.raise_n}/−{m.lower_n})" for m in moves[:6])
+            shown = ", ".join(f"{m.tpp} (raised {m.raise_n}, lowered {m.lower_n})" for m in moves[:6])
             lines.append(f"- {s}, guided, {label}: {shown or 'no move'}; knowledge priority "
                          f"{', '.join(reference[:6])}; agreement over {n} TPPs: "
                          f"{'—' if tau is None else f'{tau:+.2f}'}")

@@ -229,20 +229,35 @@ def calibrate(
     cache_dir: str | Path | None = None,
     max_evaluations: int = 400,
     on_case: Callable[[CaseCalibration], None] | None = None,
+    workers: int = 1,
 ) -> CalibrationReport:
-    """Calibrate a scenario on the phantoms ``seeds``; ``on_case`` is called after each case (progress)."""
+    """Calibrate a scenario on the phantoms ``seeds``; ``on_case`` is called after each case (progress).
+    ``workers`` > 1 calibrates that many cases at once in separate processes (each case is independent and
+    deterministic, so the report is the same; the cases stay in ``seeds`` order)."""
     from m2m.scenarios import load_scenario
 
     scenario = load_scenario(scenario_name)
-    cases = []
-    for seed in seeds:
-        result = calibrate_case(scenario_name, seed, cache_dir=cache_dir, max_evaluations=max_evaluations)
+    results: dict[int, CaseCalibration] = {}
+
+    def done(result: CaseCalibration) -> None:
         log.info(
-            "calibrated_case", scenario=scenario_name, seed=seed, default=round(result.default_score, 2),
+            "calibrated_case", scenario=scenario_name, seed=result.seed, default=round(result.default_score, 2),
             random=round(result.random_score, 2), searched=round(result.searched_score, 2),
             evaluations=result.search_evaluations,
         )
-        cases.append(result)
+        results[result.seed] = result
         if on_case is not None:
             on_case(result)
-    return CalibrationReport(scenario_name, scenario.protocol.max_score, tuple(cases))
+
+    if workers <= 1:
+        for seed in seeds:
+            done(calibrate_case(scenario_name, seed, cache_dir=cache_dir, max_evaluations=max_evaluations))
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(calibrate_case, scenario_name, seed, cache_dir=cache_dir,
+                                   max_evaluations=max_evaluations) for seed in seeds]
+            for future in as_completed(futures):
+                done(future.result())
+    return CalibrationReport(scenario_name, scenario.protocol.max_score, tuple(results[s] for s in seeds))

@@ -25,6 +25,7 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     cal.add_argument("--max-evaluations", type=int, default=400, help="search budget per case (plans)")
     cal.add_argument("--cache-dir", default=None, help="dij cache directory (default: the cache's own)")
     cal.add_argument("--json", default=None, help="also write per-case results to this JSON file")
+    cal.add_argument("--workers", type=int, default=1, help="cases calibrated at once, one process each (default 1)")
     cal.set_defaults(func=_calibrate)
 
 
@@ -51,7 +52,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         task = progress.add_task(f"calibrating {args.scenario}", total=len(seeds))
         report = calibrate(
             args.scenario, seeds, cache_dir=args.cache_dir, max_evaluations=args.max_evaluations,
-            on_case=lambda _: progress.advance(task),
+            on_case=lambda _: progress.advance(task), workers=args.workers,
         )
     table = Table(title=f"calibration: {args.scenario} (max {report.max_score:g})")
     for column in ("seed", "default", "random", "searched", "max?", "plans", "still failing"):

@@ -164,19 +164,21 @@ def test_knowledge_of_another_scenario_is_ignored():
     assert guard(liver, change("t_ptv", "lower"), "guided", ("liver_normal", "stomach")).source == "llm"
 
 
-def test_guided_replaces_a_vetoed_proposal_by_the_first_admissible_advice():
+def test_guided_replaces_a_vetoed_proposal_by_the_first_admissible_advice_that_tightens_what_fails():
     s = prostate(RECTUM_FAILS, {"v_rectum": 1.0},
-                 advice=[("v_rectum", 1, 0.5), ("t_rectum", 1, 0.3), ("t_rectum", -1, 0.2)])
+                 advice=[("v_rectum", 1, 0.4), ("t_rectum", 1, 0.3), ("t_bladder", 1, 0.2), ("t_rectum", -1, 0.1)])
     result = guard(s, change("t_rectum", "raise"), "guided", OARS)
     assert result.source == "drl"
-    assert (result.tpp, result.direction) == ("t_rectum", -1)  # v_rectum is at its bound, t_rectum up loosens
+    # v_rectum is at its bound, raising t_rectum loosens the failing rectum, raising t_bladder is admissible (the
+    # bladder passes with room) but does nothing for the rectum
+    assert (result.tpp, result.direction) == ("t_rectum", -1)
     assert [v.reason for v in result.vetoes] == ["loosens_at_risk"]
     # Unguided never takes the advice.
     assert guard(s, STOP, "unguided", OARS).source == "safe"
 
 
 def test_guided_without_admissible_advice_takes_the_safe_action():
-    s = prostate(RECTUM_FAILS, advice=[("t_rectum", 1, 0.7), ("lambda_ptv", 1, 0.3)])
+    s = prostate(RECTUM_FAILS, advice=[("t_rectum", 1, 0.7), ("lambda_ptv", 1, 0.2), ("v_bladder", -1, 0.1)])
     result = guard(s, None, "guided", OARS)
     assert (result.tpp, result.direction, result.source) == ("lambda_rectum", 1, "safe")
 

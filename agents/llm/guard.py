@@ -14,10 +14,11 @@ Rules added in the guided mode:
 * no step may move a TPP further outside the DRL knowledge's 5–95 % support of successful final values (on log10
   for the lambdas, as the knowledge stores them).
 
-A vetoed proposal is replaced, in the guided mode, by the first admissible action of ``situation.advice`` (the
-DRL's best admissible action), otherwise, and always in the unguided mode, by the SAFE ACTION: tighten the
-structure of the worst failing criterion (fewest points, then largest overshoot relative to its span) with the first
-admissible of
+A vetoed proposal is replaced, in the guided mode, by the DRL's best admissible advice among the moves that tighten
+a failing criterion's structure (:func:`tightening_moves`: advice that moves something else, e.g. loosens a passing
+OAR while the PTV hot spot fails, is passed over), otherwise, and always in the unguided mode, by the SAFE ACTION:
+tighten the structure of the worst failing criterion (fewest points, then largest overshoot relative to its span)
+with the first admissible of
 
 * an OAR: raise ``lambda_<oar>``, lower ``t_<oar>``, raise ``v_<oar>``;
 * the PTV hot spot: lower ``t_ptv``, raise ``v_ptv``, raise ``lambda_ptv`` (last: it loosens every OAR);
@@ -180,9 +181,10 @@ def guard(situation: Situation, decision: TppDecision | None, mode: Mode, oar_na
         if not vetoes:
             return GuardResult(decision.tpp, direction, (), "llm")
     if mode == "guided" and not situation.at_max:
+        helpful = set(tightening_moves(situation))
         for advice in situation.advice:
-            if advice.direction in (1, -1) and not rule_vetoes(situation, advice.tpp, advice.direction, mode,
-                                                                oar_names):
+            move = (advice.tpp, advice.direction)
+            if move in helpful and not rule_vetoes(situation, *move, mode, oar_names):
                 return GuardResult(advice.tpp, advice.direction, tuple(vetoes), "drl")
     tpp, direction = safe_action(situation, mode, oar_names)
     if direction == 0 and not situation.at_max:

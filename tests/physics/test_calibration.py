@@ -73,3 +73,18 @@ def test_cli_registers_calibrate_and_bench_physics() -> None:
     assert (args.scenario, args.cases, args.cohort) == ("liver", 3, "validation") and callable(args.func)
     args = parser.parse_args(["bench", "physics", "--skip-complex"])
     assert args.skip_complex and callable(args.func)
+
+
+def test_parallel_calibration_gives_the_serial_report(tmp_path: Path) -> None:
+    import dataclasses
+
+    from m2m.physics.calibrate import calibrate
+
+    def scores(report: CalibrationReport) -> list[dict[str, object]]:  # timings differ between runs
+        return [{k: v for k, v in dataclasses.asdict(c).items() if not k.endswith("_seconds")} for c in report.cases]
+
+    seeds = [1001, 1000]
+    serial = calibrate("liver", seeds, cache_dir=tmp_path, max_evaluations=4)
+    parallel = calibrate("liver", seeds, cache_dir=tmp_path, max_evaluations=4, workers=2)
+    assert [c.seed for c in parallel.cases] == seeds
+    assert scores(parallel) == scores(serial)
