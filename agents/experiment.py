@@ -13,8 +13,8 @@ seed, setting index), and shared by the four arms of a run, so the arms are pair
 
 Resumable: every finished session is appended as one JSON line to ``sessions.jsonl`` in the output folder (and its
 records are copied from the stack's bus transcript to ``transcripts/<run>.m2mt``); a rerun with the same folder
-skips the sessions already there and refuses a folder made with another design. A session cut off by a kill is
-planned again from its first step.
+skips the sessions already there and refuses a folder made with another design (scenarios and arms may be added, to
+run an experiment in parts). A session cut off by a kill is planned again from its first step.
 """
 
 from __future__ import annotations
@@ -333,16 +333,32 @@ def total_wall(folder: Path) -> float | None:
 
 
 def prepare_folder(folder: Path, design: Design) -> dict[str, SessionRecord]:
-    """Create ``folder`` for ``design`` or check that it holds the same design; the sessions already finished."""
+    """Create ``folder`` for ``design`` or check that it holds a compatible one; the sessions already finished.
+
+    An experiment may be run in parts: scenarios and arms can be added (``--scenarios liver`` or ``--arms drl,rules``
+    into a folder made with others). The folder's design then lists the union, and its report covers it. The seed,
+    step cap, LLM and the sizes of a scenario already there must match."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / DESIGN_FILE
     wanted = design.to_json()
     if path.is_file():
         found = json.loads(path.read_text())
-        if found != wanted:
-            raise ExperimentError(f"{folder} holds another experiment ({found}); use another --out to run {wanted}")
-    else:
-        path.write_text(json.dumps(wanted, indent=2) + "\n")
+        same = ("seed", "step_cap", "llm")
+        clash = [k for k in same if found.get(k) != wanted[k]] + [
+            f"{k}[{sc}]" for k in ("cases", "inits") for sc in wanted[k]
+            if sc in found.get(k, {}) and found[k][sc] != wanted[k][sc]
+        ]
+        if clash:
+            raise ExperimentError(f"{folder} holds another experiment ({', '.join(clash)} differ: {found}); "
+                                  f"use another --out to run {wanted}")
+        wanted = {
+            **wanted,
+            "scenarios": [sc for sc in PAPER if sc in found["scenarios"] or sc in wanted["scenarios"]],
+            "arms": [a for a in ARMS if a in found["arms"] or a in wanted["arms"]],
+            "cases": {**found["cases"], **wanted["cases"]},
+            "inits": {**found["inits"], **wanted["inits"]},
+        }
+    path.write_text(json.dumps(wanted, indent=2) + "\n")
     return load_records(folder)
 
 

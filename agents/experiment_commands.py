@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,8 @@ async def _paper_on_bus(args: argparse.Namespace, config: Any, design: Any) -> i
         return 1
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, transient=False)
-    task = bar.add_task("sessions", total=len(ex.runs_of(design)))
+    runs = ex.runs_of(design)
+    task = bar.add_task("sessions", total=len(runs))
 
     def step(run: ex.Run, e: Any) -> None:
         bar.update(task, description=f"{run.key}: step {e.step} score {e.score:.2f}/{e.max_score:g}")
@@ -101,24 +103,24 @@ async def _paper_on_bus(args: argparse.Namespace, config: Any, design: Any) -> i
         on_swap=lambda impl: console.print(f"swapping the planner to {impl}", markup=False),
     )
     code = 0
+    t0 = time.perf_counter()
     try:
         with bar:
-            done_before = len(ex.load_records(args.out))
-            bar.update(task, completed=done_before)
-            summary = await ex.run_experiment(config, design, args.out, transcript=transcript, progress=hooks)
+            finished = ex.load_records(args.out)
+            bar.update(task, completed=sum(r.key in finished for r in runs))
+            await ex.run_experiment(config, design, args.out, transcript=transcript, progress=hooks)
     except (BusError, StackError, LookupError, ValueError) as exc:
         print(f"m2m experiment paper: stopped: {exc} (rerun the same command to continue)", file=sys.stderr)
         code = 1
-        summary = None
-    finally:
+    finally:  # also on Ctrl-C: the stack goes down and the report covers what finished
         if started:
             await shutdown(config, timeout=60.0)
         elif previous_planner is not None:
             await swap(config, "planner", previous_planner, design.llm if previous_planner == "llm" else {})
-    records = list(ex.load_records(args.out).values())
-    wall = ex.add_wall(args.out, summary.wall_s if summary else 0.0)
-    report = write_report(args.out, design, records, wall_s=wall)
-    print(f"report: {report} ({len(records)} sessions)")
+        wall = ex.add_wall(args.out, time.perf_counter() - t0)
+        records = list(ex.load_records(args.out).values())
+        report = write_report(args.out, ex.read_design(args.out), records, wall_s=wall)
+        print(f"report: {report} ({len(records)} sessions)")
     return code
 
 
