@@ -367,7 +367,6 @@ def prepare_folder(folder: Path, design: Design) -> dict[str, SessionRecord]:
 class Progress:
     """Callbacks the command line uses to show progress (all optional)."""
 
-    on_session_start: Callable[[Run, int, int], None] = lambda run, i, n: None
     on_step: Callable[[Run, StepEvent], None] = lambda run, event: None
     on_session_done: Callable[[Run, SessionRecord], None] = lambda run, record: None
     on_swap: Callable[[str], None] = lambda impl: None
@@ -406,7 +405,7 @@ async def run_experiment(
     started = time.perf_counter()
     current_impl: str | None = None
     sc_caps = {s: load_scenario(s).step_cap for s in design.scenarios}
-    for i, run in enumerate(todo):
+    for run in todo:
         if max_sessions is not None and summary.planned >= max_sessions:
             break
         arm = ARMS[run.arm]
@@ -414,7 +413,6 @@ async def run_experiment(
             progress.on_swap(arm.impl)
             await swap(config, "planner", arm.impl, dict(design.llm) if arm.impl == "llm" else {})
             current_impl = arm.impl
-        progress.on_session_start(run, summary.skipped + i + 1, len(runs))
         req = SessionRequest(
             session_id=new_session_id(), scenario=run.scenario, case_seed=run.case_seed, mode=arm.mode,
             step_cap=sc_caps[run.scenario] if design.step_cap is None else design.step_cap,

@@ -284,16 +284,19 @@ def _report_lines(
         if st is None:
             lines.append(f"- {s}: guided arm not run.")
             continue
-        full = st.at_max == 1.0 and st.n == expected[s]
+        if st.n < expected[s]:
+            lines.append(f"- {s}: guided arm incomplete ({st.n} of {expected[s]} sessions): at the maximum on "
+                         f"{100 * st.at_max:.0f} %, median steps {st.steps_median:g}; goals not judged.")
+            continue
         lines.append(
             f"- {s}: guided at the maximum on {100 * st.at_max:.0f} % of {st.n} sessions "
-            f"({'MET' if full else 'NOT MET'}: goal 100 %); median steps {st.steps_median:g} "
+            f"({'MET' if st.at_max == 1.0 else 'NOT MET'}: goal 100 %); median steps {st.steps_median:g} "
             f"({'MET' if st.steps_median <= goal else 'NOT MET'}: goal ≤ {goal})."
         )
     for s, t in tests.items():
         met = t.p_value is not None and t.p_value < SIGNIFICANCE and t.diff_mean < 0
-        lines.append(f"- {s}: guided needs significantly fewer steps than unguided (p < {SIGNIFICANCE}): "
-                     f"{'MET' if met else 'NOT MET'}.")
+        verdict = ("MET" if met else "NOT MET") if t.n == expected[s] else f"not judged: {t.n} of {expected[s]} pairs"
+        lines.append(f"- {s}: guided needs significantly fewer steps than unguided (p < {SIGNIFICANCE}): {verdict}.")
     sessions_s = sum(r.wall_s for r in records)
     if not design.is_paper_size:
         verdict = "not measured: the goal is for the paper-size design"
@@ -382,7 +385,9 @@ def _plot_scores(path: Path, design: Design, groups: Mapping[tuple[str, str], li
             m = np.array([[r.steps_detail[min(k, r.steps)].score for k in range(length)] for r in rs])
             x = np.arange(length)
             ax.plot(x, m.mean(0), label=f"{a} (n={len(rs)})")
-            ax.fill_between(x, m.mean(0) - m.std(0), m.mean(0) + m.std(0), alpha=0.15)
+            top = rs[0].max_score  # the band is clipped to the score's range
+            ax.fill_between(x, np.maximum(m.mean(0) - m.std(0), 0.0), np.minimum(m.mean(0) + m.std(0), top),
+                            alpha=0.15)
         rs_any = next((groups[(s, a)] for a in design.arms if groups.get((s, a))), [])
         if rs_any:
             ax.axhline(rs_any[0].max_score, color="k", lw=0.8, ls=":")
@@ -390,7 +395,8 @@ def _plot_scores(path: Path, design: Design, groups: Mapping[tuple[str, str], li
         ax.set_xlabel("step")
         ax.set_ylabel("score (points), mean ± sd")
         ax.set_xlim(0, max(cap, 1))
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

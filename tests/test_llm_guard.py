@@ -153,6 +153,27 @@ def test_guided_vetoes_moving_further_outside_the_knowledge_support():
     assert rule_vetoes(s, "t_bladder", -1, "guided", OARS)[0].reason == "outside_knowledge"
 
 
+def test_knowledge_from_another_site_is_shown_but_vetoes_nothing():
+    from m2m.agents.drl.knowledge import relabel_knowledge
+    from m2m.agents.drl.roles import roles_of
+
+    k = knowledge({"t_rectum": (0.52, 1.0, "linear")}, scenario="prostate-basic")
+    stomach_fails = {**LIVER_PASS, "stomach D10cc": 19.0}
+    liver = dataclasses.replace(
+        situation_from_values("liver", 1, stomach_fails, {**LIVER_TPPS, "t_stomach": 0.62}),
+        knowledge=relabel_knowledge(msgspec.structs.replace(k, tpps=[
+            msgspec.structs.replace(k.tpps[0], name="t_oar2")]), roles_of("liver")),
+    )
+    assert liver.usable_knowledge() is not None  # the LLM sees it (labelled t_stomach) ...
+    assert next(t.label for t in liver.usable_knowledge().tpps) == "t_stomach"
+    # ... but lowering t_stomach to 0.37, below the prostate range, is allowed on liver
+    assert guard(liver, change("t_stomach", "lower"), "guided", ("liver_normal", "stomach")).source == "llm"
+    # the same knowledge on its own site is enforced
+    prostate_s = dataclasses.replace(prostate(RECTUM_FAILS, {"t_rectum": 0.62}), knowledge=k)
+    assert [v.reason for v in guard(prostate_s, change("t_rectum", "lower"), "guided", OARS).vetoes] == [
+        "outside_knowledge"]
+
+
 def test_knowledge_of_another_scenario_is_ignored():
     k = knowledge({"t_ptv": (1.1, 1.2, "linear")}, scenario="prostate-basic")
     k = msgspec.structs.replace(k, tpps=[*k.tpps, TppStats(name="t_oar1", label="t_bladder", scale="linear", count=3,

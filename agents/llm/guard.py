@@ -12,7 +12,11 @@ Rules added in the guided mode:
   :data:`NEAR_LIMIT_FRACTION` of its limit-to-zero span (the protocol's scoring span, e.g. 5 percentage points for
   rectum V70Gy ≤ 25 %, 3 % Rx for the PTV hot spot);
 * no step may move a TPP further outside the DRL knowledge's 5–95 % support of successful final values (on log10
-  for the lambdas, as the knowledge stores them).
+  for the lambdas, as the knowledge stores them) — only for knowledge learned on the scenario's own site. Knowledge
+  from another site (prostate knowledge guiding liver, relabelled through the roles) is shown to the LLM but vetoes
+  nothing: its ranges describe another anatomy, and enforcing them blocked the one effective move (in the paper
+  experiment's liver setting 1, lowering t_stomach to 0.37, below the prostate rectum's 5 % quantile 0.52, was vetoed
+  for 18 steps while the unguided planner reached 4/4 with it in 2).
 
 A vetoed proposal is replaced, in the guided mode, by the DRL's best admissible advice among the moves that tighten
 a failing criterion's structure (:func:`tightening_moves`: advice that moves something else, e.g. loosens a passing
@@ -38,7 +42,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from functools import cache
+from typing import TYPE_CHECKING, Literal
 
 from m2m.agents.llm.decision import TppDecision
 from m2m.agents.llm.situation import (
@@ -51,6 +56,9 @@ from m2m.agents.llm.situation import (
     worst_failing,
 )
 from m2m.physics.tpp import PTV, split_name
+
+if TYPE_CHECKING:
+    from m2m.agents.drl.knowledge import TppKnowledge
 
 #: A criterion passing with less room than this fraction of its limit-to-zero span counts as at risk. Not calibrated:
 #: 10 % of rectum V70Gy's 5-point span would be 0.5 percentage points, less than one loosening step (t ×1.25, lambda
@@ -106,6 +114,22 @@ def _support_distance(value: float, low: float, high: float) -> float:
     return max(low - value, 0.0, value - high)
 
 
+@cache
+def _site(scenario: str) -> str:
+    from m2m.scenarios import load_scenario
+
+    return load_scenario(scenario).site
+
+
+def enforced_knowledge(situation: Situation) -> TppKnowledge | None:
+    """The knowledge whose ranges the guard enforces: the usable knowledge when it was learned on the situation's
+    site, else ``None`` (see the module doc)."""
+    knowledge = situation.usable_knowledge()
+    if knowledge is None or _site(knowledge.provenance.scenario) != _site(situation.scenario):
+        return None
+    return knowledge
+
+
 def rule_vetoes(situation: Situation, tpp: str, direction: int, mode: Mode, oar_names: Sequence[str]) -> list[Veto]:
     """Every rule a change of ``tpp`` in ``direction`` breaks in ``situation`` under ``mode`` (empty: admissible)."""
     if tpp not in situation.tpps:
@@ -124,7 +148,7 @@ def rule_vetoes(situation: Situation, tpp: str, direction: int, mode: Mode, oar_
         if moved.get(c.structure, need) != need and at_risk(situation, c):
             state = "fails" if not c.passed else f"is within {c.room:g} {c.unit} of its limit"
             vetoes.append(Veto("loosens_at_risk", f"{words} loosens {c.structure}: {c.label} {state}"))
-    knowledge = situation.usable_knowledge()
+    knowledge = enforced_knowledge(situation)
     stats = next((s for s in knowledge.tpps if s.label == tpp), None) if knowledge is not None else None
     if stats is not None and stats.count > 0:
         log_scale = stats.scale == "log10"
