@@ -425,7 +425,8 @@ def _plot_final_tpps(path: Path, design: Design, groups: Mapping[tuple[str, str]
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("final value (t, v: linear; lambda: log10)")
         ax.set_title(f"{s}: final TPPs vs knowledge")
-        ax.legend(fontsize=7)
+        if ax.collections or ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -447,7 +448,8 @@ def _plot_initial_quality(path: Path, design: Design, groups: Mapping[tuple[str,
         ax.set_ylabel("final score (o)")
         twin.set_ylabel("steps (x)")
         ax.set_title(f"{s}: initial plan quality")
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.collections:
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
