@@ -4,6 +4,7 @@ small experiment through a real stack (supervisor, broker, agents; the LLM arms 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -168,7 +169,8 @@ def stack() -> Iterator[tuple[BusConfig, Path, Path]]:
         yield config, Path(status.transcript), d
     finally:
         asyncio.run(shutdown(config, timeout=60.0))
-        subprocess.run(["pkill", "-f", str(d)], check=False)
+        with contextlib.suppress(FileNotFoundError):  # belt and braces: anything of this stack still running
+            subprocess.run(["pkill", "-f", str(d)], check=False)
         shutil.rmtree(d, ignore_errors=True)
 
 
