@@ -199,7 +199,7 @@ def runs_of(design: Design) -> list[Run]:
 
 
 # ------------------------------------------------------------------------------------------------ records
-class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
+class SessionStep(msgspec.Struct, frozen=True, kw_only=True):
     """One step of a session: its score and TPPs, and the decision taken from it (empty at the last step).
     ``raw_*`` is the planner's own proposal, ``action_*`` what the guard let through; ``source`` who chose it."""
 
@@ -240,11 +240,11 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     outcome: str
     wall_s: float
     planners: list[str]
-    steps_detail: list[StepRecord]
+    steps_detail: list[SessionStep]
     finished_utc: str
 
     @property
-    def decisions(self) -> list[StepRecord]:
+    def decisions(self) -> list[SessionStep]:
         return [s for s in self.steps_detail if s.action_tpp]
 
 
@@ -259,7 +259,7 @@ def record_of(run: Run, events: Sequence[StepEvent], wall_s: float) -> SessionRe
         reached_max=last.outcome == "maximum score", outcome=last.outcome, wall_s=wall_s,
         planners=sorted({e.planner for e in events}),
         steps_detail=[
-            StepRecord(
+            SessionStep(
                 step=e.step, score=e.score, tpps=dict(e.tpps), failing=[c.label for c in e.criteria if not c.passed],
                 raw_action=e.raw_action, raw_tpp=e.raw_tpp, raw_direction=e.raw_direction, action_tpp=e.action_tpp,
                 action_direction=e.action_direction, source=e.action_source, vetoes=[v.reason for v in e.vetoes],

@@ -28,10 +28,10 @@ from m2m.bus.client import BusConfig
 def _record(arm: str, case_seed: int, steps: int, moves: list[tuple[str, int]] | None = None,
             reached: bool = True) -> ex.SessionRecord:
     moves = moves or [("lambda_rectum", 1)] * steps
-    detail = [ex.StepRecord(step=i, score=8.0, tpps={}, failing=[], action_tpp=t, action_direction=d,
+    detail = [ex.SessionStep(step=i, score=8.0, tpps={}, failing=[], action_tpp=t, action_direction=d,
                             raw_tpp=t, raw_direction="raise" if d > 0 else "lower", source=arm)
               for i, (t, d) in enumerate(moves)]
-    detail.append(ex.StepRecord(step=steps, score=9.0 if reached else 8.0, tpps={}, failing=[]))
+    detail.append(ex.SessionStep(step=steps, score=9.0 if reached else 8.0, tpps={}, failing=[]))
     return ex.SessionRecord(
         key=f"prostate-basic/{arm}/{case_seed}/0", scenario="prostate-basic", arm=arm, impl=ex.ARMS[arm].impl,
         mode=ex.ARMS[arm].mode, case_seed=case_seed, case_id=f"prostate-{case_seed}", init=0, session_id="s",
