@@ -374,9 +374,10 @@ class Progress:
 
 @dataclass
 class RunSummary:
+    """What one run did: sessions planned, sessions skipped as already finished, its wall time (s)."""
+
     planned: int
     skipped: int
-    records: dict[str, SessionRecord] = field(default_factory=dict)
     wall_s: float = 0.0
 
 
@@ -401,7 +402,7 @@ async def run_experiment(
     done = prepare_folder(folder, design)
     runs = runs_of(design)
     todo = [r for r in runs if r.key not in done]
-    summary = RunSummary(planned=0, skipped=len(runs) - len(todo), records=dict(done))
+    summary = RunSummary(planned=0, skipped=len(runs) - len(todo))
     started = time.perf_counter()
     current_impl: str | None = None
     sc_caps = {s: load_scenario(s).step_cap for s in design.scenarios}
@@ -426,7 +427,6 @@ async def run_experiment(
             await asyncio.to_thread(copy_session_transcript, transcript, result.session_id,
                                     folder / TRANSCRIPTS_DIR / f"{run.file_stem}.m2mt")
         append_record(folder, record)
-        summary.records[run.key] = record
         summary.planned += 1
         progress.on_session_done(run, record)
         log.info("experiment_session", key=run.key, score=record.final_score, steps=record.steps,

@@ -335,10 +335,9 @@ def _write_hierarchy(path: Path, design: Design, groups: Mapping[tuple[str, str]
              "as the DRL knowledge orders its `priority`; agreement = Kendall's tau over the TPPs both orders hold "
              "(1 = same order, −1 = reversed).", ""]
     rows: list[list[str]] = []
-    for s in design.scenarios:
-        guided = groups.get((s, "guided"))
-        if not guided:
-            continue
+    with_guided = [s for s in design.scenarios if groups.get((s, "guided"))]
+    for s in with_guided:
+        guided = groups[(s, "guided")]
         reference = knowledge_priority(s)
         for label, proposals in (("actions taken", False), ("LLM proposals", True)):
             moves = hierarchy(guided, proposals=proposals)
@@ -355,7 +354,7 @@ def _write_hierarchy(path: Path, design: Design, groups: Mapping[tuple[str, str]
         w.writerow(["scenario", "counted", "tpp", "raises", "lowers", "first_moves", "mean_stage",
                     "mean_first_stage"])
         w.writerows(rows)
-    if len(lines) == 5:
+    if not with_guided:
         lines.append("- not computed: no guided session")
     return lines
 
