@@ -1,5 +1,10 @@
 """``m2m bench physics``: dij build, cold and warm-started FMO, and the sparse-matvec floor, in one run.
 
+With pyRadPlan installed (extra ``pyradplan``), the same prostate case also goes through pyRadPlan 0.5.0's photon
+SVD pencil beam and optimizer (:mod:`m2m.physics.pyradplan_bench`: dij time and ratio, 3 %/3 mm and 2 %/2 mm gamma
+of our dose against pyRadPlan's, optimizer times on the same dij); ``skip_pyradplan`` leaves that out (it takes a
+few minutes).
+
 The floor is what the solver's products alone cost: the median time of one ``A @ x`` and one ``Aᵀ @ y`` on the
 solver's row-restricted matrices, times the number of objective evaluations the solve made. Ratios printed
 (solve / floor, warm / cold) are measured in the same run, so they survive a busy or slow machine better than
@@ -13,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import structlog
@@ -69,8 +75,15 @@ def _walk(dij: Dij, plan: PlanResult, n: int, rng: np.random.Generator) -> list[
     return plans
 
 
-def run(*, seed: int = 0, evaluations: int = 30, skip_complex: bool = False) -> list[Row]:
-    """Run the benchmark on prostate phantom ``seed``; returns the table rows."""
+def run(
+    *, seed: int = 0, evaluations: int = 30, skip_complex: bool = False, skip_pyradplan: bool = False,
+    pyradplan_seed: int | None = None,
+) -> list[Row]:
+    """Run the benchmark on prostate phantom ``seed``; returns the table rows.
+
+    The pyRadPlan comparison (when installed and not skipped) uses ``pyradplan_seed``, by default the first
+    seed of the prostate-basic validation cohort.
+    """
     rows: list[Row] = []
     case = make_case("prostate", seed)
     beams = beams_for(case)
@@ -109,10 +122,62 @@ def run(*, seed: int = 0, evaluations: int = 30, skip_complex: bool = False) -> 
 
     if not skip_complex:
         rows.extend(_complex(seed))
-    found = importlib.util.find_spec("pyRadPlan") is not None
-    rows.append(Row("pyRadPlan", "importable" if found else "not installed",
-                    "optional extra 'pyradplan'; not used here"))
+    rows.extend(_pyradplan(skip_pyradplan, pyradplan_seed))
     return rows
+
+
+def _pyradplan(skip: bool, seed: int | None) -> list[Row]:
+    if importlib.util.find_spec("pyRadPlan") is None:
+        return [Row("pyRadPlan", "not installed", "optional extra 'pyradplan' adds the comparison (README)")]
+    if skip:
+        return [Row("pyRadPlan", "skipped", "--skip-pyradplan")]
+    try:
+        from m2m.physics import pyradplan_bench
+
+        comparison = pyradplan_bench.run(seed)
+    except Exception as exc:  # a benchmark reports a broken optional engine instead of losing the table
+        log.exception("pyradplan_bench_failed")
+        return [Row("pyRadPlan comparison", "failed", f"{type(exc).__name__}: {exc}")]
+    return pyradplan_rows(comparison)
+
+
+def pyradplan_rows(c: Any) -> list[Row]:
+    """Table rows of a :class:`m2m.physics.pyradplan_bench.Comparison`."""
+    rows = [Row(f"pyRadPlan {c.version}: case", f"prostate seed {c.seed}",
+                f"{c.n_beams} beams, {c.bixel_mm:g} mm bixels, 3 mm dose grid, {c.body_voxels} body voxels; "
+                "SVD pencil beam (SVDPB) vs ours")]
+    rows.append(Row("dij build, body voxels: ours", f"{c.ours_dij_s:.1f} s",
+                    f"{c.ours_beamlets} beamlets, {c.ours_dij_nnz / 1e6:.1f} M nnz (planner rows only: "
+                    f"{c.ours_planner_dij_s:.2f} s, {c.ours_planner_rows} rows, {c.ours_planner_nnz / 1e6:.1f} M nnz)"))
+    rows.append(Row("dij build, body voxels: pyRadPlan", f"{c.prp_stf_s + c.prp_dij_s:.1f} s",
+                    f"stf {c.prp_stf_s:.1f} s + dij {c.prp_dij_s:.1f} s; {c.prp_beamlets} beamlets "
+                    f"({c.matched_beamlets} = ours), {c.prp_dij_nnz / 1e6:.1f} M nnz, {c.prp_voxels} voxels reached"))
+    rows.append(Row("ratio dij time pyRadPlan / ours", f"{c.dij_ratio:.1f}", "same voxels, beams and bixels"))
+    rows.append(Row("calibration pyRadPlan / ours", f"{c.calibration_ratio:.3f}",
+                    "PTV D95 for our fluence, before both are scaled to D95 = Rx; open field per beam "
+                    + " ".join(f"{r:.2f}" for r in c.beam_ratio)))
+    for label, body, ptv in (("our optimised fluence", c.gamma, c.gamma_ptv),
+                             ("open fields", c.gamma_open, c.gamma_open_ptv)):
+        for key, g in body.items():
+            rows.append(Row(f"gamma {key}, {label}", f"{g.pass_rate:.1f} %",
+                            f"body ≥ {g.threshold_dose:.1f} Gy ({g.n_evaluated} voxels), mean γ {g.mean_gamma():.2f}; "
+                            f"PTV {ptv[key].pass_rate:.1f} %; ours vs pyRadPlan, global % of Rx"))
+    rows.append(Row("DVH, our fluence: ours | pyRadPlan", "", _pairs(c.dvh)))
+    rows.append(Row("FMO: pyRadPlan on its dij", f"{c.prp_opt_s:.1f} s",
+                    f"L-BFGS-B, {c.prp_opt_iterations} iterations (cap {c.max_iterations}), "
+                    f"{c.prp_opt_s / max(c.prp_opt_iterations, 1):.2f} s/iteration, all {c.prp_voxels} voxels"))
+    rows.append(Row("FMO: ours on the same dij", f"{c.ours_opt_on_prp_s:.2f} s",
+                    f"default TPPs, {c.ours_opt_on_prp_evaluations} evaluations, PTV/bladder/rectum rows"))
+    rows.append(Row("FMO: ours on our dij", f"{c.ours_opt_s:.2f} s", f"{c.ours_opt_evaluations} evaluations"))
+    rows.append(Row("ratio FMO pyRadPlan / ours (same dij)", f"{c.prp_opt_s / c.ours_opt_on_prp_s:.0f}",
+                    "objectives of the same form, not identical (see pyradplan_bench)"))
+    rows.append(Row("DVH, plans on pyRadPlan's dij: pyRadPlan | ours", "",
+                    _pairs({k: (c.prp_plan_dvh[k], c.ours_on_prp_plan_dvh[k]) for k in c.prp_plan_dvh})))
+    return rows
+
+
+def _pairs(values: dict[str, tuple[float, float]]) -> str:
+    return "; ".join(f"{k} {a:.1f} | {b:.1f}" for k, (a, b) in values.items())
 
 
 def _complex(seed: int) -> list[Row]:
@@ -137,14 +202,18 @@ def _complex(seed: int) -> list[Row]:
     return rows
 
 
-def main(*, seed: int = 0, evaluations: int = 30, skip_complex: bool = False) -> int:
+def main(
+    *, seed: int = 0, evaluations: int = 30, skip_complex: bool = False, skip_pyradplan: bool = False,
+    pyradplan_seed: int | None = None,
+) -> int:
     """Print the benchmark table (rich); returns an exit code."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     with console.status("benchmarking the physics layer (dij, FMO, matvec floor)…"):
-        rows = run(seed=seed, evaluations=evaluations, skip_complex=skip_complex)
+        rows = run(seed=seed, evaluations=evaluations, skip_complex=skip_complex, skip_pyradplan=skip_pyradplan,
+                   pyradplan_seed=pyradplan_seed)
     table = Table(title=f"m2m bench physics — prostate phantom seed {seed}")
     table.add_column("measure")
     table.add_column("value", justify="right")

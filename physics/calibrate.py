@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -23,7 +24,7 @@ import structlog
 from m2m.physics.dij import Dij
 from m2m.physics.optimizer import PlanResult, optimize
 from m2m.physics.protocol import Protocol, ScoreReport, score
-from m2m.physics.tpp import TppSet, random_tpps, step
+from m2m.physics.tpp import TppSet, random_tpps, step, tightening_steps
 
 log = structlog.get_logger()
 
@@ -73,26 +74,53 @@ class SearchResult:
         return self.best.report.total >= self.best.report.max_score - 1e-9
 
 
+def targeted_steps(report: ScoreReport) -> list[tuple[str, int]]:
+    """The steps that tighten each failing criterion's structure (a failing lower limit: loosen), worst criterion
+    first: fewest points, then the largest overshoot in widths ``|zero − limit|``."""
+    failing = sorted(
+        (i for i in report.items if not i.passed),
+        key=lambda i: (i.points, -abs(i.value - i.criterion.limit) / abs(i.criterion.zero - i.criterion.limit)),
+    )
+    moves: list[tuple[str, int]] = []
+    for item in failing:
+        for move in tightening_steps(item.criterion.structure, 1 if item.criterion.upper else -1):
+            if move not in moves:
+                moves.append(move)
+    return moves
+
+
 def _greedy(planner: Planner, start: Evaluation, budget: int, seen: set[tuple[float, ...]]) -> tuple[Evaluation, int]:
-    """Best-improvement single-step ascent from ``start``; returns the best evaluation and the plans spent."""
+    """Single-step ascent from ``start`` (targeted first-improvement, else best-improvement over every neighbour);
+    returns the best evaluation and the plans spent."""
     best, spent = start, 0
-    names = start.tpps.names()
+    names = set(start.tpps.names())
+
+    def try_step(name: str, direction: int) -> Evaluation | None:
+        nonlocal spent
+        candidate = step(best.tpps, name, direction)
+        signature = tuple(candidate.to_vector())
+        if signature in seen or spent >= budget:
+            return None  # a clamped step that changes nothing, or a point already tried
+        seen.add(signature)
+        spent += 1
+        return planner.evaluate(candidate, warm_start=best.plan.fluence)
+
     while best.report.total < best.report.max_score - 1e-9 and spent < budget:
-        round_best: Evaluation | None = None
-        for name in names:
-            for direction in (1, -1):
-                candidate = step(best.tpps, name, direction)
-                signature = tuple(candidate.to_vector())
-                if signature in seen or spent >= budget:
-                    continue  # a clamped step that changes nothing, or a point already tried
-                seen.add(signature)
-                spent += 1
-                ev = planner.evaluate(candidate, warm_start=best.plan.fluence)
-                if round_best is None or ev.key > round_best.key:
-                    round_best = ev
-        if round_best is None or round_best.key <= best.key:
+        improved = None
+        for name, direction in targeted_steps(best.report):
+            ev = try_step(name, direction) if name in names else None
+            if ev is not None and ev.key > best.key:
+                improved = ev
+                break
+        if improved is None:
+            for name in start.tpps.names():
+                for direction in (1, -1):
+                    ev = try_step(name, direction)
+                    if ev is not None and (improved is None or ev.key > improved.key):
+                        improved = ev
+        if improved is None or improved.key <= best.key:
             break
-        best = round_best
+        best = improved
     return best, spent
 
 
@@ -222,6 +250,11 @@ def calibrate_case(
     )
 
 
+def case_from_dict(data: Mapping[str, Any]) -> CaseCalibration:
+    """A :class:`CaseCalibration` from its :func:`dataclasses.asdict` form (e.g. read back from JSON)."""
+    return CaseCalibration(**{**data, "failing_after_search": tuple(data["failing_after_search"])})
+
+
 def calibrate(
     scenario_name: str,
     seeds: Sequence[int],
@@ -230,16 +263,19 @@ def calibrate(
     max_evaluations: int = 400,
     on_case: Callable[[CaseCalibration], None] | None = None,
     workers: int = 1,
+    done: Mapping[int, CaseCalibration] | None = None,
 ) -> CalibrationReport:
     """Calibrate a scenario on the phantoms ``seeds``; ``on_case`` is called after each case (progress).
     ``workers`` > 1 calibrates that many cases at once in separate processes (each case is independent and
-    deterministic, so the report is the same; the cases stay in ``seeds`` order)."""
+    deterministic, so the report is the same; the cases stay in ``seeds`` order). Seeds in ``done`` (results of
+    an earlier, interrupted run with the same budget) are taken from it, not recalibrated."""
     from m2m.scenarios import load_scenario
 
     scenario = load_scenario(scenario_name)
-    results: dict[int, CaseCalibration] = {}
+    results: dict[int, CaseCalibration] = {s: c for s, c in (done or {}).items() if s in set(seeds)}
+    todo = [s for s in seeds if s not in results]
 
-    def done(result: CaseCalibration) -> None:
+    def finished(result: CaseCalibration) -> None:
         log.info(
             "calibrated_case", scenario=scenario_name, seed=result.seed, default=round(result.default_score, 2),
             random=round(result.random_score, 2), searched=round(result.searched_score, 2),
@@ -250,14 +286,14 @@ def calibrate(
             on_case(result)
 
     if workers <= 1:
-        for seed in seeds:
-            done(calibrate_case(scenario_name, seed, cache_dir=cache_dir, max_evaluations=max_evaluations))
+        for seed in todo:
+            finished(calibrate_case(scenario_name, seed, cache_dir=cache_dir, max_evaluations=max_evaluations))
     else:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(calibrate_case, scenario_name, seed, cache_dir=cache_dir,
-                                   max_evaluations=max_evaluations) for seed in seeds]
+                                   max_evaluations=max_evaluations) for seed in todo]
             for future in as_completed(futures):
-                done(future.result())
+                finished(future.result())
     return CalibrationReport(scenario_name, scenario.protocol.max_score, tuple(results[s] for s in seeds))

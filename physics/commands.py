@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
     """Register ``bench physics`` (under ``bench_sub``) and ``calibrate`` (under ``sub``)."""
     bench = bench_sub.add_parser(
-        "physics", help="dij build, cold/warm FMO and the sparse-matvec floor on the prostate phantom"
+        "physics", help="dij build, cold/warm FMO and the sparse-matvec floor on the prostate phantom "
+        "(and, when installed, a comparison with pyRadPlan)"
     )
     bench.add_argument("--seed", type=int, default=0, help="prostate phantom seed (default 0)")
     bench.add_argument("--evaluations", type=int, default=30, help="warm-started TPP steps to time (default 30)")
     bench.add_argument("--skip-complex", action="store_true", help="skip the 180-beam case (quick run)")
+    bench.add_argument("--skip-pyradplan", action="store_true",
+                       help="skip the pyRadPlan comparison even when pyRadPlan is installed (it takes minutes)")
+    bench.add_argument("--pyradplan-seed", type=int, default=None,
+                       help="prostate seed of the pyRadPlan comparison (default: first validation seed)")
     bench.set_defaults(func=_bench)
 
     cal = sub.add_parser(
@@ -24,7 +30,9 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     cal.add_argument("--cohort", default="validation", help="cohort whose first seeds are used (default validation)")
     cal.add_argument("--max-evaluations", type=int, default=400, help="search budget per case (plans)")
     cal.add_argument("--cache-dir", default=None, help="dij cache directory (default: the cache's own)")
-    cal.add_argument("--json", default=None, help="also write per-case results to this JSON file")
+    cal.add_argument("--json", default=None,
+                     help="write per-case results to this JSON file as each case finishes; a rerun with the same "
+                          "file and budget skips the cases it already holds")
     cal.add_argument("--workers", type=int, default=1, help="cases calibrated at once, one process each (default 1)")
     cal.set_defaults(func=_calibrate)
 
@@ -32,7 +40,8 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
 def _bench(args: argparse.Namespace) -> int:
     from m2m.physics.bench import main
 
-    return main(seed=args.seed, evaluations=args.evaluations, skip_complex=args.skip_complex)
+    return main(seed=args.seed, evaluations=args.evaluations, skip_complex=args.skip_complex,
+                skip_pyradplan=args.skip_pyradplan, pyradplan_seed=args.pyradplan_seed)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -42,17 +51,40 @@ def _calibrate(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from m2m.physics.calibrate import calibrate
+    from m2m.physics.calibrate import CaseCalibration, calibrate, case_from_dict
     from m2m.scenarios import load_scenario
 
     scenario = load_scenario(args.scenario)
     seeds = list(scenario.cohorts.get(args.cohort).seeds)[: args.cases]
+    path = Path(args.json) if args.json else None
+    done: dict[int, CaseCalibration] = {}
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("scenario") != args.scenario or saved.get("max_evaluations") != args.max_evaluations:
+            raise SystemExit(f"{path}: holds {saved.get('scenario')} with budget {saved.get('max_evaluations')}, "
+                             f"not {args.scenario} with {args.max_evaluations}; use another --json file")
+        done = {c.seed: c for c in map(case_from_dict, saved["cases"])}
+    finished: list[CaseCalibration] = list(done.values())
+
+    def save(case: CaseCalibration) -> None:
+        finished.append(case)
+        if path is not None:
+            path.write_text(json.dumps(
+                {"scenario": args.scenario, "max_evaluations": args.max_evaluations,
+                 "cases": [dataclasses.asdict(c) for c in sorted(finished, key=lambda c: c.seed)]}, indent=1,
+            ) + "\n", encoding="utf-8")
+
     console = Console()
     with Progress(console=console) as progress:
-        task = progress.add_task(f"calibrating {args.scenario}", total=len(seeds))
+        task = progress.add_task(f"calibrating {args.scenario}", total=len(seeds), completed=len(done))
+
+        def on_case(case: CaseCalibration) -> None:
+            save(case)
+            progress.advance(task)
+
         report = calibrate(
             args.scenario, seeds, cache_dir=args.cache_dir, max_evaluations=args.max_evaluations,
-            on_case=lambda _: progress.advance(task), workers=args.workers,
+            on_case=on_case, workers=args.workers, done=done,
         )
     table = Table(title=f"calibration: {args.scenario} (max {report.max_score:g})")
     for column in ("seed", "default", "random", "searched", "max?", "plans", "still failing"):
@@ -64,11 +96,4 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     console.print(table)
     console.print(report.summary())
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(
-                {"scenario": args.scenario, "summary": report.summary(),
-                 "cases": [dataclasses.asdict(c) for c in report.cases]},
-                f, indent=1,
-            )
     return 0

@@ -203,6 +203,19 @@ def step(tpps: TppSet, name: str, direction: int) -> TppSet:
     return tpps.with_value(name, clamp_value(name, value))
 
 
+def tightening_steps(structure: str, need: int = 1) -> tuple[tuple[str, int], ...]:
+    """The single steps that lower ``structure``'s dose (``need`` = −1: that raise it), in the order a planner tries
+    them: for the PTV hot spot lower ``t_ptv``, raise ``v_ptv``, raise ``lambda_ptv``; for an OAR raise ``lambda``,
+    lower ``t``, raise ``v``. Each is ``(tpp name, direction)`` for :func:`step`."""
+    if need not in (1, -1):
+        raise ValueError(f"need must be +1 or -1, got {need!r}")
+    if structure == PTV:
+        moves = (("t_ptv", -1), ("v_ptv", 1), ("lambda_ptv", 1))
+    else:
+        moves = ((f"lambda_{structure}", 1), (f"t_{structure}", -1), (f"v_{structure}", 1))
+    return tuple((name, direction * need) for name, direction in moves)
+
+
 def random_tpps(rng: np.random.Generator, oar_names: Iterable[str]) -> TppSet:
     """TPPs drawn from :data:`TRAINING_RANGES` (uniform, log-uniform for lambda), PTV first then each OAR."""
 

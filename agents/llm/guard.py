@@ -55,7 +55,7 @@ from m2m.agents.llm.situation import (
     stepped_value,
     worst_failing,
 )
-from m2m.physics.tpp import PTV, split_name
+from m2m.physics.tpp import PTV, split_name, tightening_steps
 
 if TYPE_CHECKING:
     from m2m.agents.drl.knowledge import TppKnowledge
@@ -162,18 +162,10 @@ def rule_vetoes(situation: Situation, tpp: str, direction: int, mode: Mode, oar_
     return vetoes
 
 
-def _candidates(structure: str, need: int) -> list[tuple[str, int]]:
-    if structure == PTV:
-        moves = [("t_ptv", -1), ("v_ptv", 1), ("lambda_ptv", 1)]
-    else:
-        moves = [(f"lambda_{structure}", 1), (f"t_{structure}", -1), (f"v_{structure}", 1)]
-    return [(tpp, d * need) for tpp, d in moves]
-
-
 def tightening_moves(situation: Situation) -> list[tuple[str, int]]:
     """The moves that tighten each failing criterion's structure, worst criterion first, in the order of the module
     doc, admissible or not."""
-    return [m for c in worst_failing(situation) for m in _candidates(c.structure, 1 if c.upper else -1)]
+    return [m for c in worst_failing(situation) for m in tightening_steps(c.structure, 1 if c.upper else -1)]
 
 
 def safe_action(situation: Situation, mode: Mode, oar_names: Sequence[str]) -> tuple[str, int]:

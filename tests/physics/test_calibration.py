@@ -6,10 +6,10 @@ import pytest
 
 from m2m.physics import dvh
 from m2m.physics.beams import beams_for
-from m2m.physics.calibrate import CalibrationReport, CaseCalibration, Planner, search_max
+from m2m.physics.calibrate import CalibrationReport, CaseCalibration, Planner, search_max, targeted_steps
 from m2m.physics.dij_cache import load_or_compute_dij
 from m2m.physics.phantoms import make_case
-from m2m.physics.protocol import Criterion, Protocol, load_protocol
+from m2m.physics.protocol import Criterion, CriterionScore, Protocol, ScoreReport, load_protocol
 from m2m.physics.tpp import TppSet
 
 OARS = ("bladder", "rectum")
@@ -88,3 +88,48 @@ def test_parallel_calibration_gives_the_serial_report(tmp_path: Path) -> None:
     parallel = calibrate("liver", seeds, cache_dir=tmp_path, max_evaluations=4, workers=2)
     assert [c.seed for c in parallel.cases] == seeds
     assert scores(parallel) == scores(serial)
+
+
+def test_targeted_steps_tighten_the_worst_failing_structure_first() -> None:
+    protocol = Protocol(
+        "two",
+        (
+            Criterion("ptv", "D0.03cc", "%Rx", limit=107.0, zero=110.0),
+            Criterion("rectum", "V70Gy", "%", limit=25.0, zero=30.0),
+            Criterion("rectum", "V65Gy", "%", limit=35.0, zero=40.0),
+        ),
+    )
+    items = (
+        CriterionScore(protocol.criteria[0], 108.5, 0.5, False),
+        CriterionScore(protocol.criteria[1], 29.0, 0.2, False),
+        CriterionScore(protocol.criteria[2], 30.0, 1.0, True),
+    )
+    report = ScoreReport("two", items, 1.7, 3.0)
+    assert targeted_steps(report) == [
+        ("lambda_rectum", 1), ("t_rectum", -1), ("v_rectum", 1),  # 0.2 points: the worst
+        ("t_ptv", -1), ("v_ptv", 1), ("lambda_ptv", 1),
+    ]
+    coverage = Criterion("ptv", "D95%", "%Rx", limit=100.0, zero=95.0)  # a lower limit: the PTV needs more dose
+    low = ScoreReport("cov", (CriterionScore(coverage, 97.0, 0.4, False),), 0.4, 1.0)
+    assert targeted_steps(low) == [("t_ptv", 1), ("v_ptv", -1), ("lambda_ptv", -1)]
+    assert targeted_steps(ScoreReport("two", items[2:], 1.0, 1.0)) == []
+
+
+def test_cli_calibration_saves_each_case_and_resumes_from_the_file(tmp_path: Path) -> None:
+    import json
+
+    from m2m.agents.cli import main
+
+    out = tmp_path / "cal.json"
+    args = ["calibrate", "--scenario", "liver", "--cases", "2", "--max-evaluations", "2", "--cache-dir",
+            str(tmp_path), "--json", str(out)]
+    assert main(args) == 0
+    first = json.loads(out.read_text())
+    assert [c["seed"] for c in first["cases"]] == [1000, 1001] and first["max_evaluations"] == 2
+    # A file holding both cases: the rerun recalibrates nothing, so planted values survive unchanged.
+    first["cases"][0]["default_score"] = -1.0
+    out.write_text(json.dumps(first))
+    assert main(args) == 0
+    assert json.loads(out.read_text())["cases"][0]["default_score"] == -1.0
+    with pytest.raises(SystemExit, match="budget 2"):
+        main([*args[:6], "3", *args[7:]])

@@ -13,6 +13,7 @@ from m2m.physics.tpp import (
     TppSet,
     random_tpps,
     step,
+    tightening_steps,
 )
 
 OARS = ("bladder", "rectum")
@@ -121,3 +122,12 @@ def test_random_tpps_are_reproducible_valid_and_span_the_training_ranges() -> No
         scale = np.log if log else (lambda x: x)
         position = (scale(np.median(draws[:, j])) - scale(low)) / (scale(high) - scale(low))
         assert position == pytest.approx(0.5, abs=0.1)
+
+
+def test_tightening_steps_lower_the_structures_dose_in_the_documented_order() -> None:
+    assert tightening_steps("ptv") == (("t_ptv", -1), ("v_ptv", 1), ("lambda_ptv", 1))
+    assert tightening_steps("rectum") == (("lambda_rectum", 1), ("t_rectum", -1), ("v_rectum", 1))
+    # A structure that needs more dose (a failing lower limit): the same steps, reversed.
+    assert tightening_steps("rectum", -1) == (("lambda_rectum", -1), ("t_rectum", 1), ("v_rectum", -1))
+    with pytest.raises(ValueError, match="need"):
+        tightening_steps("ptv", 0)
