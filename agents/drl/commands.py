@@ -28,7 +28,9 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     p = drl_sub.add_parser("train", help="train the DQN on a site's training cohort; writes checkpoint, summary, PNG")
     p.add_argument("--site", choices=sorted(SITE_SCENARIO), default="prostate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--minutes", type=float, default=35.0, help="wall-time budget (default 35)")
+    p.add_argument("--minutes", type=float, default=45.0, help="wall-time budget (default 45)")
+    p.add_argument("--workers", type=int, default=2, help="actor processes planning episodes (default 2; 0: none)")
+    p.add_argument("--rollout-steps", type=int, default=None, help="policy steps per labelled rollout (default 12)")
     p.add_argument("--train-cases", type=int, default=None, help="training-cohort seeds used (default: config)")
     p.add_argument("--out", type=Path, default=_assets(), help="output folder (default: the package assets)")
     p.set_defaults(func=_train)
@@ -72,14 +74,17 @@ def _train(args: argparse.Namespace) -> int:
     from m2m.agents.drl.dqn import DqnConfig
     from m2m.agents.drl.training import run_training
 
-    cfg = DqnConfig(seed=args.seed, scenario=SITE_SCENARIO[args.site], wall_minutes=args.minutes)
+    cfg = DqnConfig(seed=args.seed, scenario=SITE_SCENARIO[args.site], wall_minutes=args.minutes,
+                    workers=args.workers)
     if args.train_cases is not None:
         cfg = dataclasses.replace(cfg, train_cases=args.train_cases)
+    if args.rollout_steps is not None:
+        cfg = dataclasses.replace(cfg, rollout_max_steps=args.rollout_steps)
     summary = run_training(cfg, args.out)
     best = summary["best_validation"]
     print(f"checkpoint {args.out / summary['checkpoint']['file']} ({summary['checkpoint']['bytes']} bytes, "
           f"sha256 {summary['checkpoint']['sha256'][:12]}); {summary['wall_seconds']:.0f} s, "
-          f"{summary['env_steps']} env steps at {summary['env_steps_per_second']:.1f}/s; best validation "
+          f"{summary['env_steps']} env steps at {summary['env_steps_per_wall_second']:.1f}/s; best validation "
           f"{best['final_mean']:.2f}/{best['max_score']:g}, {best['pct_at_max']:.0f} % at max")
     return 0
 

@@ -1,26 +1,37 @@
-"""Double DQN from lookahead demonstrations (DQfD-style), in one file: config, network, buffer, training loop.
+"""Double DQN from an expert that labels every state it is shown (DQfD demonstrations + DAgger), in one file:
+config, network, buffer, actors, training loop.
 
-Why this algorithm: an env step is one fluence-map optimisation (0.1-1 s here), so a 30-minute budget buys a few
-thousand steps and sample efficiency decides. Two things make every optimisation count:
+Why this algorithm: an env step is one fluence-map optimisation (0.1-1 s here), so a 45-minute budget buys some
+ten thousand steps and sample efficiency decides. The expert is a one-step lookahead: at a state it previews every
+admissible action (each one optimisation) and picks the best reward (ties broken on the protocol margin). Every
+preview is a real transition ``(s, a, r, s')``, so a labelled state fills its whole Q-row, not one entry, and the
+expert's choice also gets DQfD's large-margin loss ``max_a [Q(s,a) + m·1(a ≠ a_E)] − Q(s, a_E)``. Targets are
+double-DQN, ``r + γ·Q_target(s', argmax_a Q(s', a))`` (bootstrapping through truncation, not termination), with a
+Huber loss and many gradient updates per labelled state (a small MLP is cheap next to an optimisation).
 
-1. Demonstrations from a one-step-lookahead expert. At each visited state the expert previews all ``2k`` actions
-   (each one optimisation) and takes the one with the best reward (ties broken on the protocol margin). Every
-   preview is a real transition ``(s, a, r, s')``, so a demonstration state fills the whole Q-row, not one entry;
-   the chosen action also gets DQfD's large-margin loss ``max_a [Q(s,a) + m·1(a ≠ a_E)] − Q(s, a_E)``.
-2. Many gradient updates per env step on a small MLP (cheap next to an optimisation), with double-DQN targets
-   ``r + γ·Q_target(s', argmax_a Q(s', a))`` (bootstrapping through truncation, not termination) and a Huber loss.
+1. Demonstrations: the expert plans episodes itself (``demo_fraction`` of the budget), then a supervised
+   pre-training pass.
+2. Expert-labelled rollouts (DAgger): the masked greedy policy (ε-random among admissible actions) plans, and the
+   expert labels every state the *policy* visits. A policy trained on the expert's states alone drifts into states
+   the expert never showed it — the first shipped policy lowered ``lambda_rectum`` 16 times in a row to 1e-4 — and
+   these rollouts put exactly those states, with the right label, in the buffer.
 
-After demonstrations and a supervised pre-training pass, the agent explores ε-greedily; demonstration transitions
-stay in the buffer. The greedy policy is validated on validation-cohort cases at intervals and the best network
-(most cases at the maximum score, then mean final score, then fewer steps) is the one saved.
+Episodes run in ``workers`` actor processes (each holds its own environment; an episode gets the current network
+weights when it starts), so both cores optimise plans while the learner updates. The masked greedy policy is
+validated on the validation cohort every few episodes; the best network (most cases at the maximum score, then
+mean final score, then fewer steps) is the one returned. With several workers, which episode finishes first
+depends on timing, so a run is reproducible in its configuration, not bit for bit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,27 +57,25 @@ class DqnConfig:
     seed: int = 0
     scenario: str = "prostate-basic"
     train_cases: int = 30  # first seeds of the training cohort used
-    validation_cases: int = 6  # first seeds of the validation cohort used
-    wall_minutes: float = 35.0  # the whole run stops when this is spent (a validation may finish after it)
-    demo_fraction: float = 0.45  # share of the wall budget for demonstrations
+    validation_cases: int = 16  # first seeds of the validation cohort used
+    wall_minutes: float = 45.0  # no episode starts after this (but one demonstration and one rollout always run)
+    workers: int = 2  # actor processes; 0 runs every episode in the learner's process
+    demo_fraction: float = 0.3  # share of the wall budget for expert demonstrations
     demo_max_steps: int = 8  # expert steps per demonstration episode
-    demo_max_episodes: int = 10_000  # at least one demonstration episode always runs
-    agent_env_steps: int = 4000  # ε-greedy env steps after demonstrations (if time allows)
+    rollout_max_steps: int = 12  # policy steps per expert-labelled rollout
+    rollout_epsilon: float = 0.1  # share of random admissible actions in rollouts
     gamma: float = 0.9
     learning_rate: float = 5e-4
     weight_decay: float = 1e-5
     batch_size: int = 64
-    buffer_size: int = 50_000
+    buffer_size: int = 100_000
     hidden: int = 256
     pretrain_updates: int = 2000
-    updates_per_step: int = 4
+    updates_per_state: int = 12  # gradient updates per expert-labelled rollout state
     target_update_interval: int = 200  # gradient updates between target-network syncs
     margin: float = 0.2  # DQfD large margin, in reward units (smoothed-score points)
     margin_weight: float = 1.0
-    eps_start: float = 0.25
-    eps_end: float = 0.02
-    eps_decay_steps: int = 1500
-    validate_every: int = 400  # agent env steps between validations
+    validate_every_episodes: int = 10  # rollout episodes between validations
     fmo_max_iterations: int = 100  # per re-optimisation; warm starts carry on where a capped solve stopped
     torch_threads: int = 1
 
@@ -136,36 +145,162 @@ def dqn_loss(q_net: QNetwork, target_net: QNetwork, batch: dict[str, torch.Tenso
 
 
 def expert_sweep(env: PlanningEnv) -> tuple[int, list[tuple[int, float, np.ndarray, bool]]]:
-    """Preview every action from the env's current state; return the lookahead expert's choice and all
-    ``(action, reward, next_obs, terminated)`` outcomes."""
+    """Preview every admissible action (:meth:`PlanningEnv.action_masks`) from the env's current state; return the
+    lookahead expert's choice and all ``(action, reward, next_obs, terminated)`` outcomes."""
     outcomes = []
-    for a in range(int(env.action_space.n)):
-        t = env.preview(a)
-        outcomes.append((a, t.reward, t.observation, t.terminated, t.report.margin()))
+    for a in np.flatnonzero(env.action_masks()):
+        t = env.preview(int(a))
+        outcomes.append((int(a), t.reward, t.observation, t.terminated, t.report.margin()))
     best = max(outcomes, key=lambda o: (o[1], o[4]))[0]
     return best, [(a, r, obs, term) for a, r, obs, term, _ in outcomes]
 
 
-def greedy_policy(q_net: QNetwork) -> Callable[[np.ndarray], int]:
-    """The policy ``argmax_a Q(obs, a)``."""
+def greedy_policy(q_net: QNetwork, env: PlanningEnv | None = None) -> Callable[[np.ndarray], int]:
+    """The policy ``argmax_a Q(obs, a)``; with ``env``, over the actions that change a TPP there (the rule that
+    evaluation, knowledge and advice use)."""
 
     def act(obs: np.ndarray) -> int:
         with torch.no_grad():
-            return int(q_net(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax(dim=1).item())
+            q = q_net(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy()
+        if env is not None:
+            q = np.where(env.action_masks(), q, -np.inf)
+        return int(np.argmax(q))
 
     return act
 
 
 @dataclass
+class Rollout:
+    """One actor episode: every labelled transition (rows of the arrays) and what the episode did. ``kind`` is
+    ``demo`` (the expert acted) or ``rollout`` (the policy acted, the expert labelled)."""
+
+    kind: str
+    case_id: str
+    initial_score: float
+    final_score: float
+    steps: int
+    optimisations: int
+    env_seconds: float
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    next_obs: np.ndarray
+    terminal: np.ndarray
+    expert: np.ndarray
+
+
+def rollout(
+    env: PlanningEnv, episode_seed: int, weights: dict[str, torch.Tensor] | None, max_steps: int, epsilon: float,
+    hidden: int,
+) -> Rollout:
+    """Plan one episode from a random start in ``env``, the expert labelling every state (:func:`expert_sweep`).
+
+    ``weights`` None: the expert takes its own choice (a demonstration). Otherwise a network with these weights
+    acts, masked greedy with an ``epsilon`` share of random admissible actions. A start that already scores the
+    maximum asks nothing of the policy, so another is drawn. Deterministic in ``episode_seed`` and ``weights``.
+    """
+    started = time.perf_counter()
+    rng = np.random.default_rng(episode_seed)
+    optimisations = 0
+    while True:
+        obs, info = env.reset(seed=int(rng.integers(2**31)))
+        optimisations += 1
+        if info["score"] < info["max_score"] - SCORE_TOLERANCE:
+            break
+    policy = None
+    if weights is not None:
+        q_net = QNetwork(int(env.observation_space.shape[0]), int(env.action_space.n), hidden)
+        q_net.load_state_dict(weights)
+        q_net.eval()
+        policy = greedy_policy(q_net, env)
+    rows: list[tuple[np.ndarray, int, float, np.ndarray, bool, bool]] = []
+    initial, steps = float(info["score"]), 0
+    while steps < max_steps:
+        best, outcomes = expert_sweep(env)
+        optimisations += len(outcomes)
+        rows.extend((obs, a, r, next_obs, term, a == best) for a, r, next_obs, term in outcomes)
+        if policy is None:
+            action = best
+        elif rng.random() < epsilon:
+            action = int(rng.choice([a for a, *_ in outcomes]))
+        else:
+            action = policy(obs)
+        obs, _r, terminated, truncated, info = env.step(action)  # reuses the preview: no optimisation
+        steps += 1
+        if terminated or truncated:
+            break
+    return Rollout(
+        kind="demo" if weights is None else "rollout", case_id=str(info["case_id"]), initial_score=initial,
+        final_score=float(info["score"]), steps=steps, optimisations=optimisations,
+        env_seconds=time.perf_counter() - started,
+        obs=np.array([r[0] for r in rows], dtype=np.float32), action=np.array([r[1] for r in rows], dtype=np.int64),
+        reward=np.array([r[2] for r in rows], dtype=np.float32),
+        next_obs=np.array([r[3] for r in rows], dtype=np.float32),
+        terminal=np.array([r[4] for r in rows], dtype=np.float32),
+        expert=np.array([r[5] for r in rows], dtype=np.float32),
+    )
+
+
+_ACTOR_ENV: PlanningEnv | None = None
+
+
+def _actor_setup(make_env: Callable[[], PlanningEnv], torch_threads: int) -> None:
+    global _ACTOR_ENV
+    torch.set_num_threads(torch_threads)
+    _ACTOR_ENV = make_env()
+
+
+def _actor_rollout(*args: Any) -> Rollout:
+    assert _ACTOR_ENV is not None, "actor process not set up"
+    return rollout(_ACTOR_ENV, *args)
+
+
+class _InlineActors:
+    """The actor pool's interface for ``workers = 0``: each episode runs when it is submitted, in this process."""
+
+    def __init__(self, env: PlanningEnv) -> None:
+        self.env = env
+
+    def submit(self, *args: Any) -> Future[Rollout]:
+        future: Future[Rollout] = Future()
+        future.set_result(rollout(self.env, *args))
+        return future
+
+    def shutdown(self) -> None:
+        """Nothing to stop."""
+
+
+class _ProcessActors:
+    """``workers`` processes, each with its own environment from ``make_env`` (picklable)."""
+
+    def __init__(self, workers: int, make_env: Callable[[], PlanningEnv], torch_threads: int) -> None:
+        # One BLAS thread per actor: OpenBLAS's extra thread spins between calls, and with an actor per core it took
+        # a third of each core (measured: 37 % of a core beside 54 % of useful work). The variables must be set
+        # before an actor imports numpy, so they are set here, for the processes this run spawns.
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(torch_threads)
+        # spawn, not fork: the learner already holds torch's thread pools.
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_actor_setup, initargs=(make_env, torch_threads))
+
+    def submit(self, *args: Any) -> Future[Rollout]:
+        return self.pool.submit(_actor_rollout, *args)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
 class TrainingLog:
-    """What a run did: per-episode results (env-step count at the end of each), validations and timings."""
+    """What a run did: per-episode results (env-step count at the end of each), validations and timings.
+    ``env_seconds`` sums the actors' episode times, so with several workers it can exceed the wall time."""
 
     episodes: list[dict[str, Any]] = field(default_factory=list)
     validations: list[dict[str, Any]] = field(default_factory=list)
     env_steps: int = 0
     env_seconds: float = 0.0
     demo_episodes: int = 0
-    agent_episodes: int = 0
+    rollout_episodes: int = 0
     gradient_updates: int = 0
     wall_seconds: float = 0.0
 
@@ -197,18 +332,20 @@ def load_checkpoint(path: Path) -> tuple[QNetwork, dict[str, Any]]:
 
 def train(
     cfg: DqnConfig,
-    env: PlanningEnv,
+    make_env: Callable[[], PlanningEnv],
     validation_env: PlanningEnv,
     validation_seeds: list[int],
     on_progress: Callable[[TrainingLog, str], None] | None = None,
 ) -> tuple[QNetwork, TrainingLog]:
-    """Train on ``env`` within ``cfg.wall_minutes``; return the best validated network and the run's log."""
+    """Train on environments from ``make_env`` (one per actor; picklable when ``cfg.workers`` > 0) within
+    ``cfg.wall_minutes``; return the best validated network and the run's log."""
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     started = time.perf_counter()
     deadline = started + 60.0 * cfg.wall_minutes
-    n_obs, n_actions = int(env.observation_space.shape[0]), int(env.action_space.n)
+    demo_deadline = started + cfg.demo_fraction * (deadline - started)
+    n_obs, n_actions = int(validation_env.observation_space.shape[0]), int(validation_env.action_space.n)
     q_net = QNetwork(n_obs, n_actions, cfg.hidden)
     target_net = QNetwork(n_obs, n_actions, cfg.hidden)
     target_net.load_state_dict(q_net.state_dict())
@@ -216,28 +353,18 @@ def train(
     buffer = ReplayBuffer(cfg.buffer_size, n_obs)
     tlog = TrainingLog()
     best: tuple[tuple[float, float, float], dict[str, torch.Tensor]] | None = None
-    episode_seed = iter(range(cfg.seed * 1_000_003, cfg.seed * 1_000_003 + 10**6))
+    episode_seeds = iter(range(cfg.seed * 1_000_003, cfg.seed * 1_000_003 + 10**6))
 
     def note(message: str) -> None:
         tlog.wall_seconds = time.perf_counter() - started
         if on_progress is not None:
             on_progress(tlog, message)
 
-    def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        tlog.env_seconds += time.perf_counter() - t0
-        tlog.env_steps += 1
-        return out
-
-    def fresh_episode() -> tuple[np.ndarray, dict[str, Any]]:
-        # A start that already scores the maximum asks nothing of the policy: draw another.
-        while True:
-            obs, info = timed(env.reset, seed=next(episode_seed))
-            if info["score"] < info["max_score"] - SCORE_TOLERANCE:
-                return obs, info
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in q_net.state_dict().items()}
 
     def update(n: int) -> None:
+        q_net.train()
         for _ in range(n):
             loss = dqn_loss(q_net, target_net, buffer.sample(rng, cfg.batch_size), cfg)
             optimizer.zero_grad()
@@ -247,70 +374,75 @@ def train(
             tlog.gradient_updates += 1
             if tlog.gradient_updates % cfg.target_update_interval == 0:
                 target_net.load_state_dict(q_net.state_dict())
+        q_net.eval()
 
     def validate() -> None:
         nonlocal best
-        q_net.eval()
         t0 = time.perf_counter()
-        records = run_cohort(validation_env, greedy_policy(q_net), validation_seeds)
-        q_net.train()
+        records = run_cohort(validation_env, greedy_policy(q_net, validation_env), validation_seeds)
         s = summarise(records)
         entry = {"env_steps": tlog.env_steps, "wall_s": time.perf_counter() - started, **s.as_dict(),
                  "seconds": time.perf_counter() - t0}
         tlog.validations.append(entry)
         key = (s.pct_at_max, s.final_mean, -s.steps_mean)
         if best is None or key > best[0]:
-            best = (key, {k: v.detach().clone() for k, v in q_net.state_dict().items()})
+            best = (key, weights())
         log.info("drl_validation", **{k: round(v, 3) for k, v in entry.items()})
         note(f"validation: {s.final_mean:.2f}/{s.max_score:g}, {s.pct_at_max:.0f}% at max")
 
-    def record_episode(kind: str, info: dict[str, Any], initial: float, steps: int) -> None:
-        entry = {"kind": kind, "env_steps": tlog.env_steps, "case_id": info["case_id"], "initial_score": initial,
-                 "final_score": float(info["score"]), "steps": steps}
+    def absorb(r: Rollout) -> None:
+        for i in range(len(r.action)):
+            buffer.add(r.obs[i], int(r.action[i]), float(r.reward[i]), r.next_obs[i], bool(r.terminal[i]),
+                       expert=bool(r.expert[i]))
+        tlog.env_steps += r.optimisations
+        tlog.env_seconds += r.env_seconds
+        if r.kind == "demo":
+            tlog.demo_episodes += 1
+        else:
+            tlog.rollout_episodes += 1
+        entry = {"kind": r.kind, "env_steps": tlog.env_steps, "case_id": r.case_id, "initial_score": r.initial_score,
+                 "final_score": r.final_score, "steps": r.steps}
         tlog.episodes.append(entry)
         log.info("drl_episode", **entry)
-        note(f"{kind} episode {len(tlog.episodes)}: {initial:.2f} → {info['score']:.2f} in {steps} steps")
+        note(f"{r.kind} {len(tlog.episodes)}: {r.initial_score:.2f} → {r.final_score:.2f} in {r.steps} steps")
 
-    # Phase 1: lookahead demonstrations.
-    demo_deadline = started + cfg.demo_fraction * (deadline - started)
-    while tlog.demo_episodes == 0 or (
-        time.perf_counter() < demo_deadline and tlog.demo_episodes < cfg.demo_max_episodes
-    ):
-        obs, info = fresh_episode()
-        initial, steps = float(info["score"]), 0
-        while steps < cfg.demo_max_steps:
-            t0 = time.perf_counter()
-            best_action, outcomes = expert_sweep(env)
-            tlog.env_seconds += time.perf_counter() - t0
-            tlog.env_steps += len(outcomes)
-            for a, r, next_obs, term in outcomes:
-                buffer.add(obs, a, r, next_obs, term, expert=a == best_action)
-            obs, _r, terminated, _trunc, info = env.step(best_action)  # reuses the preview: no optimisation
-            steps += 1
-            if terminated or time.perf_counter() > demo_deadline:
-                break
-        tlog.demo_episodes += 1
-        record_episode("demo", info, initial, steps)
+    pretrained = False
 
-    # Phase 2: supervised pre-training on the demonstrations, then ε-greedy interaction.
-    update(cfg.pretrain_updates)
-    validate()
-    obs, info = fresh_episode()
-    initial, ep_steps, agent_steps = float(info["score"]), 0, 0
-    while agent_steps < cfg.agent_env_steps and time.perf_counter() < deadline:
-        eps = cfg.eps_end + (cfg.eps_start - cfg.eps_end) * max(0.0, 1.0 - agent_steps / cfg.eps_decay_steps)
-        action = int(rng.integers(n_actions)) if rng.random() < eps else greedy_policy(q_net)(obs)
-        next_obs, reward, terminated, truncated, info = timed(env.step, action)
-        buffer.add(obs, action, reward, next_obs, terminated)
-        obs, ep_steps, agent_steps = next_obs, ep_steps + 1, agent_steps + 1
-        update(cfg.updates_per_step)
-        if terminated or truncated:
-            tlog.agent_episodes += 1
-            record_episode("agent", info, initial, ep_steps)
-            obs, info = fresh_episode()
-            initial, ep_steps = float(info["score"]), 0
-        if agent_steps % cfg.validate_every == 0:
-            validate()
+    def job() -> tuple[Any, ...]:
+        if not pretrained:
+            return (next(episode_seeds), None, cfg.demo_max_steps, 0.0, cfg.hidden)
+        return (next(episode_seeds), weights(), cfg.rollout_max_steps, cfg.rollout_epsilon, cfg.hidden)
+
+    actors: _InlineActors | _ProcessActors = (
+        _InlineActors(make_env()) if cfg.workers <= 0 else _ProcessActors(cfg.workers, make_env, cfg.torch_threads)
+    )
+    since_validation = 0
+    try:
+        pending = {actors.submit(*job()) for _ in range(max(1, cfg.workers))}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                r = future.result()
+                absorb(r)
+                if r.kind == "rollout":
+                    update(cfg.updates_per_state * r.steps)
+                    since_validation += 1
+            now = time.perf_counter()
+            if not pretrained and (now >= demo_deadline or now >= deadline):
+                update(cfg.pretrain_updates)
+                pretrained = True
+                validate()
+            elif since_validation >= cfg.validate_every_episodes:
+                since_validation = 0
+                validate()
+            if time.perf_counter() < deadline:
+                pending |= {actors.submit(*job()) for _ in done}
+            elif pretrained and not pending and tlog.rollout_episodes == 0:
+                pending.add(actors.submit(*job()))  # at least one labelled rollout, however small the budget
+    finally:
+        actors.shutdown()
+    if not pretrained:
+        update(cfg.pretrain_updates)
     validate()
     assert best is not None
     q_net.load_state_dict(best[1])

@@ -8,6 +8,7 @@ import json
 import platform
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +35,24 @@ def controlled_oars(roles: dict[str, str], oar_roles: tuple[str, ...] = CONTROLL
     return [roles[r] for r in oar_roles]
 
 
-def training_envs(
-    cfg: DqnConfig, scenario: Scenario, roles: dict[str, str]
-) -> tuple[PlanningEnv, PlanningEnv, list[int]]:
-    """The training env (random starts on the first ``cfg.train_cases`` training seeds) and the validation env
-    (the scenario's fixed starts) with its seeds."""
-    oars = controlled_oars(roles)
+def train_env(cfg: DqnConfig) -> PlanningEnv:
+    """The training env: random starts on the first ``cfg.train_cases`` training seeds (a module-level function,
+    so ``functools.partial(train_env, cfg)`` can build one in each actor process)."""
+    scenario = load_scenario(cfg.scenario)
     train_seeds = list(scenario.cohorts.train.seeds[: cfg.train_cases])
+    return scenario_env(scenario, train_seeds, controlled_oars(scenario_roles(scenario)),
+                        fmo_max_iterations=cfg.fmo_max_iterations)
+
+
+def validation_env(cfg: DqnConfig, scenario: Scenario, roles: dict[str, str]) -> tuple[PlanningEnv, list[int]]:
+    """The validation env (the scenario's fixed starts on the first ``cfg.validation_cases`` validation seeds)
+    and those seeds."""
     val_seeds = list(scenario.cohorts.validation.seeds[: cfg.validation_cases])
-    env = scenario_env(scenario, train_seeds, oars, fmo_max_iterations=cfg.fmo_max_iterations)
-    val_env = scenario_env(
-        scenario, val_seeds, oars, fixed_initial_tpps=True, fmo_max_iterations=cfg.fmo_max_iterations,
-        capacity=len(val_seeds),
+    env = scenario_env(
+        scenario, val_seeds, controlled_oars(roles), fixed_initial_tpps=True,
+        fmo_max_iterations=cfg.fmo_max_iterations, capacity=len(val_seeds),
     )
-    env.action_space.seed(cfg.seed)
-    return env, val_env, val_seeds
+    return env, val_seeds
 
 
 def plot_curve(tlog: TrainingLog, path: Path, max_score: float) -> None:
@@ -59,7 +63,7 @@ def plot_curve(tlog: TrainingLog, path: Path, max_score: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for kind, colour in (("demo", "tab:orange"), ("agent", "tab:blue")):
+    for kind, colour in (("demo", "tab:orange"), ("rollout", "tab:blue")):
         eps = [e for e in tlog.episodes if e["kind"] == kind]
         ax1.scatter([e["env_steps"] for e in eps], [e["final_score"] for e in eps], s=6, alpha=0.4, color=colour,
                     label=f"{kind} episodes")
@@ -93,7 +97,7 @@ def run_training(cfg: DqnConfig, out_dir: Path = ASSETS) -> dict[str, Any]:
 
     scenario = load_scenario(cfg.scenario)
     roles = scenario_roles(scenario)
-    env, val_env, val_seeds = training_envs(cfg, scenario, roles)
+    val_env, val_seeds = validation_env(cfg, scenario, roles)
     log.info("drl_train_start", scenario=cfg.scenario, seed=cfg.seed, roles=roles, minutes=cfg.wall_minutes)
     with Progress(TextColumn("[bold]drl train"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as progress:
@@ -102,15 +106,16 @@ def run_training(cfg: DqnConfig, out_dir: Path = ASSETS) -> dict[str, Any]:
         def on_progress(tlog: TrainingLog, message: str) -> None:
             progress.update(task, completed=tlog.wall_seconds, description=f"{tlog.env_steps} env steps · {message}")
 
-        q_net, tlog = train(cfg, env, val_env, val_seeds, on_progress)
+        q_net, tlog = train(cfg, partial(train_env, cfg), val_env, val_seeds, on_progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = checkpoint_meta(cfg, env, roles, tlog)
+    meta = checkpoint_meta(cfg, val_env, roles, tlog)
     meta["scenario"] = cfg.scenario
     sha = save_checkpoint(out_dir / CHECKPOINT_NAME, q_net, meta)
     plot_curve(tlog, out_dir / CURVE_NAME, scenario.protocol.max_score)
-    agent = [e for e in tlog.episodes if e["kind"] == "agent"]
+    rollouts = [e for e in tlog.episodes if e["kind"] == "rollout"]
     summary = {
-        "command": f"m2m drl train --site {scenario.site} --seed {cfg.seed} --minutes {cfg.wall_minutes:g}",
+        "command": (f"m2m drl train --site {scenario.site} --seed {cfg.seed} --minutes {cfg.wall_minutes:g} "
+                    f"--workers {cfg.workers}"),
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "python": platform.python_version()},
         "config": asdict(cfg),
@@ -120,11 +125,13 @@ def run_training(cfg: DqnConfig, out_dir: Path = ASSETS) -> dict[str, Any]:
         "wall_seconds": round(tlog.wall_seconds, 1),
         "env_steps": tlog.env_steps,
         "env_seconds": round(tlog.env_seconds, 1),
-        "env_steps_per_second": round(tlog.env_steps / max(tlog.env_seconds, 1e-9), 2),
+        "env_steps_per_second": round(tlog.env_steps / max(tlog.env_seconds, 1e-9), 2),  # per actor
+        "env_steps_per_wall_second": round(tlog.env_steps / max(tlog.wall_seconds, 1e-9), 2),  # all actors
         "gradient_updates": tlog.gradient_updates,
         "demo_episodes": tlog.demo_episodes,
-        "agent_episodes": tlog.agent_episodes,
-        "agent_last50_final_mean": float(np.mean([e["final_score"] for e in agent[-50:]])) if agent else None,
+        "rollout_episodes": tlog.rollout_episodes,
+        "rollout_last50_final_mean": (float(np.mean([e["final_score"] for e in rollouts[-50:]]))
+                                      if rollouts else None),
         "validations": tlog.validations,
         "best_validation": meta["best_validation"],
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from m2m.agents.drl.dqn import (
     dqn_loss,
     expert_sweep,
     load_checkpoint,
+    rollout,
     save_checkpoint,
     train,
 )
@@ -71,21 +73,44 @@ def test_replay_buffer_wraps_around() -> None:
     assert torch.equal(sample["expert"], (sample["reward"] == 3.0).float())
 
 
-def test_expert_sweep_picks_the_best_previewed_reward() -> None:
+def test_expert_sweep_picks_the_best_previewed_reward_among_admissible_actions() -> None:
     env = make_env()
     env.reset(seed=4)
+    env.reset(seed=4, options={"tpps": env.tpps.with_value("t_ptv", 1.0)})  # lowering t_ptv is a no-op here
     best, outcomes = expert_sweep(env)
-    assert len(outcomes) == env.action_space.n
-    assert outcomes[best][1] == max(r for _, r, _, _ in outcomes)
+    assert [a for a, *_ in outcomes] == list(np.flatnonzero(env.action_masks()))
+    assert 1 not in [a for a, *_ in outcomes] and 0 in [a for a, *_ in outcomes]
+    by_action = {a: r for a, r, _, _ in outcomes}
+    assert by_action[best] == max(by_action.values())
+
+
+def test_rollout_labels_the_policys_states_with_the_experts_choice() -> None:
+    env = make_env(step_cap=3)
+    n_obs, n_actions = int(env.observation_space.shape[0]), int(env.action_space.n)
+    net = QNetwork(n_obs, n_actions, 8)
+    demo = rollout(env, 11, None, 2, 0.0, 8)
+    policy = rollout(env, 11, net.state_dict(), 3, 0.0, 8)
+    for r in (demo, policy):
+        assert len(r.action) == len(r.reward) == len(r.obs) == len(r.expert) > 0
+        # One expert label per labelled state, and the label is the best previewed reward of that state.
+        states = np.unique(r.obs, axis=0, return_inverse=True)[1].ravel()
+        for s in np.unique(states):
+            rows = states == s
+            assert r.expert[rows].sum() == 1
+            assert r.reward[rows][r.expert[rows] == 1][0] == r.reward[rows].max()
+    assert demo.kind == "demo" and policy.kind == "rollout"
+    assert demo.steps <= 2 and policy.steps <= 3
+    # The same seed starts from the same state, whoever acts.
+    np.testing.assert_array_equal(demo.obs[0], policy.obs[0])
 
 
 def test_tiny_training_run_checkpoint_and_advice(tmp_path: Path) -> None:
     env, val_env = make_env(step_cap=3), make_env(step_cap=3)
-    cfg = DqnConfig(wall_minutes=0.05, demo_max_steps=2, demo_max_episodes=1, pretrain_updates=20,
-                    agent_env_steps=12, validate_every=6, batch_size=8, hidden=16, eps_decay_steps=6)
-    q_net, tlog = train(cfg, env, val_env, [1, 2])
-    assert tlog.demo_episodes == 1 and tlog.validations
-    assert tlog.gradient_updates >= cfg.pretrain_updates
+    cfg = DqnConfig(wall_minutes=0.03, workers=0, demo_max_steps=2, pretrain_updates=20, rollout_max_steps=3,
+                    validate_every_episodes=3, batch_size=8, hidden=16, updates_per_state=2)
+    q_net, tlog = train(cfg, partial(make_env, 3), val_env, [1, 2])
+    assert tlog.demo_episodes >= 1 and tlog.rollout_episodes >= 1 and len(tlog.validations) >= 2
+    assert tlog.gradient_updates >= cfg.pretrain_updates + cfg.updates_per_state
     roles = {"ptv": "ptv", "oar1": "bladder", "oar2": "rectum"}
     meta = checkpoint_meta(cfg, env, roles, tlog)
     assert meta["tpp_roles"][3:6] == ["t_oar1", "lambda_oar1", "v_oar1"]
@@ -117,3 +142,16 @@ def test_tiny_training_run_checkpoint_and_advice(tmp_path: Path) -> None:
     rewards = [val_env.preview(a).reward for a in range(val_env.action_space.n)]
     assert rewards[full] == max(rewards)
     assert "| cohort |" in table({"synthetic": summarise([record])})
+
+
+def test_training_with_actor_processes_learns_from_their_episodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The spawned actors unpickle this test package's env factory, so they need the repository on their path.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    val_env = make_env(step_cap=3)
+    cfg = DqnConfig(wall_minutes=0.12, workers=2, demo_max_steps=2, pretrain_updates=20, rollout_max_steps=3,
+                    validate_every_episodes=4, batch_size=8, hidden=16, updates_per_state=2)
+    _q_net, tlog = train(cfg, partial(make_env, 3), val_env, [1, 2])
+    assert tlog.demo_episodes >= 1 and tlog.rollout_episodes >= 1
+    # Every episode's optimisations came back from the actors and were counted.
+    assert tlog.env_steps == tlog.episodes[-1]["env_steps"] > 0
+    assert tlog.gradient_updates >= cfg.pretrain_updates + cfg.updates_per_state * tlog.rollout_episodes
