@@ -160,8 +160,12 @@ def test_dose_engine_killed_mid_session_loses_no_step(own_stack: AgentProcs) -> 
 def test_planner_swapped_mid_session_resumes_from_the_published_state(own_stack: AgentProcs) -> None:
     own_stack.agent("planner", "planner-a", impl="drl")
     own_stack.wait_ready("planner-a")
-    # a case whose guided DRL session runs to the cap: planner-b must come up before the session ends
-    reference, ref_events = _session(own_stack, "guided", SEEDS[3], cap=20)
+    # a case whose guided DRL session runs to the cap: planner-b must come up before the session ends (which
+    # cases those are depends on the shipped checkpoint, so the test looks for one)
+    for seed in SEEDS[:16]:
+        reference, ref_events = _session(own_stack, "guided", seed, cap=20)
+        if reference.steps == 20:
+            break
     assert reference.steps == 20, "the swap needs a session that outlasts a planner's start"
 
     def swap() -> None:  # the new planner comes up first, then the old one drains: no moment without a planner
@@ -175,7 +179,7 @@ def test_planner_swapped_mid_session_resumes_from_the_published_state(own_stack:
         if e.step == 1:  # from a thread: the callback runs on the session client's event loop
             swapper.start()
 
-    result, events = _session(own_stack, "guided", SEEDS[3], cap=20, on_step=swap_at_step_one)
+    result, events = _session(own_stack, "guided", seed, cap=20, on_step=swap_at_step_one)
     swapper.join(timeout=60)
     assert own_stack.procs["planner-a"].wait(timeout=30) == 0  # drained and stopped cleanly
     _check_trajectory(events)
