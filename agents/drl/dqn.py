@@ -428,7 +428,7 @@ def train(
                     update(cfg.updates_per_state * r.steps)
                     since_validation += 1
             now = time.perf_counter()
-            if not pretrained and (now >= demo_deadline or now >= deadline):
+            if not pretrained and now >= demo_deadline:
                 update(cfg.pretrain_updates)
                 pretrained = True
                 validate()
@@ -441,7 +441,7 @@ def train(
                 pending.add(actors.submit(*job()))  # at least one labelled rollout, however small the budget
     finally:
         actors.shutdown()
-    if not pretrained:
+    if not pretrained:  # the deadline passed between the demonstration check and the resubmission
         update(cfg.pretrain_updates)
     validate()
     assert best is not None
