@@ -93,7 +93,7 @@ def _greedy(planner: Planner, start: Evaluation, budget: int, seen: set[tuple[fl
     """Single-step ascent from ``start`` (targeted first-improvement, else best-improvement over every neighbour);
     returns the best evaluation and the plans spent."""
     best, spent = start, 0
-    names = set(start.tpps.names())
+    names = start.tpps.names()
 
     def try_step(name: str, direction: int) -> Evaluation | None:
         nonlocal spent
@@ -113,7 +113,7 @@ def _greedy(planner: Planner, start: Evaluation, budget: int, seen: set[tuple[fl
                 improved = ev
                 break
         if improved is None:
-            for name in start.tpps.names():
+            for name in names:
                 for direction in (1, -1):
                     ev = try_step(name, direction)
                     if ev is not None and (improved is None or ev.key > improved.key):
@@ -272,7 +272,8 @@ def calibrate(
     from m2m.scenarios import load_scenario
 
     scenario = load_scenario(scenario_name)
-    results: dict[int, CaseCalibration] = {s: c for s, c in (done or {}).items() if s in set(seeds)}
+    wanted = set(seeds)
+    results: dict[int, CaseCalibration] = {s: c for s, c in (done or {}).items() if s in wanted}
     todo = [s for s in seeds if s not in results]
 
     def finished(result: CaseCalibration) -> None:
