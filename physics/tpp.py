@@ -216,13 +216,18 @@ def tightening_steps(structure: str, need: int = 1) -> tuple[tuple[str, int], ..
     return tuple((name, direction * need) for name, direction in moves)
 
 
-def random_tpps(rng: np.random.Generator, oar_names: Iterable[str]) -> TppSet:
-    """TPPs drawn from :data:`TRAINING_RANGES` (uniform, log-uniform for lambda), PTV first then each OAR."""
+def random_tpps(
+    rng: np.random.Generator,
+    oar_names: Iterable[str],
+    ranges: Mapping[tuple[str, str], tuple[float, float, bool]] = TRAINING_RANGES,
+) -> TppSet:
+    """TPPs drawn from ``ranges`` (default :data:`TRAINING_RANGES`; uniform, or log-uniform where flagged), PTV
+    first then each OAR. Drawn values must lie in the valid ranges (:class:`TppRangeError` otherwise)."""
 
     def draw(role: str) -> StructureTpp:
         values = []
         for param in PARAMS:
-            low, high, log = TRAINING_RANGES[(role, param)]
+            low, high, log = ranges[(role, param)]
             x = math.exp(rng.uniform(math.log(low), math.log(high))) if log else rng.uniform(low, high)
             values.append(float(x))
         return StructureTpp(*values)

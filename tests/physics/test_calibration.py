@@ -133,3 +133,37 @@ def test_cli_calibration_saves_each_case_and_resumes_from_the_file(tmp_path: Pat
     assert json.loads(out.read_text())["cases"][0]["default_score"] == -1.0
     with pytest.raises(SystemExit, match="budget 2"):
         main([*args[:6], "3", *args[7:]])
+
+
+def test_the_search_starts_from_the_initial_plan_asked_for(tmp_path: Path) -> None:
+    from m2m.physics.calibrate import calibrate_case
+
+    # With no search budget the best plan is the start itself, so each start shows in the searched score.
+    runs = {s: calibrate_case("liver", 1000, cache_dir=tmp_path, max_evaluations=0, start=s)
+            for s in ("better", "default", "random")}
+    default, random = runs["default"].default_score, runs["default"].random_score
+    assert default != random
+    assert runs["default"].searched_score == default and runs["random"].searched_score == random
+    assert runs["better"].searched_score == max(default, random)
+    with pytest.raises(ValueError, match="start"):
+        calibrate_case("liver", 1000, cache_dir=tmp_path, max_evaluations=0, start="worse")
+
+
+def test_cli_calibrates_given_seeds_from_a_given_start_and_keeps_files_apart(tmp_path: Path) -> None:
+    import json
+
+    from m2m.agents.cli import main
+    from m2m.physics import commands
+    from m2m.physics.calibrate import SEARCH_STARTS
+
+    assert commands._SEARCH_STARTS == SEARCH_STARTS
+    out = tmp_path / "cal.json"
+    args = ["calibrate", "--scenario", "liver", "--seeds", "1003", "--max-evaluations", "0", "--start", "default",
+            "--cache-dir", str(tmp_path), "--json", str(out)]
+    assert main(args) == 0
+    saved = json.loads(out.read_text())
+    assert saved["start"] == "default" and [c["seed"] for c in saved["cases"]] == [1003]
+    assert saved["cases"][0]["searched_score"] == saved["cases"][0]["default_score"]
+    # A file of default-start searches does not resume a run from another start.
+    with pytest.raises(SystemExit, match="start default"):
+        main([*args[:-5], "random", *args[-4:]])

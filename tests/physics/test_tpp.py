@@ -124,6 +124,18 @@ def test_random_tpps_are_reproducible_valid_and_span_the_training_ranges() -> No
         assert position == pytest.approx(0.5, abs=0.1)
 
 
+def test_random_tpps_draw_from_given_ranges_and_refuse_invalid_ones() -> None:
+    narrow = {**TRAINING_RANGES, ("oar", "lambda"): (0.001, 0.01, True), ("oar", "t"): (0.9, 1.0, False)}
+    draws = [random_tpps(np.random.default_rng(s), OARS, narrow) for s in range(50)]
+    lams = [d.get(f"lambda_{o}") for d in draws for o in OARS]
+    ts = [d.get(f"t_{o}") for d in draws for o in OARS]
+    assert 0.001 <= min(lams) and max(lams) <= 0.01
+    assert 0.9 <= min(ts) and max(ts) <= 1.0
+    # A drawing range reaching past the valid range is refused, not silently clamped.
+    with pytest.raises(TppRangeError, match="t_ptv"):
+        random_tpps(np.random.default_rng(0), OARS, {**TRAINING_RANGES, ("ptv", "t"): (1.3, 1.4, False)})
+
+
 def test_tightening_steps_lower_the_structures_dose_in_the_documented_order() -> None:
     assert tightening_steps("ptv") == (("t_ptv", -1), ("v_ptv", 1), ("lambda_ptv", 1))
     assert tightening_steps("rectum") == (("lambda_rectum", 1), ("t_rectum", -1), ("v_rectum", 1))
