@@ -129,8 +129,8 @@ def test_random_tpps_draw_from_given_ranges_and_refuse_invalid_ones() -> None:
     draws = [random_tpps(np.random.default_rng(s), OARS, narrow) for s in range(50)]
     lams = [d.get(f"lambda_{o}") for d in draws for o in OARS]
     ts = [d.get(f"t_{o}") for d in draws for o in OARS]
-    assert 0.001 <= min(lams) and max(lams) <= 0.01
-    assert 0.9 <= min(ts) and max(ts) <= 1.0
+    assert min(lams) >= 0.001 and max(lams) <= 0.01
+    assert min(ts) >= 0.9 and max(ts) <= 1.0
     # A drawing range reaching past the valid range is refused, not silently clamped.
     with pytest.raises(TppRangeError, match="t_ptv"):
         random_tpps(np.random.default_rng(0), OARS, {**TRAINING_RANGES, ("ptv", "t"): (1.3, 1.4, False)})
