@@ -36,7 +36,7 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     cal.add_argument("--cache-dir", default=None, help="dij cache directory (default: the cache's own)")
     cal.add_argument("--json", default=None,
                      help="write per-case results to this JSON file as each case finishes; a rerun with the same "
-                          "file and budget skips the cases it already holds")
+                          "file, budget and --start skips the cases it already holds")
     cal.add_argument("--workers", type=int, default=1, help="cases calibrated at once, one process each (default 1)")
     cal.add_argument("--seeds", type=int, nargs="+", default=None,
                      help="calibrate these phantom seeds instead of the cohort's first --cases")
