@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -25,6 +25,10 @@ from m2m.physics.dij import Dij
 from m2m.physics.optimizer import PlanResult, optimize
 from m2m.physics.protocol import Protocol, ScoreReport, score
 from m2m.physics.tpp import TppSet, random_tpps, step, tightening_steps
+
+if TYPE_CHECKING:
+    from m2m.physics.case import Case
+    from m2m.scenarios import Scenario
 
 log = structlog.get_logger()
 
@@ -211,6 +215,16 @@ class CalibrationReport:
         )
 
 
+def scenario_planner(scenario: Scenario, case: Case, *, cache_dir: str | Path | None = None) -> Planner:
+    """A :class:`Planner` for ``case`` under ``scenario``'s beams, protocol and prescription (dij from the cache
+    when present)."""
+    from m2m.physics.beams import beams_for
+    from m2m.physics.dij_cache import load_or_compute_dij
+
+    beams = beams_for(case, gantry_deg=scenario.beams.angles(), bixel_mm=scenario.beams.bixel_mm)
+    return Planner(load_or_compute_dij(case, beams, cache_dir=cache_dir), scenario.protocol, scenario.rx_gy)
+
+
 #: Where a case's search starts: the better-scoring of the default and random initial plans, or one of them.
 SEARCH_STARTS = ("better", "default", "random")
 
@@ -229,18 +243,14 @@ def calibrate_case(
     and only the latter's ascent reached the maximum."""
     if start not in SEARCH_STARTS:
         raise ValueError(f"start must be one of {SEARCH_STARTS}, got {start!r}")
-    from m2m.physics.beams import beams_for
-    from m2m.physics.dij_cache import load_or_compute_dij
     from m2m.physics.phantoms import make_case
     from m2m.scenarios import load_scenario
 
     scenario = load_scenario(scenario_name)
     case = make_case(scenario.site, seed)
     started = time.perf_counter()
-    beams = beams_for(case, gantry_deg=scenario.beams.angles(), bixel_mm=scenario.beams.bixel_mm)
-    dij = load_or_compute_dij(case, beams, cache_dir=cache_dir)
+    planner = scenario_planner(scenario, case, cache_dir=cache_dir)
     dij_seconds = time.perf_counter() - started
-    planner = Planner(dij, scenario.protocol, scenario.rx_gy)
     started = time.perf_counter()
     default = planner.evaluate(scenario.default_tpps())
     fmo_seconds = time.perf_counter() - started

@@ -18,9 +18,7 @@ from collections import Counter
 
 import numpy as np
 
-from m2m.physics.beams import beams_for
-from m2m.physics.calibrate import Planner
-from m2m.physics.dij_cache import load_or_compute_dij
+from m2m.physics.calibrate import scenario_planner
 from m2m.physics.phantoms import make_case
 from m2m.physics.tpp import TRAINING_RANGES, random_tpps
 from m2m.scenarios import load_scenario
@@ -50,11 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     sc = load_scenario(args.scenario)
     first = sc.cohorts.validation.start
-    planners = []
-    for seed in range(first, first + args.cases):
-        case = make_case(sc.site, seed)
-        dij = load_or_compute_dij(case, beams_for(case, gantry_deg=sc.beams.angles(), bixel_mm=sc.beams.bixel_mm))
-        planners.append((seed, Planner(dij, sc.protocol, sc.rx_gy)))
+    planners = [(seed, scenario_planner(sc, make_case(sc.site, seed))) for seed in range(first, first + args.cases)]
     print(f"{args.scenario}: validation seeds {first}-{first + args.cases - 1}, {args.draws} draws each, "
           f"max {sc.protocol.max_score:g}")
     for label, ranges in RANGE_SETS.items():
