@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2m.agents.drl.dqn import QNetwork, load_checkpoint
+from m2m.agents.drl.dqn import QNetwork, greedy_policy, load_checkpoint
 from m2m.agents.drl.env import PlanningEnv, scenario_env
 from m2m.agents.drl.roles import roles_of, to_structure_name
 from m2m.scenarios import load_scenario
@@ -67,13 +67,13 @@ class Advisor:
         costs ``k`` optimisations instead of one."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if k == 1:
+            return greedy_policy(self.q_net, env)  # the rule training validates with
 
         def act(observation: np.ndarray) -> int:
             mask = env.action_masks()
             q = np.where(mask, self.q_values(observation), -np.inf)
             candidates = [int(a) for a in np.argsort(-q)[: min(k, int(mask.sum()))]]
-            if k == 1:
-                return candidates[0]
             return max(candidates, key=lambda a: (env.preview(a).reward, q[a]))
 
         return act
