@@ -39,7 +39,7 @@ wheelhouse: | $(BIN)/python
 
 check: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/mypy agents bus physics scenarios
+	$(BIN)/mypy agents bus physics scenarios session stack experiment cli
 
 # The main job: bring the agent stack up (broker, dose engines, evaluator, DRL advisor, LLM planner on the
 # embedded model), run one guided planning session on prostate case 0, write runs/<session>/, take the stack down.

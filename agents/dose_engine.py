@@ -15,36 +15,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from m2m.agents.drl.env import DOSE_SPAN, N_BINS, CaseBank, phantom_bank
 from m2m.agents.messages import DOSE_PLAN, DosePlanRequest, DosePlanResult, StructureDose
 from m2m.agents.runtime import Agent
 from m2m.bus.worker import Handlers, RequestContext
-from m2m.physics.dvh import cumulative_dvh, d_percent
+from m2m.physics.dvh import cumulative_dvh, d_percent, report_bins_gy
 from m2m.physics.optimizer import optimize
 from m2m.physics.protocol import measure_all
 from m2m.physics.tpp import TppSet
 from m2m.scenarios import Scenario, load_scenario
-
-REPORT_SPAN = 1.5
-"""DVHs are reported up to this multiple of Rx: hot initial plans (t_ptv up to 1.2) reach well past 115 %."""
-
-
-def report_bins_gy(rx_gy: float) -> np.ndarray:
-    """The reported DVH bins (Gy): the DRL policy's bins (:data:`N_BINS` from 0 to :data:`DOSE_SPAN` × Rx, so the
-    advisor reads its input off the first :data:`N_BINS`) continued with the same spacing to :data:`REPORT_SPAN`
-    × Rx."""
-    spacing = DOSE_SPAN * rx_gy / (N_BINS - 1)
-    return np.arange(int(np.ceil(REPORT_SPAN * rx_gy / spacing)) + 1) * spacing
-
-
-def tpps_from_dict(values: dict[str, float], oar_names: tuple[str, ...]) -> TppSet:
-    """A validated :class:`TppSet` for ``oar_names`` from ``{tpp name: value}``; every TPP must be given once."""
-    expected = TppSet.default(oar_names).names()
-    missing = [n for n in expected if n not in values]
-    extra = sorted(set(values) - set(expected))
-    if missing or extra:
-        raise ValueError(f"TPPs must be exactly {list(expected)}; missing {missing}, unexpected {extra}")
-    return TppSet.from_vector([values[n] for n in expected], oar_names)
+from m2m.scenarios.cases import CaseBank, phantom_bank
 
 
 def structure_doses(dose: dict[str, np.ndarray], bins_gy: np.ndarray) -> list[StructureDose]:
@@ -81,7 +60,7 @@ class DoseEngine(Agent):
 
     async def on_plan(self, msg: DosePlanRequest, ctx: RequestContext) -> DosePlanResult:
         sc, bank = self._bank(msg.scenario)
-        tpps = tpps_from_dict(msg.tpps, sc.oar_names)
+        tpps = TppSet.from_dict(msg.tpps, sc.oar_names)
         warm = None if msg.warm_start is None else np.asarray(msg.warm_start, dtype=np.float64)
         # One solve at a time per process: the agent's capacity is 1, so the broker never sends a second.
         started = time.perf_counter()

@@ -1,12 +1,10 @@
 """The evaluator agent (``plan.evaluate``): dose metrics → points per protocol criterion, total and maximum.
 
-The scoring itself is :func:`m2m.physics.protocol.score_values`; this agent only serves it. Protocols are
-loaded once per name.
+The scoring itself is :func:`m2m.physics.protocol.score_values`; this agent only serves it. Each agent loads a
+protocol once per name.
 """
 
 from __future__ import annotations
-
-from functools import cache
 
 from m2m.agents.messages import EVALUATE, CriterionResult, EvaluateRequest, Evaluation
 from m2m.agents.runtime import Agent
@@ -14,31 +12,40 @@ from m2m.bus.worker import Handlers, RequestContext
 from m2m.physics.protocol import Protocol, ScoreReport, load_protocol, score_values
 
 
-@cache
-def _protocol(name: str) -> Protocol:
-    return load_protocol(name)
+def criterion_results(report: ScoreReport) -> list[CriterionResult]:
+    """Each criterion of a :class:`ScoreReport` as it travels (and is recorded) in a :class:`Step`."""
+    return [
+        CriterionResult(
+            id=i.criterion.id, label=i.criterion.label, structure=i.criterion.structure, metric=i.criterion.metric,
+            unit=i.criterion.unit, value=i.value, limit=i.criterion.limit, zero=i.criterion.zero, points=i.points,
+            passed=i.passed,
+        )
+        for i in report.items
+    ]
 
 
 def evaluation_message(report: ScoreReport) -> Evaluation:
     """A :class:`ScoreReport` as the bus message."""
     return Evaluation(
         protocol=report.protocol,
-        criteria=[
-            CriterionResult(
-                label=i.criterion.label, structure=i.criterion.structure, metric=i.criterion.metric,
-                unit=i.criterion.unit, value=i.value, limit=i.criterion.limit, zero=i.criterion.zero,
-                points=i.points, passed=i.passed,
-            )
-            for i in report.items
-        ],
+        criteria=criterion_results(report),
         total=report.total,
         max_score=report.max_score,
-        failing=list(report.failing),
+        failing=[i.criterion.id for i in report.items if not i.passed],
     )
 
 
 class Evaluator(Agent):
     """Scores plans against the packaged protocols."""
+
+    async def setup(self) -> None:
+        self._protocols: dict[str, Protocol] = {}
+
+    def _protocol(self, name: str) -> Protocol:
+        """Protocol ``name``, loaded once per agent."""
+        if name not in self._protocols:
+            self._protocols[name] = load_protocol(name)
+        return self._protocols[name]
 
     def handlers(self) -> dict[str, Handlers]:
         return {EVALUATE: {EvaluateRequest: self.on_evaluate}}
@@ -47,5 +54,5 @@ class Evaluator(Agent):
         return 8  # scoring is microseconds of arithmetic: no reason to queue
 
     async def on_evaluate(self, msg: EvaluateRequest, ctx: RequestContext) -> Evaluation:
-        report = score_values(_protocol(msg.protocol), msg.metrics)
+        report = score_values(self._protocol(msg.protocol), msg.metrics)
         return evaluation_message(report)

@@ -5,11 +5,17 @@ Services and topics:
 * ``dose.plan`` — :class:`DosePlanRequest` → :class:`DosePlanResult` (dose engine);
 * ``plan.evaluate`` — :class:`EvaluateRequest` → :class:`Evaluation` (evaluator);
 * ``drl.advise`` — :class:`AdviseRequest` → :class:`Advice` (DRL advisor);
-* ``plan.session`` — :class:`SessionRequest` → :class:`SessionResult` (planner);
+* ``plan.session`` — :class:`SessionRequest` → :class:`SessionResult` (planner): the reply carries the whole
+  step list, so a client's record never depends on best-effort events;
 * ``supervisor.control`` — :class:`StatusRequest` / :class:`SwapRequest` / :class:`DownRequest` (supervisor);
-* topics ``knowledge.tpp.<site>`` (retained :class:`KnowledgeMessage`), ``session.<id>`` (retained
-  :class:`StepEvent`, the session's state after each step) and ``agents.status.<name>`` (retained
-  :class:`AgentStatus`).
+* topics ``knowledge.tpp.<site>`` (retained :class:`KnowledgeMessage`), ``session.<id>`` (:class:`StepEvent`, one
+  per step, for live progress), ``takeover.<id>`` (retained :class:`SessionState`: what a planner taking over the
+  session resumes from) and ``agents.status.<name>`` (retained :class:`AgentStatus`).
+
+The session vocabulary is typed end to end: a step of a TPP is a :class:`~m2m.physics.tpp.Move`, criteria are keyed
+by :attr:`~m2m.physics.protocol.Criterion.id`, and modes, outcomes, action sources, veto reasons and agent states are
+enums or Literals. One step schema, :class:`Step`, is used by the bus event, the session reply, the session folder
+and the experiment records.
 
 Doses are in Gy, DVH volumes in % of the structure, TPP thresholds ``t`` in fractions of Rx. Requests are
 stateless: the warm-start fluence travels in the request, so any dose-engine instance gives the same plan.
@@ -18,11 +24,17 @@ stateless: the warm-start fluence travels in the request, so any dose-engine ins
 from __future__ import annotations
 
 import uuid
+from enum import StrEnum
+from typing import Literal
 
 import msgspec
 import numpy as np
 
+from m2m.agents.llm.guard import ActionSource, Veto
+from m2m.agents.llm.situation import Mode
 from m2m.bus.messages import Message
+from m2m.physics.protocol import CriterionId
+from m2m.physics.tpp import Move
 
 DOSE_PLAN = "dose.plan"
 EVALUATE = "plan.evaluate"
@@ -42,6 +54,10 @@ def knowledge_topic(site: str) -> str:
 
 def session_topic(session_id: str) -> str:
     return f"session.{session_id}"
+
+
+def takeover_topic(session_id: str) -> str:
+    return f"takeover.{session_id}"
 
 
 def status_topic(agent_name: str) -> str:
@@ -70,10 +86,11 @@ class StructureDose(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DosePlanResult(Message):
-    """The optimised plan: DVHs, the protocol's metric values (keyed by criterion label, in the criterion's
-    unit), the fluence (for the next warm start) and how the solve went."""
+    """The optimised plan: DVHs, the protocol's metric values (keyed by criterion id, in the criterion's unit),
+    the fluence (for the next warm start) and how the solve went."""
 
     schema = "m2m.dose.plan-result"
+    version = 2
     scenario: str
     case_id: str
     case_seed: int
@@ -81,7 +98,7 @@ class DosePlanResult(Message):
     tpps: dict[str, float]
     dvh_bins_gy: np.ndarray
     structures: list[StructureDose]
-    metrics: dict[str, float]
+    metrics: dict[CriterionId, float]
     fluence: np.ndarray
     solve_s: float
     iterations: int
@@ -90,14 +107,19 @@ class DosePlanResult(Message):
 
 # ------------------------------------------------------------------------------------------------ evaluator
 class EvaluateRequest(Message):
-    """Score metric values (criterion label → value) against ``protocol``."""
+    """Score metric values (criterion id → value) against ``protocol``."""
 
     schema = "m2m.plan.evaluate-request"
+    version = 2
     protocol: str
-    metrics: dict[str, float]
+    metrics: dict[CriterionId, float]
 
 
 class CriterionResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One criterion of a scored plan: ``id`` is its stable key, ``label`` its rendering for people; ``value``,
+    ``limit`` and ``zero`` in ``unit``, ``points`` 0..1."""
+
+    id: CriterionId
     label: str
     structure: str
     metric: str
@@ -111,11 +133,12 @@ class CriterionResult(msgspec.Struct, frozen=True, kw_only=True):
 
 class Evaluation(Message):
     schema = "m2m.plan.evaluation"
+    version = 2
     protocol: str
     criteria: list[CriterionResult]
     total: float
     max_score: float
-    failing: list[str]
+    failing: list[CriterionId]
 
 
 # ------------------------------------------------------------------------------------------------ DRL advisor
@@ -142,125 +165,202 @@ class AdviseRequest(Message):
 
 
 class AdvisedAction(msgspec.Struct, frozen=True, kw_only=True):
-    """One admissible action (it changes the TPP): ``direction`` +1 raises ``tpp``, −1 lowers it."""
+    """One admissible move (it changes the TPPs), its policy probability and Q value."""
 
-    tpp: str
-    direction: int
+    move: Move
     probability: float
     q: float
 
 
 class Advice(Message):
     schema = "m2m.drl.advice"
+    version = 2
     actions: list[AdvisedAction]
     checkpoint_sha256: str
 
 
 # ------------------------------------------------------------------------------------------------ planner
+class Outcome(StrEnum):
+    """Why a session ended."""
+
+    MAXIMUM_SCORE = "maximum score"
+    STEP_CAP = "step cap"
+    NO_ADMISSIBLE_ACTION = "no admissible action"
+
+
 class SessionRequest(Message):
     """Plan ``case_seed`` of ``scenario`` autonomously until the maximum score or ``step_cap`` steps.
 
-    ``mode`` is ``"guided"`` (the knowledge is in the LLM's context and guards its proposals) or
-    ``"unguided"``; ``with_advice`` also renders the DRL's per-step advice (guided only). ``initial_tpps``
-    overrides the scenario's initial TPPs for the case.
+    ``mode``: ``"guided"`` (the knowledge is in the LLM's context and guards its proposals) or ``"unguided"``;
+    ``with_advice`` also renders the DRL's per-step advice (guided only). ``initial_tpps`` overrides the scenario's
+    initial TPPs for the case.
     """
 
     schema = "m2m.plan.session-request"
+    version = 2
     session_id: str
     scenario: str
     case_seed: int
-    mode: str = "guided"
+    mode: Mode = "guided"
     step_cap: int = 20
     with_advice: bool = False
     initial_tpps: dict[str, float] | None = None
 
 
-class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """A past step as the planner remembers it: the change made from it and the score it had."""
+class Proposal(msgspec.Struct, frozen=True, kw_only=True):
+    """The planner's own answer at a step, before the guard: ``change`` by ``move`` or ``stop`` (``move`` None),
+    with its ``rationale``."""
+
+    action: Literal["change", "stop"]
+    move: Move | None = None
+    rationale: str = ""
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """The decision taken from a step. ``proposal`` is the planner's own (None: no valid answer, ``error`` says
+    why); ``action`` the move made after the guard (None: the session stopped), ``source`` who chose it and
+    ``vetoes`` what the guard refused. ``answers`` are the model's raw texts (a replay feeds them back);
+    ``retries`` the re-asks after an invalid answer; ``decision_s`` its wall time (s)."""
+
+    proposal: Proposal | None
+    action: Move | None
+    source: ActionSource
+    vetoes: list[Veto] = msgspec.field(default_factory=list)
+    valid: bool = True
+    retries: int = 0
+    error: str = ""
+    answers: list[str] = msgspec.field(default_factory=list)
+    decision_s: float = 0.0
+
+
+class Step(msgspec.Struct, frozen=True, kw_only=True):
+    """One step of a session — THE step schema: the bus event, the session reply, the session folder and the
+    experiment records all hold these. Step 0 is the initial plan. ``score`` in protocol points; ``criteria`` the
+    scored plan; ``failing`` the ids of the failing criteria (kept beside ``criteria`` because records converted
+    from the first experiment format have no criterion values); ``tpps`` the TPPs the plan was made with;
+    ``plan_s`` the wall time (s) of planning and scoring it; ``decision`` the decision taken from it (None at the
+    last step)."""
 
     step: int
-    change: str
     score: float
+    max_score: float
+    tpps: dict[str, float]
+    failing: list[CriterionId]
+    criteria: list[CriterionResult] = msgspec.field(default_factory=list)
+    plan_s: float = 0.0
+    decision: Decision | None = None
+
+    @property
+    def action(self) -> Move | None:
+        """The move made from this step (None at the last step or when the session stopped)."""
+        return self.decision.action if self.decision is not None else None
 
 
-class Veto(msgspec.Struct, frozen=True, kw_only=True):
-    reason: str
-    detail: str
+class SessionHeader(msgspec.Struct, frozen=True, kw_only=True):
+    """What a session is: case, scenario, mode, cap and the planner implementation that serves it now."""
 
-
-class StepEvent(Message):
-    """The session after step ``step`` (0 = the initial plan): its score and criteria, the TPPs it was planned
-    with, and the decision taken from it (empty at the last step). ``raw_*`` is the LLM's own proposal,
-    ``action_*`` what was done after the guard; ``llm_answers`` are the model's raw texts (for replay).
-
-    Published retained on ``session.<id>``: a planner that takes over a session resumes from the last one
-    (``next_tpps`` and ``fluence``)."""
-
-    schema = "m2m.plan.step"
     session_id: str
     scenario: str
     case_id: str
     case_seed: int
-    mode: str
-    planner: str
-    step: int
+    mode: Mode
     step_cap: int
+    planner: str
+    rx_gy: float
+
+
+class StepEvent(Message):
+    """Live progress, published on ``session.<id>`` after each step (best effort: a lost event loses only a
+    progress line, never the record). ``outcome`` is set on the last step."""
+
+    schema = "m2m.plan.step"
+    version = 2
+    header: SessionHeader
+    record: Step
     initial_score: float
+    outcome: Outcome | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+
+class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A past step as the planner remembers it: the move made from it and the score it had."""
+
+    step: int
+    move: Move
     score: float
-    max_score: float
-    criteria: list[CriterionResult]
-    tpps: dict[str, float]
-    done: bool
-    outcome: str = ""
-    raw_action: str = ""
-    raw_tpp: str = ""
-    raw_direction: str = ""
-    rationale: str = ""
-    action_tpp: str = ""
-    action_direction: int = 0
-    action_source: str = ""
-    vetoes: list[Veto] = msgspec.field(default_factory=list)
-    valid: bool = True
-    retries: int = 0
-    llm_answers: list[str] = msgspec.field(default_factory=list)
-    decision_s: float = 0.0
-    plan_s: float = 0.0
-    next_tpps: dict[str, float] = msgspec.field(default_factory=dict)
-    fluence: np.ndarray | None = None
-    history: list[HistoryEntry] = msgspec.field(default_factory=list)
-    dvh_bins_gy: np.ndarray | None = None
-    structures: list[StructureDose] = msgspec.field(default_factory=list)
+
+
+class SessionState(Message):
+    """Everything a planner taking over a session resumes from, retained on ``takeover.<id>`` after each step:
+    the steps so far, the next TPPs and the last fluence (warm start), the remembered history and the first
+    plan's DVHs (for the record). ``outcome`` is set once the session ended."""
+
+    schema = "m2m.plan.session-state"
+    header: SessionHeader
+    steps: list[Step]
+    initial_score: float
+    next_tpps: dict[str, float]
+    fluence: np.ndarray | None
+    history: list[HistoryEntry]
+    dvh_bins_gy: np.ndarray
+    initial_structures: list[StructureDose]
+    planners: list[str]
+    outcome: Outcome | None = None
+    final_structures: list[StructureDose] = msgspec.field(default_factory=list)
 
 
 class SessionResult(Message):
+    """The finished session: every step (no fluences), the first and final plans' DVHs, and summary counts."""
+
     schema = "m2m.plan.session-result"
-    session_id: str
-    scenario: str
-    case_id: str
-    mode: str
+    version = 2
+    header: SessionHeader
+    outcome: Outcome
+    steps: list[Step]
     initial_score: float
     final_score: float
     max_score: float
-    steps: int
-    reached_max: bool
+    dvh_bins_gy: np.ndarray
+    initial_structures: list[StructureDose]
+    final_structures: list[StructureDose]
     invalid_answers: int
     vetoes: int
     fallbacks: int
     planners: list[str]
     wall_s: float
 
+    @property
+    def reached_max(self) -> bool:
+        return self.outcome is Outcome.MAXIMUM_SCORE
+
+    @property
+    def n_steps(self) -> int:
+        """Decisions taken (the index of the last step)."""
+        return self.steps[-1].step
+
 
 # ------------------------------------------------------------------------------------------------ runtime
+#: An agent process's life: ``starting`` (setting up), ``ready`` (serving), ``draining`` (finishing its requests
+#: before it stops), ``stopped``, or ``failed`` (its setup raised; ``detail`` says why, and it exits).
+AgentState = Literal["starting", "ready", "draining", "stopped", "failed"]
+#: What the supervisor shows for a process: the agent's own state, or ``exited`` once the process is gone.
+ProcessState = Literal["starting", "ready", "draining", "stopped", "failed", "exited"]
+
+
 class AgentStatus(Message):
-    """An agent process's state (``starting``, ``ready``, ``draining``, ``stopped``), retained per agent."""
+    """An agent process's :data:`AgentState`, retained per agent on ``agents.status.<name>``."""
 
     schema = "m2m.agent.status"
+    version = 2
     name: str
     role: str
     impl: str
     pid: int
     incarnation: int
-    state: str
+    state: AgentState
     services: list[str]
     detail: str = ""
 
@@ -274,13 +374,14 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     role: str
     impl: str
     pid: int
-    state: str
+    state: ProcessState
     restarts: int
     uptime_s: float
 
 
 class StackStatus(Message):
     schema = "m2m.supervisor.status"
+    version = 2
     endpoint: str
     transcript: str
     agents: list[AgentInfo]

@@ -2,8 +2,9 @@
 
 Loop: dose engine (``dose.plan``) → evaluator (``plan.evaluate``) → stop at the protocol's maximum or the step
 cap → else [guided: the DRL's advice, ``drl.advise``] → a decision → the guard → the next TPPs. After every step
-the session's state is published retained on ``session.<id>`` (:class:`StepEvent`): the progress view, the
-transcript and a planner taking over the session (after a swap or a crash) all read it there.
+the session's state is published retained on ``takeover.<id>`` (:class:`SessionState`, read by a planner taking
+over the session after a swap or a crash) and the step on ``session.<id>`` (:class:`StepEvent`, live progress).
+The reply (:class:`SessionResult`) carries every :class:`Step`, so the record never depends on an event.
 
 Three implementations share the loop and the guard and differ only in who proposes the step:
 
@@ -26,7 +27,7 @@ import abc
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -34,9 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import msgspec
 import structlog
 
-from m2m.agents.dose_engine import tpps_from_dict
 from m2m.agents.drl.knowledge import TppKnowledge, decode_knowledge, relabel_knowledge
-from m2m.agents.drl.roles import roles_of
 from m2m.agents.llm.decision import DecisionOutcome, TppDecision, decide
 from m2m.agents.llm.guard import GuardResult, guard, rule_vetoes, tightening_moves
 from m2m.agents.llm.situation import AdviceView, CriterionView, Situation, StepView
@@ -47,32 +46,38 @@ from m2m.agents.messages import (
     SESSION,
     Advice,
     AdviseRequest,
+    Decision,
     DosePlanRequest,
     DosePlanResult,
     EvaluateRequest,
     Evaluation,
     HistoryEntry,
     KnowledgeMessage,
+    Outcome,
+    Proposal,
+    SessionHeader,
     SessionRequest,
     SessionResult,
+    SessionState,
+    Step,
     StepEvent,
-    Veto,
     knowledge_topic,
     session_topic,
+    takeover_topic,
 )
 from m2m.agents.runtime import Agent, AgentConfigError
 from m2m.bus.client import BusClient
 from m2m.bus.errors import WorkerLost
 from m2m.bus.worker import Handlers, RequestContext
-from m2m.physics.tpp import step as tpp_step
-from m2m.scenarios import load_scenario
+from m2m.physics.protocol import SCORE_TOLERANCE
+from m2m.physics.tpp import Direction, TppSet
+from m2m.scenarios import Scenario, load_scenario
 
 if TYPE_CHECKING:
     from m2m.agents.llm.clients import ModelClientSpec
 
 log = structlog.get_logger("planner")
 
-MODES = ("guided", "unguided")
 HISTORY_STEPS = 3
 """Past steps shown to the LLM: the context stays bounded whatever the step cap."""
 DOSE_TIMEOUT_S = 600.0
@@ -80,7 +85,6 @@ DOSE_TIMEOUT_S = 600.0
 ADVISE_TIMEOUT_S = 30.0
 KNOWLEDGE_WAIT_S = 30.0
 ADVICE_K = 5
-SCORE_TOLERANCE = 1e-9
 
 
 class HandOver(WorkerLost):
@@ -120,7 +124,7 @@ class DrlDecider:
         if not situation.advice:
             return DecisionOutcome(raw=None, valid=False, retries=0, error="no DRL advice", latency_s=0.0, prompt="")
         best = situation.advice[0]
-        raw = TppDecision(action="change", tpp=best.tpp, direction="raise" if best.direction > 0 else "lower",
+        raw = TppDecision(action="change", tpp=best.tpp, direction=Direction(best.direction).word,
                           rationale=f"DRL top action (p={best.probability:.2f})")
         return DecisionOutcome(raw=raw, valid=True, retries=0, error="", latency_s=time.perf_counter() - started,
                                prompt="")
@@ -139,15 +143,16 @@ class RulesDecider:
     async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome:
         started = time.perf_counter()
         last = situation.history[-1] if situation.history else None
-        stalled = last.change if last is not None and situation.score <= last.score + SCORE_TOLERANCE else ""
+        stalled = last.move if last is not None and situation.score <= last.score + SCORE_TOLERANCE else None
         moves = [m for m in tightening_moves(situation) if not rule_vetoes(situation, *m, "unguided", ())]
-        chosen = next((m for m in moves if _label(*m) != stalled), moves[0] if moves else None)
+        chosen = next((m for m in moves if stalled is None or m != (stalled.tpp, stalled.direction)),
+                      moves[0] if moves else None)
         if chosen is None:
             raw = TppDecision(action="stop", tpp="", direction="none", rationale="no tightening move is in range")
         else:
             escalated = chosen != moves[0]
             raw = TppDecision(
-                action="change", tpp=chosen[0], direction="raise" if chosen[1] > 0 else "lower",
+                action="change", tpp=chosen[0], direction=Direction(chosen[1]).word,
                 rationale="tighten for the worst failing criterion"
                 + ("; the previous step did not raise the score" if escalated else ""),
             )
@@ -156,7 +161,7 @@ class RulesDecider:
 
 
 def situation_from(
-    scenario: str,
+    scenario: Scenario,
     step: int,
     step_cap: int,
     plan: DosePlanResult,
@@ -164,8 +169,9 @@ def situation_from(
     history: list[HistoryEntry],
     knowledge: TppKnowledge | None,
     advice: Advice | None,
+    knowledge_site: str | None = None,
 ) -> Situation:
-    """What the decision sees at one step (doses in % of Rx)."""
+    """What the decision sees at one step (doses in % of Rx); ``knowledge_site``: where ``knowledge`` was learned."""
     rx = plan.rx_gy
     return Situation(
         scenario=scenario,
@@ -184,15 +190,12 @@ def situation_from(
                      "d95_pct_rx": 100 * s.d95_gy / rx}
             for s in plan.structures
         },
-        history=tuple(StepView(step=h.step, change=h.change, score=h.score) for h in history[-HISTORY_STEPS:]),
+        history=tuple(StepView(step=h.step, move=h.move, score=h.score) for h in history[-HISTORY_STEPS:]),
         knowledge=knowledge,
-        advice=tuple(AdviceView(tpp=a.tpp, direction=a.direction, probability=a.probability)
+        knowledge_site=knowledge_site,
+        advice=tuple(AdviceView(tpp=a.move.tpp, direction=int(a.move.direction), probability=a.probability)
                      for a in (advice.actions if advice else [])),
     )
-
-
-def _label(tpp: str, direction: int) -> str:
-    return f"{'raise' if direction > 0 else 'lower'} {tpp}" if direction else "stop"
 
 
 @dataclass
@@ -205,6 +208,8 @@ class SessionRunner:
     knowledge: dict[str, TppKnowledge] = field(default_factory=dict)
     knowledge_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     handover: bool = False
+    on_step: Callable[[Step, str | None], None] | None = None
+    """Called in this process after each step (``m2m replay`` shows progress with it)."""
     _listener: asyncio.Task[None] | None = None
 
     def follow_knowledge(self) -> None:
@@ -230,16 +235,16 @@ class SessionRunner:
         if self._listener is not None:
             self._listener.cancel()
 
-    async def last_state(self, session_id: str) -> StepEvent | None:
+    async def last_state(self, session_id: str) -> SessionState | None:
         """The session's retained state on the bus (None for a new session)."""
-        topic = session_topic(session_id)
+        topic = takeover_topic(session_id)
         retained = await self.bus.retained(topic)
         msg = retained.get(topic)
-        return msg if isinstance(msg, StepEvent) and msg.session_id == session_id else None
+        return msg if isinstance(msg, SessionState) and msg.header.session_id == session_id else None
 
-    async def _knowledge_for(self, site: str) -> TppKnowledge:
-        """The knowledge published for ``site``; for a site without its own, another site's (it is written in
-        site-agnostic roles, as the paper guided liver with prostate knowledge)."""
+    async def _knowledge_for(self, site: str) -> tuple[str, TppKnowledge]:
+        """The site and knowledge published for ``site``; for a site without its own, another site's (it is written
+        in site-agnostic roles, as the paper guided liver with prostate knowledge)."""
         deadline = time.monotonic() + KNOWLEDGE_WAIT_S
         while not self.knowledge:
             remaining = deadline - time.monotonic()
@@ -249,31 +254,30 @@ class SessionRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.knowledge_arrived.wait(), remaining)
         if site in self.knowledge:
-            return self.knowledge[site]
+            return site, self.knowledge[site]
         other = sorted(self.knowledge)[0]
         log.info("cross_site_knowledge", site=site, knowledge_site=other)
-        return self.knowledge[other]
+        return other, self.knowledge[other]
 
     async def run(self, req: SessionRequest) -> SessionResult:
-        if req.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {req.mode!r}")
         if req.step_cap < 0:
             raise ValueError(f"step_cap must be >= 0, got {req.step_cap}")
         sc = load_scenario(req.scenario)
         sid = req.session_id
         started = time.perf_counter()
-        last = await self.last_state(sid)
-        if last is not None and last.done:
+        state = await self.last_state(sid)
+        if state is not None and state.outcome is not None:
             log.info("session_already_done", session=sid)
-            return self._result(req, last, [], started)
-        if last is not None:
-            step, tpps, warm = last.step + 1, dict(last.next_tpps), last.fluence
-            history, initial_score = list(last.history), last.initial_score
-            log.info("session_resumed", session=sid, step=step, previous_planner=last.planner)
+            return self._result(state, started)
+        if state is not None:
+            log.info("session_resumed", session=sid, step=len(state.steps), previous_planner=state.header.planner)
+            header = msgspec.structs.replace(state.header, planner=self.planner_name)
+            state = msgspec.structs.replace(state, header=header,
+                                            planners=sorted({*state.planners, self.planner_name}))
+            step, tpps, warm = len(state.steps), dict(state.next_tpps), state.fluence
         else:
-            step, warm, history, initial_score = 0, None, [], float("nan")
+            step, warm = 0, None
             tpps = dict(req.initial_tpps) if req.initial_tpps else sc.initial_tpp_set(req.case_seed).as_dict()
-        events: list[StepEvent] = []
         while True:
             t0 = time.perf_counter()
             plan: DosePlanResult = await self.bus.request(
@@ -285,24 +289,23 @@ class SessionRunner:
                 idempotency_key=f"{sid}:{step}:evaluate", expect=Evaluation, session=sid,
             )
             plan_s = time.perf_counter() - t0
-            if step == 0:
-                initial_score = evaluation.total
-            base: dict[str, Any] = dict(
-                session_id=sid, scenario=req.scenario, case_id=plan.case_id, case_seed=req.case_seed, mode=req.mode,
-                planner=self.planner_name, step=step, step_cap=req.step_cap, initial_score=initial_score,
-                score=evaluation.total, max_score=evaluation.max_score, criteria=evaluation.criteria,
-                tpps=plan.tpps, plan_s=plan_s, history=history[-HISTORY_STEPS:], dvh_bins_gy=plan.dvh_bins_gy,
-                structures=plan.structures,
-            )
+            if state is None:
+                header = SessionHeader(session_id=sid, scenario=req.scenario, case_id=plan.case_id,
+                                       case_seed=req.case_seed, mode=req.mode, step_cap=req.step_cap,
+                                       planner=self.planner_name, rx_gy=plan.rx_gy)
+                state = SessionState(header=header, steps=[], initial_score=evaluation.total, next_tpps={},
+                                     fluence=None, history=[], dvh_bins_gy=plan.dvh_bins_gy,
+                                     initial_structures=plan.structures, planners=[self.planner_name])
+            record = Step(step=step, score=evaluation.total, max_score=evaluation.max_score, tpps=dict(plan.tpps),
+                          failing=list(evaluation.failing), criteria=list(evaluation.criteria), plan_s=plan_s)
             at_max = evaluation.total >= evaluation.max_score - SCORE_TOLERANCE
             if at_max or step >= req.step_cap:
-                event = StepEvent(**base, done=True, outcome="maximum score" if at_max else "step cap")
-                await self._publish(event)
-                events.append(event)
-                return self._result(req, event, events, started)
-            knowledge = None
+                outcome = Outcome.MAXIMUM_SCORE if at_max else Outcome.STEP_CAP
+                return await self._finish(state, record, plan, outcome, started)
+            knowledge, knowledge_site = None, None
             if req.mode == "guided":
-                knowledge = relabel_knowledge(await self._knowledge_for(sc.site), roles_of(req.scenario))
+                knowledge_site, learned = await self._knowledge_for(sc.site)
+                knowledge = relabel_knowledge(learned, sc.roles)
             advice = None
             if req.mode == "guided" or self.decider.needs_advice:
                 advice = await self.bus.request(
@@ -310,51 +313,66 @@ class SessionRunner:
                                           structures=plan.structures, k=ADVICE_K),
                     timeout=ADVISE_TIMEOUT_S, idempotency_key=f"{sid}:{step}:advise", expect=Advice, session=sid,
                 )
-            situation = situation_from(req.scenario, step, req.step_cap, plan, evaluation, history, knowledge, advice)
-            outcome = await self.decider.decide(situation, req.mode, req.with_advice and req.mode == "guided")
-            guarded: GuardResult = guard(situation, outcome.raw, req.mode, sc.oar_names)
-            if guarded.direction == 0:  # no admissible move at all (every TPP at the bound it would move to)
-                event = StepEvent(**base, done=True, outcome="no admissible action",
-                                  vetoes=[Veto(reason=v.reason, detail=v.detail) for v in guarded.vetoes])
-                await self._publish(event)
-                events.append(event)
-                return self._result(req, event, events, started)
-            current = tpps_from_dict(dict(plan.tpps), sc.oar_names)
-            next_tpps = tpp_step(current, guarded.tpp, guarded.direction).as_dict()
-            change = _label(guarded.tpp, guarded.direction)
-            raw = outcome.raw
-            event = StepEvent(
-                **base, done=False,
-                raw_action=raw.action if raw else "", raw_tpp=raw.tpp if raw else "",
-                raw_direction=raw.direction if raw else "", rationale=raw.rationale if raw else outcome.error,
-                action_tpp=guarded.tpp, action_direction=guarded.direction,
-                action_source=self.decider.name if guarded.source == "llm" else guarded.source,
-                vetoes=[Veto(reason=v.reason, detail=v.detail) for v in guarded.vetoes],
-                valid=outcome.valid, retries=outcome.retries, llm_answers=list(outcome.answers),
-                decision_s=outcome.latency_s, next_tpps=next_tpps, fluence=plan.fluence,
-            )
-            history = [*history, HistoryEntry(step=step, change=change, score=evaluation.total)][-HISTORY_STEPS:]
-            event.history = history
-            await self._publish(event)
-            events.append(event)
-            log.info("session_step", session=sid, step=step, score=evaluation.total, action=change,
+            situation = situation_from(sc, step, req.step_cap, plan, evaluation, state.history, knowledge, advice,
+                                       knowledge_site)
+            outcome_ = await self.decider.decide(situation, req.mode, req.with_advice and req.mode == "guided")
+            guarded: GuardResult = guard(situation, outcome_.raw, req.mode, sc.oar_names)
+            decision = decision_record(outcome_, guarded)
+            record = msgspec.structs.replace(record, decision=decision)
+            if guarded.move is None:  # no admissible move at all (every TPP at the bound it would move to)
+                return await self._finish(state, record, plan, Outcome.NO_ADMISSIBLE_ACTION, started)
+            next_tpps = guarded.move.apply(TppSet.from_dict(dict(plan.tpps), sc.oar_names)).as_dict()
+            history = [*state.history, HistoryEntry(step=step, move=guarded.move, score=evaluation.total)]
+            state = msgspec.structs.replace(state, steps=[*state.steps, record], next_tpps=next_tpps,
+                                            fluence=plan.fluence, history=history[-HISTORY_STEPS:])
+            await self._publish(state, record, None)
+            log.info("session_step", session=sid, step=step, score=evaluation.total, action=str(guarded.move),
                      source=guarded.source, vetoes=len(guarded.vetoes))
             step, tpps, warm = step + 1, next_tpps, plan.fluence
             if self.handover:
                 raise HandOver(f"planner {self.planner_name} is stopping: session {sid} continues elsewhere")
 
-    async def _publish(self, event: StepEvent) -> None:
-        await self.bus.publish(session_topic(event.session_id), event, retain=True, session=event.session_id)
+    async def _finish(self, state: SessionState, record: Step, plan: DosePlanResult, outcome: Outcome,
+                      started: float) -> SessionResult:
+        """Record the last step, publish the ended state (a later request for the session gets the same result)
+        and answer."""
+        state = msgspec.structs.replace(state, steps=[*state.steps, record], outcome=outcome, fluence=None,
+                                        final_structures=plan.structures)
+        await self._publish(state, record, outcome)
+        return self._result(state, started)
 
-    def _result(self, req: SessionRequest, last: StepEvent, events: list[StepEvent], started: float) -> SessionResult:
+    async def _publish(self, state: SessionState, record: Step, outcome: Outcome | None) -> None:
+        sid = state.header.session_id
+        await self.bus.publish(takeover_topic(sid), state, retain=True, session=sid)
+        event = StepEvent(header=state.header, record=record, initial_score=state.initial_score, outcome=outcome)
+        await self.bus.publish(session_topic(sid), event, session=sid)
+        if self.on_step is not None:
+            self.on_step(record, str(outcome) if outcome is not None else None)
+
+    def _result(self, state: SessionState, started: float) -> SessionResult:
+        if state.outcome is None:
+            raise ValueError("a session result needs an ended session")
+        decisions = [s.decision for s in state.steps if s.decision is not None]
+        last = state.steps[-1]
         return SessionResult(
-            session_id=req.session_id, scenario=req.scenario, case_id=last.case_id, mode=req.mode,
-            initial_score=last.initial_score, final_score=last.score, max_score=last.max_score, steps=last.step,
-            reached_max=last.score >= last.max_score - SCORE_TOLERANCE,
-            invalid_answers=sum(not e.valid for e in events), vetoes=sum(len(e.vetoes) for e in events),
-            fallbacks=sum(e.action_source == "safe" for e in events),
-            planners=sorted({e.planner for e in events} | {last.planner}), wall_s=time.perf_counter() - started,
+            header=state.header, outcome=state.outcome, steps=state.steps, initial_score=state.initial_score,
+            final_score=last.score, max_score=last.max_score, dvh_bins_gy=state.dvh_bins_gy,
+            initial_structures=state.initial_structures, final_structures=state.final_structures,
+            invalid_answers=sum(not d.valid for d in decisions), vetoes=sum(len(d.vetoes) for d in decisions),
+            fallbacks=sum(d.source == "safe" for d in decisions), planners=state.planners,
+            wall_s=time.perf_counter() - started,
         )
+
+
+def decision_record(outcome: DecisionOutcome, guarded: GuardResult) -> Decision:
+    """The :class:`Decision` of one step from what the decider answered and what the guard made of it."""
+    raw = outcome.raw
+    proposal = None if raw is None else Proposal(action=raw.action, move=raw.move, rationale=raw.rationale)
+    return Decision(
+        proposal=proposal, action=guarded.move, source=guarded.source, vetoes=list(guarded.vetoes),
+        valid=outcome.valid, retries=outcome.retries, error=outcome.error, answers=list(outcome.answers),
+        decision_s=outcome.latency_s,
+    )
 
 
 class _PlannerAgent(Agent, abc.ABC):

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from m2m.agents.messages import AgentStatus, status_topic
+from m2m.agents.messages import AgentState, AgentStatus, status_topic
 from m2m.bus.client import BusClient, BusConfig
 from m2m.bus.errors import RequestTimeout
 from m2m.bus.worker import Handlers, Worker
@@ -38,7 +38,7 @@ DRAIN_TIMEOUT_S = 600.0
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "dose-engine": {"pencil-beam": "m2m.agents.dose_engine:DoseEngine"},
     "evaluator": {"protocol": "m2m.agents.evaluator:Evaluator"},
-    "drl-advisor": {"dqn": "m2m.agents.drl.agent:DrlAdvisorAgent"},
+    "drl-advisor": {"dqn": "m2m.agents.drl_advisor:DrlAdvisorAgent"},
     "planner": {"llm": "m2m.agents.planner:LlmPlannerAgent", "drl": "m2m.agents.planner:DrlPlannerAgent",
                 "rules": "m2m.agents.planner:RulesPlannerAgent"},
 }
@@ -129,7 +129,7 @@ class Agent:
         """Release what :meth:`setup` took (after the workers drained)."""
 
 
-async def _announce(agent: Agent, state: str, services: list[str], detail: str = "") -> None:
+async def _announce(agent: Agent, state: AgentState, services: list[str], detail: str = "") -> None:
     ctx = agent.ctx
     msg = AgentStatus(
         name=ctx.name, role=ctx.role, impl=ctx.impl, pid=os.getpid(), incarnation=ctx.incarnation,

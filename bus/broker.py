@@ -457,6 +457,6 @@ def serve_forever(config: BrokerConfig) -> int:
 if __name__ == "__main__":
     import sys
 
-    from m2m.bus.commands import main_broker
+    from m2m.bus.serve import main_broker
 
     sys.exit(main_broker())

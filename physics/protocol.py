@@ -16,16 +16,17 @@ Metrics (``metric`` / allowed ``unit`` of ``limit`` and ``zero``):
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any, NewType
 from typing import Protocol as TypingProtocol
 
+import msgspec
 import numpy as np
 
 from m2m.physics import dvh
+from m2m.physics.config_file import ConfigError, convert, expected, key_path, read_toml, toml_repr
 
 _DOSE_UNITS = ("Gy", "%Rx")
 _VOLUME_UNITS = ("%", "cc")
@@ -33,8 +34,15 @@ _METRIC = re.compile(r"^(?:D(?P<dcc>\d+(?:\.\d+)?)cc|D(?P<dpct>\d+(?:\.\d+)?)%|D
                      r"|V(?P<vrx>\d+(?:\.\d+)?)%Rx)$")
 
 
-class ProtocolError(ValueError):
-    """A protocol file or criterion that is malformed (the message names the file and the field)."""
+#: Scores (protocol points) closer than this are equal: "at the maximum" means ``total >= max_score - SCORE_TOLERANCE``.
+SCORE_TOLERANCE = 1e-9
+
+#: A criterion's stable key within its protocol (:attr:`Criterion.id`), e.g. ``"rectum:V70Gy"``.
+CriterionId = NewType("CriterionId", str)
+
+
+class ProtocolError(ConfigError):
+    """A protocol file or criterion that is malformed (the message names the file and the key)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,13 @@ class Criterion:
     def upper(self) -> bool:
         """True when lower values are better (``limit`` is an upper limit)."""
         return self.zero > self.limit
+
+    @property
+    def id(self) -> CriterionId:
+        """The stable key of this criterion within its protocol, e.g. ``"rectum:V70Gy"``: structure and metric,
+        unchanged when the limit or zero point is recalibrated (a protocol may not hold two criteria with one id).
+        Metric values and scores travel keyed by it; :attr:`label` is for people."""
+        return CriterionId(f"{self.structure}:{self.metric}")
 
     @property
     def label(self) -> str:
@@ -104,6 +119,21 @@ class Protocol:
     name: str
     criteria: tuple[Criterion, ...]
     description: str = ""
+
+    def __post_init__(self) -> None:
+        ids = [c.id for c in self.criteria]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ProtocolError(f"protocol {self.name}: criteria {twice} appear more than once (one per structure "
+                                "and metric)")
+
+    def criterion(self, criterion_id: str) -> Criterion:
+        """The criterion with id ``criterion_id`` (KeyError naming the known ids otherwise)."""
+        for c in self.criteria:
+            if c.id == criterion_id:
+                return c
+        known = [c.id for c in self.criteria]
+        raise KeyError(f"protocol {self.name} has no criterion {criterion_id!r}; it has {known}")
 
     @property
     def max_score(self) -> float:
@@ -162,8 +192,8 @@ def measure_all(
     plan_or_dose_by_structure: _HasDose | Mapping[str, np.ndarray],
     voxel_volume_cc: float,
     rx_gy: float,
-) -> dict[str, float]:
-    """Every criterion's metric value (in its unit), keyed by :attr:`Criterion.label`, for a plan (anything with
+) -> dict[CriterionId, float]:
+    """Every criterion's metric value (in its unit), keyed by :attr:`Criterion.id`, for a plan (anything with
     ``.dose``) or a ``{structure: dose in Gy per voxel}`` mapping.
 
     ``voxel_volume_cc`` (cm³) is needed by D(cc) and V(cc) metrics; ``rx_gy`` (Gy) by %Rx units.
@@ -174,19 +204,19 @@ def measure_all(
     missing = [s for s in protocol.structures if s not in dose]
     if missing:
         raise KeyError(f"protocol {protocol.name} needs dose for {missing}; got {sorted(dose)}")
-    return {c.label: c.measure(dose[c.structure], voxel_volume_cc, rx_gy) for c in protocol.criteria}
+    return {c.id: c.measure(dose[c.structure], voxel_volume_cc, rx_gy) for c in protocol.criteria}
 
 
-def score_values(protocol: Protocol, values: Mapping[str, float]) -> ScoreReport:
-    """Score metric ``values`` keyed by criterion label (as :func:`measure_all` returns them); a missing label
-    raises ``KeyError`` naming it, a non-finite value ``ValueError``."""
+def score_values(protocol: Protocol, values: Mapping[CriterionId, float]) -> ScoreReport:
+    """Score metric ``values`` keyed by criterion id (as :func:`measure_all` returns them); a missing id raises
+    ``KeyError`` naming it, a non-finite value ``ValueError``."""
     items = []
     for c in protocol.criteria:
-        if c.label not in values:
-            raise KeyError(f"protocol {protocol.name}: no value for {c.label!r}")
-        value = float(values[c.label])
+        if c.id not in values:
+            raise KeyError(f"protocol {protocol.name}: no value for criterion {c.id!r} ({c.label})")
+        value = float(values[c.id])
         if not np.isfinite(value):
-            raise ValueError(f"protocol {protocol.name}: {c.label!r} = {value} is not finite")
+            raise ValueError(f"protocol {protocol.name}: {c.id!r} = {value} is not finite")
         items.append(CriterionScore(c, value, c.points(value), c.passed(value)))
     return ScoreReport(protocol.name, tuple(items), float(sum(i.points for i in items)), protocol.max_score)
 
@@ -207,62 +237,65 @@ def protocol_file(name: str) -> str:
     return f"protocol_{name.replace('-', '_')}.toml"
 
 
-def read_packaged_toml(file_name: str, error: type[Exception] = ProtocolError) -> dict[str, Any] | None:
-    """The table of ``file_name`` packaged in ``m2m.scenarios``, or None if there is no such file; a syntax error
-    raises ``error`` naming the file."""
-    resource = resources.files("m2m.scenarios") / file_name
-    if not resource.is_file():
-        return None
-    try:
-        return tomllib.loads(resource.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{file_name}: {exc}") from exc
+class _CriterionTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A ``[[criteria]]`` table as written: the fields of a :class:`Criterion`, which checks their values."""
+
+    structure: str
+    metric: str
+    unit: str
+    limit: float
+    zero: float
+    source: str = ""
 
 
-_CRITERION_KEYS = {"structure", "metric", "unit", "limit", "zero", "source"}
+class _ProtocolFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A ``protocol_<name>.toml`` as written: its ``[[criteria]]`` follow those of the protocol it ``extends``."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    description: str = ""
+    extends: str | None = None
+    criteria: tuple[_CriterionTable, ...] = ()
 
 
-def parse_criteria(entries: list[dict[str, Any]], where: str) -> tuple[Criterion, ...]:
-    """Criteria from TOML tables (``structure, metric, unit, limit, zero[, source]``)."""
-    criteria = []
-    for n, entry in enumerate(entries):
-        unknown = set(entry) - _CRITERION_KEYS
-        absent = _CRITERION_KEYS - {"source"} - set(entry)
-        if unknown or absent:
-            raise ProtocolError(f"{where} criterion {n}: unknown keys {sorted(unknown)}, missing {sorted(absent)}")
-        try:
-            criteria.append(
-                Criterion(
-                    structure=str(entry["structure"]),
-                    metric=str(entry["metric"]),
-                    unit=str(entry["unit"]),
-                    limit=float(entry["limit"]),
-                    zero=float(entry["zero"]),
-                    source=str(entry.get("source", "")),
-                )
-            )
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"{where} criterion {n}: {exc}") from exc
-    return tuple(criteria)
+def parse_protocol(data: Mapping[str, Any], where: str = "<protocol>") -> Protocol:
+    """Validate a protocol table (as read from TOML), loading the protocol it ``extends``; ``where`` names its
+    source in errors."""
+    return _protocol(convert(data, _ProtocolFile, where, ProtocolError), where, ())
 
 
 def load_protocol(name: str, _seen: tuple[str, ...] = ()) -> Protocol:
-    """Load protocol ``name`` (e.g. ``"prostate-basic"``) from the scenarios package, resolving ``extends``."""
+    """Load protocol ``name`` (e.g. ``"prostate-basic"``) from the scenarios package, resolving ``extends``;
+    ``FileNotFoundError`` when there is no such protocol, :class:`ProtocolError` when its file is malformed."""
     if name in _seen:
         raise ProtocolError(f"protocol {name!r} extends itself through {_seen}")
     file_name = protocol_file(name)
-    data = read_packaged_toml(file_name)
-    if data is None:
+    resource = resources.files("m2m.scenarios") / file_name
+    if not resource.is_file():
         raise FileNotFoundError(f"no {file_name} in m2m.scenarios")
-    unknown = set(data) - {"name", "description", "extends", "criteria"}
-    if unknown:
-        raise ProtocolError(f"{file_name}: unknown keys {sorted(unknown)}")
-    if data.get("name") != name:
-        raise ProtocolError(f"{file_name}: name {data.get('name')!r} does not match {name!r}")
+    table = convert(read_toml(resource, file_name, ProtocolError), _ProtocolFile, file_name, ProtocolError)
+    if table.name != name:
+        raise ProtocolError(expected(f"{toml_repr(name)} as in the file name", table.name), file_name, "name")
+    return _protocol(table, file_name, _seen)
+
+
+def _protocol(table: _ProtocolFile, where: str, seen: tuple[str, ...]) -> Protocol:
+    """The :class:`Protocol` of a converted file: the checks that span the criteria (and ``extends``)."""
     base: tuple[Criterion, ...] = ()
-    if "extends" in data:
-        base = load_protocol(str(data["extends"]), (*_seen, name)).criteria
-    criteria = base + parse_criteria(list(data.get("criteria", [])), file_name)
+    if table.extends is not None:
+        try:
+            base = load_protocol(table.extends, (*seen, table.name)).criteria
+        except FileNotFoundError as exc:
+            raise ProtocolError(str(exc), where, "extends") from None
+    own = []
+    for i, entry in enumerate(table.criteria):
+        try:
+            own.append(Criterion(**msgspec.structs.asdict(entry)))
+        except ProtocolError as exc:  # an unknown metric, a unit that does not fit it, limit == zero
+            raise ProtocolError(exc.problem, where, key_path("criteria", i)) from None
+    criteria = base + tuple(own)
     if not criteria:
-        raise ProtocolError(f"{file_name}: no criteria")
-    return Protocol(name=name, criteria=criteria, description=str(data.get("description", "")))
+        raise ProtocolError("no criteria; expected at least one [[criteria]] table", where, "criteria")
+    try:
+        return Protocol(name=table.name, criteria=criteria, description=table.description)
+    except ProtocolError as exc:  # a criterion that appears twice
+        raise ProtocolError(exc.problem, where, "criteria") from None

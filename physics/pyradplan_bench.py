@@ -3,7 +3,8 @@
 Imported only when pyRadPlan is installed (extra ``pyradplan``: ``pyRadPlan==0.5.0`` and ``pydantic<2.14``);
 ``m2m bench physics`` adds its rows. What is compared, exactly:
 
-- **Case.** ``make_case("prostate", seed)``, default seed the first of the prostate-basic validation cohort (1000).
+- **Case.** ``make_case("prostate", seed)``; ``m2m bench physics`` passes the first seed of the prostate-basic
+  validation cohort (1000).
   Our ``[z, y, x]`` arrays map to pyRadPlan's SimpleITK images one to one (SimpleITK's numpy view is ``[z, y, x]``;
   both use LPS-like axes: x → patient left, y → posterior, z → superior, and the origin is the first voxel
   centre). The relative electron density becomes HU by inverting pyRadPlan's default HLUT piecewise linearly (its
@@ -75,13 +76,6 @@ OAR_PRIORITY = 1.0
 MAX_ITERATIONS = 300
 GAMMA_CRITERIA = ((3.0, 3.0), (2.0, 2.0))
 THRESHOLD_PERCENT = 10.0
-
-
-def default_seed() -> int:
-    """First seed of the prostate-basic validation cohort."""
-    from m2m.scenarios import load_scenario
-
-    return int(load_scenario(SCENARIO).cohorts.get("validation").seeds[0])
 
 
 @contextlib.contextmanager
@@ -262,11 +256,10 @@ def _csc_rows(matrix: Any, rows: np.ndarray) -> sp.csc_matrix:
     return sp.csc_matrix((matrix.data[keep].astype(np.float32), mapped[keep], indptr), shape=(rows.size, n_cols))
 
 
-def run(seed: int | None = None) -> Comparison:
+def run(seed: int) -> Comparison:
     """Run the comparison (about 2-4 minutes and 3-4 GB on 2 cores; pyRadPlan's 3 mm dij dominates)."""
     pyRadPlan.settings.xp.prefer_gpu = False
     pyRadPlan.settings.xp.preferred_cpu_array_backend = "numpy"
-    seed = default_seed() if seed is None else seed
     case = make_case("prostate", seed)
     beams = beams_for(case)
     rx = case.rx_gy

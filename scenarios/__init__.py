@@ -1,24 +1,30 @@
 """Planning scenarios as data: site, prescription, beams, protocol, TPP structures, cohorts, step cap.
 
 Each scenario is ``scenario_<name>.toml`` in this package (``-`` in the name becomes ``_``); its protocol is
-``protocol_<protocol>.toml`` (see :mod:`m2m.physics.protocol`). :func:`load_scenario` validates the file and
-returns frozen dataclasses; cohort seed ranges are half-open ``[start, stop)`` and never overlap.
+``protocol_<protocol>.toml`` (see :mod:`m2m.physics.protocol`). :func:`load_scenario` reads the file through
+:mod:`m2m.physics.config_file` (the structs below give its keys, types and defaults), checks what the types cannot
+(``ptv`` first, structures the site's phantoms and the protocol know, disjoint cohorts, one role per OAR) and
+returns frozen objects; cohort seed ranges are half-open ``[start, stop)`` and never overlap.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal, cast
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, NoReturn
 
+import msgspec
 import numpy as np
+from msgspec import Meta
 
-from m2m.physics.protocol import Protocol, ProtocolError, load_protocol, read_packaged_toml
-from m2m.physics.tpp import PTV, TppSet, random_tpps
+from m2m.physics.config_file import ConfigError, convert, expected, key_path, read_toml, toml_repr
+from m2m.physics.protocol import Protocol, ProtocolError, load_protocol
+from m2m.physics.tpp import PARAMS, PTV, TppSet, random_tpps
 
 Site = Literal["prostate", "liver"]
 InitialPolicy = Literal["default", "random"]
-COHORTS = ("train", "validation", "test", "knowledge", "paper")
 #: Structures the phantoms of each site provide (m2m.physics.phantoms) that criteria and TPPs may name.
 SITE_STRUCTURES: dict[str, frozenset[str]] = {
     "prostate": frozenset({"ptv", "bladder", "rectum", "femoral_head_l", "femoral_head_r"}),
@@ -27,13 +33,12 @@ SITE_STRUCTURES: dict[str, frozenset[str]] = {
 _PREFIX = "scenario_"
 
 
-class ScenarioError(ValueError):
-    """A scenario file that is malformed or inconsistent (the message names the file and the field)."""
+class ScenarioError(ConfigError):
+    """A scenario file that is malformed or inconsistent (the message names the file and the key)."""
 
 
-@dataclass(frozen=True)
-class SeedRange:
-    """Phantom seeds ``start ≤ seed < stop``."""
+class SeedRange(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """Phantom seeds ``start ≤ seed < stop``; written ``[start, stop)`` in a scenario file."""
 
     start: int
     stop: int
@@ -49,16 +54,18 @@ class SeedRange:
         return self.start < other.stop and other.start < self.stop
 
 
-@dataclass(frozen=True)
-class Cohorts:
-    """Disjoint seed ranges: ``train``/``validation``/``test`` for learning, ``knowledge`` for the LLM's
-    knowledge base, ``paper`` for the paper-style experiment."""
+_Seeds = Annotated[SeedRange, Meta(description="an array of 2 integers [start, stop)")]
 
-    train: SeedRange
-    validation: SeedRange
-    test: SeedRange
-    knowledge: SeedRange
-    paper: SeedRange
+
+class Cohorts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Disjoint seed ranges: ``train``/``validation``/``test`` for learning, ``knowledge`` for the LLM's
+    knowledge base, ``paper`` for the paper-style experiment. The ``[cohorts]`` table of a scenario."""
+
+    train: _Seeds
+    validation: _Seeds
+    test: _Seeds
+    knowledge: _Seeds
+    paper: _Seeds
 
     def get(self, name: str) -> SeedRange:
         if name not in COHORTS:
@@ -67,19 +74,21 @@ class Cohorts:
         return rng
 
 
-@dataclass(frozen=True)
-class BeamSpec:
-    """Coplanar beams: explicit ``gantry_deg``, or one every ``every_deg`` degrees, or (both None) the dose
-    engine's default set; ``bixel_mm`` is the beamlet size (mm)."""
+COHORTS: tuple[str, ...] = Cohorts.__struct_fields__
 
-    gantry_deg: tuple[float, ...] | None
-    every_deg: float | None
-    bixel_mm: float
+
+class BeamSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Coplanar beams: explicit ``gantry_deg``, or one every ``every_deg`` degrees, or (both None) the dose
+    engine's default set; ``bixel_mm`` is the beamlet size (mm). The ``[beams]`` table of a scenario."""
+
+    gantry_deg: Annotated[tuple[float, ...], Meta(min_length=1)] | None = None
+    every_deg: Annotated[float, Meta(gt=0, le=180)] | None = None
+    bixel_mm: Annotated[float, Meta(gt=0)] = 5.0
 
     def angles(self) -> tuple[float, ...]:
-        """Gantry angles in degrees."""
+        """Gantry angles in degrees (``gantry_deg`` in [0, 360))."""
         if self.gantry_deg is not None:
-            return self.gantry_deg
+            return tuple(a % 360.0 for a in self.gantry_deg)
         # The dose engine owns the default set and the spacing rule; imported here to keep loading light.
         from m2m.physics.beams import DEFAULT_GANTRY_DEG, every_n_degrees
 
@@ -103,6 +112,9 @@ class Scenario:
     initial_seed: int
     step_cap: int
     cohorts: Cohorts
+    #: ``{role: structure}``, e.g. ``{"ptv": "ptv", "oar1": "bladder", "oar2": "rectum"}`` (:func:`role_map` of the
+    #: ``[roles]`` table): the site-agnostic names a DRL policy and its knowledge use (:mod:`m2m.scenarios.roles`).
+    roles: Mapping[str, str] = field(hash=False)
 
     @property
     def oar_names(self) -> tuple[str, ...]:
@@ -111,7 +123,7 @@ class Scenario:
 
     @property
     def n_tpps(self) -> int:
-        return 3 * len(self.tpp_structures)
+        return len(PARAMS) * len(self.tpp_structures)
 
     def default_tpps(self) -> TppSet:
         return TppSet.default(self.oar_names)
@@ -134,127 +146,125 @@ def list_scenarios() -> tuple[str, ...]:
     names = []
     for entry in resources.files(__name__).iterdir():
         if entry.name.startswith(_PREFIX) and entry.name.endswith(".toml"):
-            data = read_packaged_toml(entry.name, ScenarioError) or {}
+            data = read_toml(entry, entry.name, ScenarioError)
             names.append(str(data.get("name", entry.name)))
     return tuple(sorted(names))
 
 
-_TOP_KEYS = {"name", "description", "site", "rx_gy", "protocol", "step_cap", "beams", "tpp", "cohorts"}
+_TPP_STRUCTURES = f"an array of structure names, {toml_repr(PTV)} first, then at least one OAR"
 
 
-def _require(cond: bool, where: str, message: str) -> None:
-    if not cond:
-        raise ScenarioError(f"{where}: {message}")
+class _TppTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    structures: Annotated[tuple[str, ...], Meta(min_length=2, description=_TPP_STRUCTURES)]
+    initial: InitialPolicy = "default"
+    initial_seed: Annotated[int, Meta(ge=0)] = 0
 
 
-def _table(data: dict[str, Any], key: str, allowed: set[str], where: str) -> dict[str, Any]:
-    table = data.get(key)
-    _require(isinstance(table, dict), where, f"missing table [{key}]")
-    assert isinstance(table, dict)
-    unknown = set(table) - allowed
-    _require(not unknown, where, f"unknown keys in [{key}]: {sorted(unknown)}")
-    return table
+class _ScenarioFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A ``scenario_<name>.toml`` as written (keys in the order of the packaged files)."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    description: str = ""
+    site: Site
+    rx_gy: Annotated[float, Meta(gt=0)]
+    protocol: str
+    step_cap: Annotated[int, Meta(gt=0)] = 20
+    beams: BeamSpec
+    tpp: _TppTable
+    roles: dict[str, str]
+    cohorts: Cohorts
 
 
-def _parse_beams(data: dict[str, Any], where: str) -> BeamSpec:
-    table = _table(data, "beams", {"gantry_deg", "every_deg", "bixel_mm"}, where)
-    gantry, every = table.get("gantry_deg"), table.get("every_deg")
-    _require(gantry is None or every is None, where, "[beams] takes gantry_deg or every_deg, not both")
-    bixel = table.get("bixel_mm", 5.0)
-    _require(isinstance(bixel, int | float) and bixel > 0, where, f"bixel_mm must be > 0, got {bixel!r}")
-    angles: tuple[float, ...] | None = None
-    if gantry is not None:
-        _require(
-            isinstance(gantry, list) and len(gantry) > 0 and all(isinstance(a, int | float) for a in gantry),
-            where,
-            "gantry_deg must be a non-empty list of numbers",
-        )
-        angles = tuple(float(a) % 360.0 for a in gantry)
-        _require(len(set(angles)) == len(angles), where, f"duplicate gantry angles in {gantry}")
-    if every is not None:
-        _require(isinstance(every, int | float) and 0 < every <= 180, where, f"every_deg must be in (0, 180]: {every}")
-    return BeamSpec(angles, None if every is None else float(every), float(bixel))
-
-
-def _parse_cohorts(data: dict[str, Any], where: str) -> Cohorts:
-    table = _table(data, "cohorts", set(COHORTS), where)
-    ranges: dict[str, SeedRange] = {}
-    for name in COHORTS:
-        value = table.get(name)
-        _require(
-            isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value),
-            where,
-            f"cohort {name} must be [start, stop) as two integers, got {value!r}",
-        )
-        assert isinstance(value, list)
-        start, stop = value
-        _require(0 <= start < stop, where, f"cohort {name} [{start}, {stop}) is empty or negative")
-        ranges[name] = SeedRange(start, stop)
-    for i, a in enumerate(COHORTS):
-        for b in COHORTS[i + 1 :]:
-            _require(not ranges[a].overlaps(ranges[b]), where, f"cohorts {a} and {b} overlap")
-    return Cohorts(**ranges)
+def role_map(ranked_oars: Iterable[str]) -> dict[str, str]:
+    """``{role: structure}``: ``{"ptv": "ptv", "oar1": <first ranked OAR>, …}`` (the ranking rule:
+    :mod:`m2m.scenarios.roles`)."""
+    return {PTV: PTV, **{f"oar{i + 1}": name for i, name in enumerate(ranked_oars)}}
 
 
 def read_scenario_data(name: str) -> dict[str, Any]:
     """The raw TOML table of scenario ``name``."""
-    data = read_packaged_toml(scenario_file(name), ScenarioError)
-    if data is None:
+    resource = resources.files(__name__) / scenario_file(name)
+    if not resource.is_file():
         raise ScenarioError(f"unknown scenario {name!r}; available: {list_scenarios()}")
-    return data
+    return read_toml(resource, scenario_file(name), ScenarioError)
 
 
 def load_scenario(name: str) -> Scenario:
     """Load and validate scenario ``name`` (``"prostate-basic"``, ``"prostate-complex"``, ``"liver"``)."""
-    data = read_scenario_data(name)
-    _require(data.get("name") == name, scenario_file(name), f"name {data.get('name')!r} does not match {name!r}")
-    return parse_scenario(data, scenario_file(name))
+    where = scenario_file(name)
+    scenario = parse_scenario(read_scenario_data(name), where)
+    if scenario.name != name:
+        raise ScenarioError(expected(f"{toml_repr(name)} as in the file name", scenario.name), where, "name")
+    return scenario
 
 
-def parse_scenario(data: dict[str, Any], where: str = "<scenario>") -> Scenario:
+def parse_scenario(data: Mapping[str, Any], where: str = "<scenario>") -> Scenario:
     """Validate a scenario table (as read from TOML); ``where`` names its source in error messages."""
-    unknown = set(data) - _TOP_KEYS
-    _require(not unknown, where, f"unknown keys {sorted(unknown)}")
-    name = data.get("name")
-    _require(isinstance(name, str) and bool(name), where, f"name must be a non-empty string, got {name!r}")
-    assert isinstance(name, str)
-    site = data.get("site")
-    _require(site in ("prostate", "liver"), where, f"site must be 'prostate' or 'liver', got {site!r}")
-    rx = data.get("rx_gy")
-    _require(isinstance(rx, int | float) and rx > 0, where, f"rx_gy must be a positive number, got {rx!r}")
-    step_cap = data.get("step_cap", 20)
-    _require(isinstance(step_cap, int) and step_cap > 0, where, f"step_cap must be a positive int, got {step_cap!r}")
+    file = convert(data, _ScenarioFile, where, ScenarioError)
+
+    def fail(problem: str, *key: str | int) -> NoReturn:
+        raise ScenarioError(problem, where, key_path(*key))
+
     try:
-        protocol = load_protocol(str(data.get("protocol")))
+        protocol = load_protocol(file.protocol)
     except (ProtocolError, FileNotFoundError) as exc:
-        raise ScenarioError(f"{where}: protocol: {exc}") from exc
-    tpp = _table(data, "tpp", {"structures", "initial", "initial_seed"}, where)
-    structures = tpp.get("structures")
-    _require(
-        isinstance(structures, list) and len(structures) >= 2 and structures[0] == PTV,
-        where,
-        f"[tpp] structures must list 'ptv' first and at least one OAR, got {structures!r}",
-    )
-    assert isinstance(structures, list)
-    _require(len(set(structures)) == len(structures), where, f"duplicate TPP structures {structures}")
-    unknown_structures = (set(structures) | set(protocol.structures)) - SITE_STRUCTURES[str(site)]
-    _require(not unknown_structures, where, f"{site} phantoms have no {sorted(unknown_structures)}")
-    unscored = set(structures) - set(protocol.structures)
-    _require(not unscored, where, f"TPP structures {sorted(unscored)} are not in protocol {protocol.name}")
-    initial = tpp.get("initial", "default")
-    _require(initial in ("default", "random"), where, f"[tpp] initial must be 'default' or 'random': {initial!r}")
-    seed = tpp.get("initial_seed", 0)
-    _require(isinstance(seed, int) and seed >= 0, where, f"[tpp] initial_seed must be an int >= 0: {seed!r}")
+        fail(str(exc), "protocol")
+    if file.beams.gantry_deg is not None and file.beams.every_deg is not None:
+        fail("expected gantry_deg or every_deg, not both", "beams")
+    angles = file.beams.angles()
+    if len(set(angles)) != len(angles):
+        fail(f"duplicate gantry angles (modulo 360) in {toml_repr(file.beams.gantry_deg)}", "beams", "gantry_deg")
+    structures = file.tpp.structures
+    if structures[0] != PTV:
+        fail(expected(_TPP_STRUCTURES, structures), "tpp", "structures")
+    if len(set(structures)) != len(structures):
+        fail(f"duplicate TPP structures in {toml_repr(structures)}", "tpp", "structures")
+    site_structures = SITE_STRUCTURES[file.site]
+    if unknown := sorted(set(structures) - site_structures):
+        fail(f"{file.site} phantoms have no {toml_repr(unknown)}; expected structures among "
+             f"{toml_repr(sorted(site_structures))}", "tpp", "structures")
+    if unknown := sorted(set(protocol.structures) - site_structures):
+        fail(f"protocol {protocol.name} scores {toml_repr(unknown)}, which {file.site} phantoms do not have",
+             "protocol")
+    if unscored := sorted(set(structures) - set(protocol.structures)):
+        fail(f"TPP structures {toml_repr(unscored)} are not in protocol {protocol.name}", "tpp", "structures")
+    _check_cohorts(file.cohorts, fail)
     return Scenario(
-        name=name,
-        description=str(data.get("description", "")),
-        site=cast(Site, site),
-        rx_gy=float(cast(float, rx)),
-        beams=_parse_beams(data, where),
+        name=file.name,
+        description=file.description,
+        site=file.site,
+        rx_gy=file.rx_gy,
+        beams=file.beams,
         protocol=protocol,
-        tpp_structures=tuple(str(s) for s in structures),
-        initial_tpps=initial,
-        initial_seed=seed,
-        step_cap=step_cap,
-        cohorts=_parse_cohorts(data, where),
+        tpp_structures=structures,
+        initial_tpps=file.tpp.initial,
+        initial_seed=file.tpp.initial_seed,
+        step_cap=file.step_cap,
+        cohorts=file.cohorts,
+        roles=_roles(file.roles, structures[1:], fail),
     )
+
+
+def _check_cohorts(cohorts: Cohorts, fail: Callable[..., NoReturn]) -> None:
+    """Every cohort holds seeds ``0 ≤ start < stop``, and no two cohorts share one."""
+    for name in COHORTS:
+        r = cohorts.get(name)
+        if not 0 <= r.start < r.stop:
+            fail(f"[{r.start}, {r.stop}) holds no seeds; expected [start, stop) with 0 ≤ start < stop", "cohorts", name)
+    for i, a in enumerate(COHORTS):
+        for b in COHORTS[i + 1 :]:
+            ra, rb = cohorts.get(a), cohorts.get(b)
+            if ra.overlaps(rb):
+                fail(f"[{rb.start}, {rb.stop}) overlaps {a} [{ra.start}, {ra.stop}); cohorts must be disjoint",
+                     "cohorts", b)
+
+
+def _roles(table: Mapping[str, str], oars: tuple[str, ...], fail: Callable[..., NoReturn]) -> Mapping[str, str]:
+    """``[roles]``: ``oar1 = "<structure>"``, … giving each TPP OAR exactly one role; the PTV's is implied."""
+    roles = [role for role in role_map(oars) if role != PTV]
+    if sorted(table) != sorted(roles):
+        fail(expected(f"exactly the keys {', '.join(roles)} (one per TPP OAR)", table), "roles")
+    assigned = [table[role] for role in roles]
+    if sorted(assigned) != sorted(oars):
+        fail(expected(f"one role for each TPP OAR {toml_repr(list(oars))}", table), "roles")
+    return MappingProxyType(role_map(assigned))

@@ -38,18 +38,18 @@ def test_no_generic_top_level_module_is_installed(name):
 
 def test_console_command_reports_version_and_lists_subcommands():
     version = subprocess.run(
-        [sys.executable, "-m", "m2m.agents.cli", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "m2m.cli.main", "--version"], capture_output=True, text=True, check=True
     )
     assert version.stdout.startswith("m2m ")
     helptext = subprocess.run(
-        [sys.executable, "-m", "m2m.agents.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "m2m.cli.main", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "bench" in helptext
 
 
 def test_unknown_subcommand_fails_with_usage():
     result = subprocess.run(
-        [sys.executable, "-m", "m2m.agents.cli", "no-such-command"], capture_output=True, text=True
+        [sys.executable, "-m", "m2m.cli.main", "no-such-command"], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr

@@ -12,8 +12,8 @@ import torch
 
 from m2m.agents.drl.dqn import QNetwork, greedy_policy, load_checkpoint
 from m2m.agents.drl.env import PlanningEnv, scenario_env
-from m2m.agents.drl.roles import roles_of, to_structure_name
 from m2m.scenarios import load_scenario
+from m2m.scenarios.roles import to_structure_name
 
 #: Boltzmann temperature (reward units: smoothed-score points) turning Q-values into action probabilities.
 DEFAULT_TEMPERATURE = 0.1
@@ -104,14 +104,15 @@ class Advisor:
         return out
 
     def roles_for(self, scenario: str) -> dict[str, str]:
-        """The scenario's role map (``{role: structure}``), see :mod:`m2m.agents.drl.roles`."""
-        return roles_of(scenario)
+        """The role map (``{role: structure}``) packaged scenario ``scenario`` declares (:attr:`Scenario.roles`; it
+        loads the scenario: a caller holding the :class:`~m2m.scenarios.Scenario` reads its ``roles``)."""
+        return dict(load_scenario(scenario).roles)
 
     def cohort_env(self, scenario: str, cohort: str, n_cases: int) -> tuple[PlanningEnv, list[int]]:
         """An env on the first ``n_cases`` seeds of ``cohort`` with the scenario's fixed random starts, the policy
         controlling its roles' structures (other OARs keep their initial TPPs); and those seeds."""
         sc = load_scenario(scenario)
-        roles = self.roles_for(scenario)
+        roles = sc.roles
         seeds = list(sc.cohorts.get(cohort).seeds[:n_cases])
         oars = [roles[r] for r in self.controlled_roles if r != "ptv"]
         fmo_iterations = int(self.meta["config"]["fmo_max_iterations"])

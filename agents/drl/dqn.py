@@ -25,7 +25,6 @@ depends on timing, so a run is reproducible in its configuration, not bit for bi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -41,6 +40,7 @@ import structlog
 import torch
 from torch import nn
 
+from m2m.agents.drl import file_sha256
 from m2m.agents.drl.env import SCORE_TOLERANCE, PlanningEnv
 from m2m.agents.drl.evaluate import EpisodeRecord, run_cohort, summarise
 
@@ -315,7 +315,7 @@ def save_checkpoint(path: Path, q_net: QNetwork, meta: dict[str, Any]) -> str:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def load_checkpoint(path: Path) -> tuple[QNetwork, dict[str, Any]]:

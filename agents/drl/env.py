@@ -1,9 +1,11 @@
 """The planning environment: one episode plans one case by nudging TPPs, as the virtual treatment planners do.
 
 State: the cumulative DVH of each controlled structure (PTV, then the OARs in role order, see
-:mod:`m2m.agents.drl.roles`) sampled on :data:`N_BINS` dose bins spanning 0 to :data:`DOSE_SPAN` × Rx, each
-structure's maximum dose relative to Rx, and its TPPs (``t`` and ``v`` as they are, ``lambda`` as
-``log10(lambda)/5``, clipped to [-1, 1]). Dose is relative to the prescription, so the layout is site-agnostic.
+:mod:`m2m.scenarios.roles`) sampled on the policy's dose bins (:func:`m2m.physics.dvh.dvh_bins_gy`), each
+structure's maximum dose relative to Rx, and its TPPs in :data:`m2m.physics.tpp.PARAMS` order (:func:`tpp_feature`:
+linear ones such as ``t`` and ``v`` as they are, log-scale ones such as ``lambda`` as
+``log10(value)/`` :data:`LOG_FEATURE_DECADES`, clipped to [-1, 1]). Dose is relative to the prescription, so the
+layout is site-agnostic.
 
 Actions: ``2·k`` for ``k`` controlled TPPs; action ``2i`` raises TPP ``i`` by its published factor and ``2i + 1``
 lowers it (:func:`m2m.physics.tpp.step`, clamped to the valid range). OARs outside the controlled set (a scenario
@@ -20,7 +22,6 @@ The episode terminates when the score reaches the protocol maximum and is trunca
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,18 +30,17 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from m2m.physics.dij import Dij
-from m2m.physics.dvh import cumulative_dvh
+from m2m.physics.dvh import N_BINS, cumulative_dvh, dvh_bins_gy
 from m2m.physics.optimizer import PlanResult, optimize
-from m2m.physics.protocol import Protocol, ScoreReport, score
-from m2m.physics.tpp import PTV, TppSet, random_tpps, step
+from m2m.physics.protocol import SCORE_TOLERANCE, Protocol, ScoreReport, score
+from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, ROLES, TppSet, random_tpps, step
 from m2m.scenarios import Scenario
+from m2m.scenarios.cases import CaseBank, PlanningCase, phantom_bank
 
-N_BINS = 100
-DOSE_SPAN = 1.15
-LOG_LAMBDA_SCALE = 5.0
+#: Decades of a log-scale TPP (:attr:`m2m.physics.tpp.ParameterSpec.log_scale`) mapped onto [-1, 1] by
+#: :func:`tpp_feature`.
+LOG_FEATURE_DECADES = 5.0
 MAX_DOSE_CAP = 3.0
-SCORE_TOLERANCE = 1e-9
 
 
 def smoothed_points(linear: float) -> float:
@@ -59,11 +59,6 @@ def smoothed_score(report: ScoreReport) -> float:
     )
 
 
-def dvh_bins_gy(rx_gy: float) -> np.ndarray:
-    """The observation's dose bins (Gy): :data:`N_BINS` from 0 to :data:`DOSE_SPAN` × ``rx_gy``."""
-    return np.linspace(0.0, DOSE_SPAN * rx_gy, N_BINS)
-
-
 def action_mask(tpps: TppSet, tpp_names: Sequence[str]) -> np.ndarray:
     """For actions ``2i`` (raise ``tpp_names[i]``) and ``2i + 1`` (lower it): whether the step changes the TPPs
     (False: the TPP sits at the bound it would move towards)."""
@@ -71,11 +66,29 @@ def action_mask(tpps: TppSet, tpp_names: Sequence[str]) -> np.ndarray:
     return np.array([not np.array_equal(step(tpps, name, d).to_vector(), now) for name in tpp_names for d in (1, -1)])
 
 
+def tpp_feature(param: str, value: float) -> float:
+    """The observation feature of one TPP: ``value`` as it is, or for a log-scale parameter
+    ``log10(value) / LOG_FEATURE_DECADES`` clipped to [-1, 1]."""
+    if PARAMETERS[param].log_scale:
+        return float(np.clip(math.log10(value) / LOG_FEATURE_DECADES, -1.0, 1.0))
+    return value
+
+
+def tpp_feature_bounds(param: str) -> tuple[float, float]:
+    """Bounds of :func:`tpp_feature` for ``param``: [-1, 1] on a log scale, else the span of its valid ranges over
+    the PTV and OAR roles."""
+    spec = PARAMETERS[param]
+    if spec.log_scale:
+        return -1.0, 1.0
+    return min(spec.of(r).valid.low for r in ROLES), max(spec.of(r).valid.high for r in ROLES)
+
+
 def observation_bounds(n_controlled: int) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper bounds (float32) of the observation for ``n_controlled`` structures."""
     n = n_controlled
-    low = np.concatenate([np.zeros(n * N_BINS), np.zeros(n), np.tile([0.0, -1.0, 0.0], n)])
-    high = np.concatenate([np.ones(n * N_BINS), np.full(n, MAX_DOSE_CAP), np.tile([1.2, 1.0, 1.0], n)])
+    feature_low, feature_high = zip(*(tpp_feature_bounds(p) for p in PARAMS), strict=True)
+    low = np.concatenate([np.zeros(n * N_BINS), np.zeros(n), np.tile(feature_low, n)])
+    high = np.concatenate([np.ones(n * N_BINS), np.full(n, MAX_DOSE_CAP), np.tile(feature_high, n)])
     return low.astype(np.float32), high.astype(np.float32)
 
 
@@ -89,68 +102,16 @@ def observation_vector(
     """The observation from each controlled structure's cumulative DVH (volume fraction 0..1 on
     :func:`dvh_bins_gy`) and maximum dose (Gy), and the TPPs — the same vector whether the DVHs come from a plan
     in this process or from a dose engine on the bus."""
-    dmax, tpp_features = [], []
+    dmax: list[float] = []
+    tpp_features: list[float] = []
     for s, d in zip(controlled, dmax_gy, strict=True):
         dmax.append(min(float(d) / rx_gy, MAX_DOSE_CAP))
         st = tpps.of(s)
-        log_lam = float(np.clip(math.log10(st.lam) / LOG_LAMBDA_SCALE, -1.0, 1.0))
-        tpp_features.extend([st.t, log_lam, st.v])
+        tpp_features.extend(tpp_feature(p, st.get(p)) for p in PARAMS)
     obs = np.concatenate([np.concatenate([np.asarray(h, dtype=np.float64) for h in dvh_fraction]), dmax,
                           tpp_features]).astype(np.float32)
     low, high = observation_bounds(len(controlled))
     return np.clip(obs, low, high)
-
-
-@dataclass(frozen=True, eq=False)
-class PlanningCase:
-    """One case ready to plan: its dij (rows for the TPP and protocol structures) and identity."""
-
-    case_id: str
-    seed: int
-    dij: Dij
-
-
-class CaseBank:
-    """Planning cases for a list of phantom seeds, built on first use and kept in a bounded in-memory LRU.
-
-    A prostate dij takes ~1.4 M non-zeros (≈ 50 MB with the optimizer's row-restricted copy), so the default
-    capacity of 48 cases stays under ~2.5 GB while covering a whole training cohort slice.
-    """
-
-    def __init__(self, seeds: Sequence[int], build: Callable[[int], PlanningCase], capacity: int = 48) -> None:
-        if not seeds:
-            raise ValueError("a case bank needs at least one seed")
-        self.seeds = tuple(int(s) for s in seeds)
-        self._build = build
-        self._capacity = capacity
-        self._cache: OrderedDict[int, PlanningCase] = OrderedDict()
-
-    def get(self, seed: int) -> PlanningCase:
-        """The case of ``seed`` (built on first use)."""
-        if seed in self._cache:
-            self._cache.move_to_end(seed)
-            return self._cache[seed]
-        case = self._build(seed)
-        self._cache[seed] = case
-        if len(self._cache) > self._capacity:
-            self._cache.popitem(last=False)
-        return case
-
-
-def phantom_bank(scenario: Scenario, seeds: Sequence[int], capacity: int = 48) -> CaseBank:
-    """Cases of ``scenario`` for phantom ``seeds``, dijs from the on-disk dij cache (computed once per case)."""
-    from m2m.physics.beams import beams_for
-    from m2m.physics.dij_cache import load_or_compute_dij
-    from m2m.physics.phantoms import make_case
-
-    structures = tuple(dict.fromkeys((*scenario.tpp_structures, *scenario.protocol.structures)))
-
-    def build(seed: int) -> PlanningCase:
-        case = make_case(scenario.site, seed)
-        beams = beams_for(case, scenario.beams.angles(), scenario.beams.bixel_mm)
-        return PlanningCase(case.case_id, seed, load_or_compute_dij(case, beams, structures))
-
-    return CaseBank(seeds, build, capacity)
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,7 +163,7 @@ class PlanningEnv(gym.Env[np.ndarray, np.int64]):
         self.step_cap = step_cap
         self.initial_tpps = initial_tpps
         self.fmo_max_iterations = fmo_max_iterations
-        self.tpp_names = tuple(f"{p}_{s}" for s in self.controlled for p in ("t", "lambda", "v"))
+        self.tpp_names = tuple(f"{p}_{s}" for s in self.controlled for p in PARAMS)
         self.action_space: spaces.Discrete = spaces.Discrete(2 * len(self.tpp_names))
         low, high = observation_bounds(len(self.controlled))
         self.observation_space: spaces.Box = spaces.Box(low, high, dtype=np.float32)

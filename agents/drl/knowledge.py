@@ -2,10 +2,11 @@
 
 From episodes of the trained policy on a knowledge cohort, :func:`extract_knowledge` keeps the final TPPs of the
 plans that reached the maximum score and summarises, in site-agnostic role names (``t_ptv``, ``lambda_oar1``, …,
-see :mod:`m2m.agents.drl.roles`; the scenario's structure names are kept as labels):
+see :mod:`m2m.scenarios.roles`; the scenario's structure names are kept as labels):
 
 * per TPP: the 5/25/50/75/95 % quantiles, mean and standard deviation of the final values — on ``log10`` for the
-  ``lambda`` weights, whose natural scale is multiplicative — and the count of cases;
+  log-scale parameters (:attr:`m2m.physics.tpp.ParameterSpec.log_scale`: the ``lambda`` weights, whose natural scale
+  is multiplicative) — and the count of cases;
 * per OAR role: the same statistics of ``log10(lambda_oar / lambda_ptv)``, the quantity the optimizer actually uses;
 * the policy's priorities over all episodes: how often each TPP was moved in each direction, when in an episode
   (``mean_stage``: 0 = first step, 1 = last step), and how often it was the first move; ``priority`` orders the TPPs
@@ -25,7 +26,8 @@ import msgspec
 import numpy as np
 
 from m2m.agents.drl.evaluate import EpisodeRecord
-from m2m.agents.drl.roles import PROXIMITY_MM, to_role_name, to_structure_name
+from m2m.physics.tpp import PARAMETERS, split_name
+from m2m.scenarios.roles import PROXIMITY_MM, to_role_name, to_structure_name
 
 SCHEMA = "m2m.drl.tpp-knowledge"
 VERSION = 1
@@ -134,7 +136,8 @@ def extract_knowledge(
     successes = [r for r in recs if r.reached_max]
     names = [n for n in recs[0].final_tpps if to_role_name(n, roles).partition("_")[2] in roles]
     role_of = {n: to_role_name(n, roles) for n in names}
-    tpps = [_stats(role_of[n], n, [r.final_tpps[n] for r in successes], n.startswith("lambda_")) for n in names]
+    tpps = [_stats(role_of[n], n, [r.final_tpps[n] for r in successes], PARAMETERS[split_name(n)[0]].log_scale)
+            for n in names]
     ratios = [
         _stats(
             f"lambda_{role_of[n].partition('_')[2]}/lambda_ptv",
@@ -201,8 +204,8 @@ def extract_knowledge(
 
 
 def relabel_knowledge(knowledge: TppKnowledge, roles: Mapping[str, str]) -> TppKnowledge:
-    """The same knowledge labelled in another scenario's structure names (``roles``: role → structure, from
-    :func:`m2m.agents.drl.roles.scenario_roles`), so knowledge learned on prostate can guide liver. Roles the
+    """The same knowledge labelled in another scenario's structure names (``roles``: role → structure, the
+    scenario's :attr:`~m2m.scenarios.Scenario.roles`), so knowledge learned on prostate can guide liver. Roles the
     scenario lacks are dropped."""
 
     def keep(name: str) -> bool:

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
+from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
 from functools import partial
@@ -15,14 +15,13 @@ from typing import Any
 import numpy as np
 import structlog
 
+from m2m.agents.drl import ASSETS
 from m2m.agents.drl.dqn import DqnConfig, TrainingLog, checkpoint_meta, save_checkpoint, train
 from m2m.agents.drl.env import PlanningEnv, scenario_env
-from m2m.agents.drl.roles import scenario_roles
 from m2m.scenarios import Scenario, load_scenario
 
 log = structlog.get_logger()
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 CHECKPOINT_NAME = "dqn_prostate.pt"
 SUMMARY_NAME = "training_summary.json"
 CURVE_NAME = "training_curve.png"
@@ -30,7 +29,7 @@ CURVE_NAME = "training_curve.png"
 CONTROLLED_OAR_ROLES = ("oar1", "oar2")
 
 
-def controlled_oars(roles: dict[str, str], oar_roles: tuple[str, ...] = CONTROLLED_OAR_ROLES) -> list[str]:
+def controlled_oars(roles: Mapping[str, str], oar_roles: tuple[str, ...] = CONTROLLED_OAR_ROLES) -> list[str]:
     """Structure names of the controlled OAR roles under a scenario's role map."""
     return [roles[r] for r in oar_roles]
 
@@ -40,11 +39,11 @@ def train_env(cfg: DqnConfig) -> PlanningEnv:
     so ``functools.partial(train_env, cfg)`` can build one in each actor process)."""
     scenario = load_scenario(cfg.scenario)
     train_seeds = list(scenario.cohorts.train.seeds[: cfg.train_cases])
-    return scenario_env(scenario, train_seeds, controlled_oars(scenario_roles(scenario)),
+    return scenario_env(scenario, train_seeds, controlled_oars(scenario.roles),
                         fmo_max_iterations=cfg.fmo_max_iterations)
 
 
-def validation_env(cfg: DqnConfig, scenario: Scenario, roles: dict[str, str]) -> tuple[PlanningEnv, list[int]]:
+def validation_env(cfg: DqnConfig, scenario: Scenario, roles: Mapping[str, str]) -> tuple[PlanningEnv, list[int]]:
     """The validation env (the scenario's fixed starts on the first ``cfg.validation_cases`` validation seeds)
     and those seeds."""
     val_seeds = list(scenario.cohorts.validation.seeds[: cfg.validation_cases])
@@ -96,7 +95,7 @@ def run_training(cfg: DqnConfig, out_dir: Path = ASSETS) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     scenario = load_scenario(cfg.scenario)
-    roles = scenario_roles(scenario)
+    roles = dict(scenario.roles)
     val_env, val_seeds = validation_env(cfg, scenario, roles)
     log.info("drl_train_start", scenario=cfg.scenario, seed=cfg.seed, roles=roles, minutes=cfg.wall_minutes)
     with Progress(TextColumn("[bold]drl train"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -141,6 +140,3 @@ def run_training(cfg: DqnConfig, out_dir: Path = ASSETS) -> dict[str, Any]:
     return summary
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -29,6 +29,7 @@ from rich.table import Table
 from m2m.agents.llm.decision import decide
 from m2m.agents.llm.guard import guard
 from m2m.agents.llm.situation import MODES, AdviceView, CriterionView, Mode, Situation, StepView, change_words
+from m2m.physics.tpp import Move, tightening_steps
 from m2m.scenarios import load_scenario
 
 if TYPE_CHECKING:
@@ -53,12 +54,9 @@ class BenchCase:
 
 
 def tighten(structure: str, *, skip: Iterable[str] = ()) -> set[str]:
-    """The three moves that tighten ``structure`` (module doc of :mod:`m2m.agents.llm.guard`), minus ``skip``."""
-    if structure == "ptv":
-        moves = {"lower t_ptv", "raise v_ptv", "raise lambda_ptv"}
-    else:
-        moves = {f"raise lambda_{structure}", f"lower t_{structure}", f"raise v_{structure}"}
-    return moves - set(skip)
+    """The moves that tighten ``structure`` (:func:`m2m.physics.tpp.tightening_steps`, as the guard's safe action
+    tries them), in words, minus ``skip``."""
+    return {change_words(tpp, direction) for tpp, direction in tightening_steps(structure)} - set(skip)
 
 
 #: Criterion values (each in its unit) of plans that pass everything, and mid-range TPPs, that cases start from.
@@ -94,7 +92,7 @@ def situation_from_values(
                            "dmean_pct_rx": round(30.0 * load + 5.0, 1), "d95_pct_rx": round(4.0 * load, 1)}
     first = step - len(history)
     return Situation(
-        scenario=scenario,
+        scenario=sc,
         step=step,
         step_cap=sc.step_cap,
         score=sum(c.points for c in criteria),
@@ -102,7 +100,7 @@ def situation_from_values(
         criteria=criteria,
         tpps=dict(tpps),
         dose_summary=dose,
-        history=tuple(StepView(first + i, change, score) for i, (change, score) in enumerate(history)),
+        history=tuple(StepView(first + i, Move.parse(change), score) for i, (change, score) in enumerate(history)),
         advice=tuple(AdviceView(t, d, p) for t, d, p in advice),
     )
 
@@ -201,9 +199,15 @@ def bench_cases() -> tuple[BenchCase, ...]:
     )
 
 
-def with_knowledge(cases: Iterable[BenchCase], knowledge: TppKnowledge | None) -> tuple[BenchCase, ...]:
-    """``cases`` with ``knowledge`` attached (each situation uses it only where it applies)."""
-    return tuple(dataclasses.replace(c, situation=dataclasses.replace(c.situation, knowledge=knowledge))
+def with_knowledge(
+    cases: Iterable[BenchCase], knowledge: TppKnowledge | None, site: str | None = None
+) -> tuple[BenchCase, ...]:
+    """``cases`` with ``knowledge`` attached, learned on ``site`` (default: its provenance scenario's site); each
+    situation uses it only where it applies."""
+    if knowledge is not None and site is None:
+        site = load_scenario(knowledge.provenance.scenario).site
+    return tuple(dataclasses.replace(c, situation=dataclasses.replace(c.situation, knowledge=knowledge,
+                                                                      knowledge_site=site))
                  for c in cases)
 
 
@@ -236,8 +240,8 @@ async def run_model(
             s = case.situation
             outcome = await decide(client, s, mode, with_advice=with_advice and mode == "guided")
             answer = outcome.raw.words() if outcome.raw is not None else "invalid"
-            action = guard(s, outcome.raw, mode, load_scenario(s.scenario).oar_names)
-            guarded = STOP if action.stop else change_words(action.tpp, action.direction)
+            action = guard(s, outcome.raw, mode, s.scenario.oar_names)
+            guarded = STOP if action.move is None else str(action.move)
             records.append(DecisionRecord(model, mode, case.name, answer, answer in case.acceptable, guarded,
                                           guarded in case.acceptable, outcome.valid, outcome.retries,
                                           outcome.latency_s, outcome.error))

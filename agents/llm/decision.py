@@ -1,7 +1,7 @@
 """One LLM decision: the structured answer, how it is asked for, validated and retried.
 
 The answer is a :class:`TppDecision`: change one TPP by one step in a direction, or stop. Direction only, never a
-new value: the step sizes are the published action factors (:data:`m2m.physics.tpp.STEP_FACTORS`), which keeps the
+new value: the step sizes are the published action factors (:data:`m2m.physics.tpp.PARAMETERS`), which keeps the
 schema to two enums and two strings that tiny models follow under constrained decoding (the issue allowed "a
 direction or a new value within the valid range"; the direction form is the one used here).
 
@@ -27,6 +27,7 @@ from autogen_core.models import AssistantMessage, ChatCompletionClient
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from m2m.agents.llm.situation import SYSTEM_PROMPT, Mode, Situation, render
+from m2m.physics.tpp import Direction, Move
 
 log = structlog.get_logger()
 
@@ -60,7 +61,14 @@ class TppDecision(BaseModel):
 
     def words(self) -> str:
         """``"raise lambda_rectum"`` or ``"stop"``."""
-        return "stop" if self.action == "stop" else f"{self.direction} {self.tpp}"
+        return "stop" if self.action == "stop" else str(self.move)
+
+    @property
+    def move(self) -> Move | None:
+        """The proposed :class:`~m2m.physics.tpp.Move` (None for a stop or a change without a direction)."""
+        if self.action == "stop" or self.direction == "none":
+            return None
+        return Move(self.tpp, Direction.RAISE if self.direction == "raise" else Direction.LOWER)
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Literal
 
 from m2m.agents.llm.decision import TppDecision
 from m2m.agents.llm.situation import (
+    SUPPORT_QUANTILES,
     CriterionView,
     Mode,
     Situation,
@@ -55,7 +55,7 @@ from m2m.agents.llm.situation import (
     stepped_value,
     worst_failing,
 )
-from m2m.physics.tpp import PTV, split_name, tightening_steps
+from m2m.physics.tpp import PARAMETERS, Direction, Move, role_of, split_name, tightening_steps
 
 if TYPE_CHECKING:
     from m2m.agents.drl.knowledge import TppKnowledge
@@ -65,35 +65,45 @@ if TYPE_CHECKING:
 #: ×0.6) usually moves such a point, so twice that.
 NEAR_LIMIT_FRACTION = 0.2
 
-Source = Literal["llm", "drl", "safe"]
+#: Who chose the action taken at a step: the planner's own ``proposal`` (the LLM's, the DRL planner's or the rules
+#: planner's, unchanged), the DRL's advice replacing a vetoed proposal (``drl_advice``), or the ``safe`` action.
+ActionSource = Literal["proposal", "drl_advice", "safe"]
+#: Why the guard refused a proposal (see the module docstring for each rule).
+VetoReason = Literal[
+    "unknown_tpp", "no_op_at_bound", "loosens_at_risk", "outside_knowledge", "invalid_decision", "early_stop",
+    "no_admissible_action",
+]
 
 
 @dataclass(frozen=True)
 class Veto:
-    """Why a proposal was refused: a short ``reason`` code and a human-readable ``detail``."""
+    """Why a proposal was refused: a ``reason`` code and a human-readable ``detail``."""
 
-    reason: str
+    reason: VetoReason
     detail: str
 
 
 @dataclass(frozen=True)
 class GuardResult:
-    """The action actually taken: ``tpp`` and ``direction`` (+1 raise, −1 lower; ``""``/0 for a stop), the vetoes
-    raised against the proposal, and where the action came from."""
+    """The action actually taken (``move``; None: stop), the vetoes raised against the proposal, and where the
+    action came from."""
 
-    tpp: str
-    direction: int
+    move: Move | None
     vetoes: tuple[Veto, ...]
-    source: Source
+    source: ActionSource
 
     @property
     def stop(self) -> bool:
-        return self.direction == 0
+        return self.move is None
+
+
+def _taken(tpp: str, direction: int, vetoes: Iterable[Veto], source: ActionSource) -> GuardResult:
+    return GuardResult(Move(tpp, Direction(direction)) if direction else None, tuple(vetoes), source)
 
 
 def span(situation: Situation, criterion: CriterionView) -> float:
     """The limit-to-zero span of ``criterion`` in its unit (:func:`~m2m.agents.llm.situation.criterion_span`)."""
-    return criterion_span(situation.scenario, criterion)
+    return criterion_span(situation.scenario.protocol, criterion)
 
 
 def at_risk(situation: Situation, criterion: CriterionView) -> bool:
@@ -102,11 +112,15 @@ def at_risk(situation: Situation, criterion: CriterionView) -> bool:
 
 
 def effects(tpp: str, direction: int, oar_names: Iterable[str]) -> dict[str, int]:
-    """``{structure: +1 tightened / −1 loosened}`` by one step of ``tpp`` in ``direction`` (see the module doc)."""
+    """``{structure: +1 tightened / −1 loosened}`` by one step of ``tpp`` in ``direction``: its own structure by
+    :attr:`~m2m.physics.tpp.ParameterSpec.tightens`, every other OAR by
+    :attr:`~m2m.physics.tpp.RoleSpec.tightens_oars` (see the module doc)."""
     param, structure = split_name(tpp)
-    out = {structure: -direction if param == "t" else direction}
-    if structure == PTV and param == "lambda":
-        out.update({oar: -direction for oar in oar_names})
+    spec = PARAMETERS[param]
+    out = {structure: direction * spec.tightens}
+    on_oars = spec.of(role_of(structure)).tightens_oars
+    if on_oars:
+        out.update({oar: direction * on_oars for oar in oar_names if oar != structure})
     return out
 
 
@@ -114,18 +128,11 @@ def _support_distance(value: float, low: float, high: float) -> float:
     return max(low - value, 0.0, value - high)
 
 
-@cache
-def _site(scenario: str) -> str:
-    from m2m.scenarios import load_scenario
-
-    return load_scenario(scenario).site
-
-
 def enforced_knowledge(situation: Situation) -> TppKnowledge | None:
     """The knowledge whose ranges the guard enforces: the usable knowledge when it was learned on the situation's
-    site, else ``None`` (see the module doc)."""
+    site (:attr:`Situation.knowledge_site`), else ``None`` (see the module doc)."""
     knowledge = situation.usable_knowledge()
-    if knowledge is None or _site(knowledge.provenance.scenario) != _site(situation.scenario):
+    if knowledge is None or situation.knowledge_site != situation.scenario.site:
         return None
     return knowledge
 
@@ -133,7 +140,7 @@ def enforced_knowledge(situation: Situation) -> TppKnowledge | None:
 def rule_vetoes(situation: Situation, tpp: str, direction: int, mode: Mode, oar_names: Sequence[str]) -> list[Veto]:
     """Every rule a change of ``tpp`` in ``direction`` breaks in ``situation`` under ``mode`` (empty: admissible)."""
     if tpp not in situation.tpps:
-        return [Veto("unknown_tpp", f"{tpp!r} is not a TPP of {situation.scenario}")]
+        return [Veto("unknown_tpp", f"{tpp!r} is not a TPP of {situation.scenario.name}")]
     value = situation.tpps[tpp]
     new = stepped_value(tpp, value, direction)
     if new == value:
@@ -153,11 +160,11 @@ def rule_vetoes(situation: Situation, tpp: str, direction: int, mode: Mode, oar_
     if stats is not None and stats.count > 0:
         log_scale = stats.scale == "log10"
         before, after = (math.log10(x) if log_scale else x for x in (value, new))
-        low, high = stats.quantiles["5"], stats.quantiles["95"]
+        low, high = (stats.quantiles[q] for q in SUPPORT_QUANTILES)
         if _support_distance(after, low, high) > _support_distance(before, low, high):
             shown = (10.0**low, 10.0**high) if log_scale else (low, high)
             vetoes.append(Veto("outside_knowledge",
-                               f"{words} moves {tpp} further outside the DRL's 5-95 % range "
+                               f"{words} moves {tpp} further outside the DRL's {'-'.join(SUPPORT_QUANTILES)} % range "
                                f"{shown[0]:.3g}-{shown[1]:.3g} (now {value:.3g})"))
     return vetoes
 
@@ -186,7 +193,7 @@ def guard(situation: Situation, decision: TppDecision | None, mode: Mode, oar_na
         vetoes = [Veto("invalid_decision", "no valid decision from the LLM")]
     elif decision.action == "stop":
         if situation.at_max:
-            return GuardResult("", 0, (), "llm")
+            return GuardResult(None, (), "proposal")
         failing = sum(1 for c in situation.criteria if not c.passed)
         vetoes = [Veto("early_stop", f"stop at score {situation.score:.2f} of {situation.max_score:g} "
                                      f"with {failing} failing criteria")]
@@ -195,14 +202,14 @@ def guard(situation: Situation, decision: TppDecision | None, mode: Mode, oar_na
         vetoes = ([Veto("invalid_decision", "a change without a direction")] if direction == 0
                   else rule_vetoes(situation, decision.tpp, direction, mode, oar_names))
         if not vetoes:
-            return GuardResult(decision.tpp, direction, (), "llm")
+            return _taken(decision.tpp, direction, (), "proposal")
     if mode == "guided" and not situation.at_max:
         helpful = set(tightening_moves(situation))
         for advice in situation.advice:
             move = (advice.tpp, advice.direction)
             if move in helpful and not rule_vetoes(situation, *move, mode, oar_names):
-                return GuardResult(advice.tpp, advice.direction, tuple(vetoes), "drl")
+                return _taken(advice.tpp, advice.direction, vetoes, "drl_advice")
     tpp, direction = safe_action(situation, mode, oar_names)
     if direction == 0 and not situation.at_max:
         vetoes.append(Veto("no_admissible_action", "no step passes the range rule: stopping"))
-    return GuardResult(tpp, direction, tuple(vetoes), "safe")
+    return _taken(tpp, direction, vetoes, "safe")

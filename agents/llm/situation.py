@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Literal
 
-from m2m.physics.tpp import PTV, RANGES, STEP_FACTORS, clamp_value, split_name
+from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, Direction, Move, Role, clamp_value, spec_of, split_name
 
 if TYPE_CHECKING:
     from m2m.agents.drl.knowledge import TppKnowledge
-    from m2m.physics.protocol import Criterion
+    from m2m.physics.protocol import Criterion, Protocol
+    from m2m.scenarios import Scenario
 
 Mode = Literal["unguided", "guided"]
 MODES: tuple[Mode, ...] = ("unguided", "guided")
@@ -32,30 +32,60 @@ HISTORY_SHOWN = 3
 PRIORITIES_SHOWN = 5
 #: Span assumed (as a fraction of |limit|) for a criterion the scenario's protocol does not know by its label.
 FALLBACK_SPAN_FRACTION = 0.05
+#: The knowledge quantiles (percent keys of ``TppStats.quantiles``) that bound the support of the DRL planner's
+#: successful final TPPs: named in the prompt and enforced by the guard.
+SUPPORT_QUANTILES = ("5", "95")
 
-SYSTEM_PROMPT = """\
-You tune the treatment planning parameters (TPPs) of a radiotherapy plan optimizer, one step per turn, \
-to reach the maximum protocol score.
-Each structure s (ptv = the target; the others are organs at risk, OARs) has three TPPs:
-- t_s: dose threshold, fraction of the prescription (Rx); dose above t_s*Rx is penalised.
-- lambda_s: penalty weight. Every OAR weight is divided by lambda_ptv.
-- v_s: fraction of the hottest volume of s the penalty acts on.
-A step multiplies one TPP: raise (t_ptv x1.01, other t x1.25, lambda x1.65, v x1.25) or \
-lower (t_ptv x0.91, other t x0.6, lambda x0.6, v x0.8), clipped to its valid range.
-To lower an OAR's dose (tighten it): lower t_oar, raise lambda_oar or raise v_oar.
-To lower the PTV hot spot: lower t_ptv, raise v_ptv or raise lambda_ptv (raising lambda_ptv loosens every OAR; \
-lowering it tightens every OAR).
-The opposite moves loosen a structure and free dose for the others. PTV coverage is fixed by normalisation.
-Rules:
-1. If every criterion passes, reply stop.
-2. Otherwise tighten the structure of the worst failing criterion.
-3. Never loosen a structure whose criterion fails or is near its limit.
-4. A TPP at a bound cannot move further that way.
-DRL knowledge, if given, tells where a DRL planner's successful plans ended (keep TPPs inside its 5-95 % ranges) \
-and which TPPs it moves first; DRL advice is a hint for this plan, not an order.
-Reply with one JSON object only:
-{"action": "change", "tpp": "<TPP name>", "direction": "raise" or "lower", "rationale": "<short reason>"}
-or {"action": "stop", "tpp": "", "direction": "none", "rationale": "<short reason>"}"""
+_COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_EFFECT_WORDS = {1: "tightens", -1: "loosens"}
+
+
+def _factor_list(direction: Direction) -> str:
+    """Each parameter's step factor in ``direction`` (:data:`m2m.physics.tpp.PARAMETERS`), one entry per parameter
+    unless the PTV's differs from the OARs': ``"t_ptv x1.01, other t x1.25, lambda x1.65, v x1.25"``."""
+    parts: list[str] = []
+    for p in PARAMETERS.values():
+        ptv, oar = p.ptv.factor(direction), p.oar.factor(direction)
+        parts += [f"{p.name} x{oar:g}"] if ptv == oar else [f"{p.name}_{PTV} x{ptv:g}", f"other {p.name} x{oar:g}"]
+    return ", ".join(parts)
+
+
+def _tightening_text(role: Role) -> str:
+    """The moves that tighten a structure of ``role``, in table order but those that also move every OAR last, with
+    what they do to the OARs: ``"lower t_oar, raise lambda_oar or raise v_oar"``."""
+    specs = sorted(PARAMETERS.values(), key=lambda p: p.of(role).tightens_oars != 0)
+    moves = [f"{Direction(p.tightens).word} {p.name}_{role}" for p in specs]
+    side = [f"raising {p.name}_{role} {_EFFECT_WORDS[p.of(role).tightens_oars]} every OAR; "
+            f"lowering it {_EFFECT_WORDS[-p.of(role).tightens_oars]} every OAR"
+            for p in specs if p.of(role).tightens_oars]
+    return f"{', '.join(moves[:-1])} or {moves[-1]}" + (f" ({'; '.join(side)})" if side else "")
+
+
+#: The fixed instructions. What each parameter is, its step factors and which direction tightens come from the
+#: parameter table (:data:`m2m.physics.tpp.PARAMETERS`), the knowledge support from :data:`SUPPORT_QUANTILES`.
+SYSTEM_PROMPT = "\n".join([
+    "You tune the treatment planning parameters (TPPs) of a radiotherapy plan optimizer, one step per turn, "
+    "to reach the maximum protocol score.",
+    f"Each structure s (ptv = the target; the others are organs at risk, OARs) has {_COUNT_WORDS[len(PARAMETERS)]} "
+    "TPPs:",
+    *(f"- {p.name}_s: {p.description}" for p in PARAMETERS.values()),
+    f"A step multiplies one TPP: raise ({_factor_list(Direction.RAISE)}) or lower ({_factor_list(Direction.LOWER)}), "
+    "clipped to its valid range.",
+    f"To lower an OAR's dose (tighten it): {_tightening_text('oar')}.",
+    f"To lower the PTV hot spot: {_tightening_text('ptv')}.",
+    "The opposite moves loosen a structure and free dose for the others. PTV coverage is fixed by normalisation.",
+    "Rules:",
+    "1. If every criterion passes, reply stop.",
+    "2. Otherwise tighten the structure of the worst failing criterion.",
+    "3. Never loosen a structure whose criterion fails or is near its limit.",
+    "4. A TPP at a bound cannot move further that way.",
+    "DRL knowledge, if given, tells where a DRL planner's successful plans ended (keep TPPs inside its "
+    f"{'-'.join(SUPPORT_QUANTILES)} % ranges) and which TPPs it moves first; DRL advice is a hint for this plan, "
+    "not an order.",
+    "Reply with one JSON object only:",
+    '{"action": "change", "tpp": "<TPP name>", "direction": "raise" or "lower", "rationale": "<short reason>"}',
+    'or {"action": "stop", "tpp": "", "direction": "none", "rationale": "<short reason>"}',
+])
 
 
 @dataclass(frozen=True)
@@ -86,10 +116,10 @@ class CriterionView:
 
 @dataclass(frozen=True)
 class StepView:
-    """One past step: ``change`` as words (e.g. ``"raise lambda_rectum"``) and the ``score`` it led to."""
+    """One past step: the ``move`` made from it and the ``score`` it had."""
 
     step: int
-    change: str
+    move: Move
     score: float
 
 
@@ -106,12 +136,15 @@ class AdviceView:
 class Situation:
     """The planning state at one decision.
 
-    ``tpps``: every TPP of the scenario by name (``t_ptv``, ``lambda_rectum``, …). ``dose_summary``: per structure
-    ``{"dmax_pct_rx", "dmean_pct_rx", "d95_pct_rx"}`` in % Rx. ``history``: past steps, oldest first (only the last
-    :data:`HISTORY_SHOWN` are rendered). ``knowledge`` and ``advice``: the DRL advisor's, used by the guided mode.
+    ``scenario``: the scenario planned (its protocol scales the criteria, its site decides whether the knowledge's
+    ranges are enforced). ``tpps``: every TPP of the scenario by name (``t_ptv``, ``lambda_rectum``, …).
+    ``dose_summary``: per structure ``{"dmax_pct_rx", "dmean_pct_rx", "d95_pct_rx"}`` in % Rx. ``history``: past
+    steps, oldest first (only the last :data:`HISTORY_SHOWN` are rendered). ``knowledge`` and ``advice``: the DRL
+    advisor's, used by the guided mode; ``knowledge_site``: the site the knowledge was learned on (None: unknown,
+    and the guard enforces none of its ranges).
     """
 
-    scenario: str
+    scenario: Scenario
     step: int
     step_cap: int
     score: float
@@ -122,6 +155,7 @@ class Situation:
     history: tuple[StepView, ...] = ()
     knowledge: TppKnowledge | None = None
     advice: tuple[AdviceView, ...] = ()
+    knowledge_site: str | None = None
 
     @property
     def at_max(self) -> bool:
@@ -140,21 +174,10 @@ class Situation:
         return k
 
 
-@cache
-def _protocol_spans(scenario: str) -> dict[str, float]:
-    from m2m.scenarios import load_scenario
-
-    try:
-        protocol = load_scenario(scenario).protocol
-    except ValueError:  # an unknown scenario (ScenarioError): every span falls back on the limit
-        return {}
-    return {c.label: abs(c.zero - c.limit) for c in protocol.criteria}
-
-
-def criterion_span(scenario: str, criterion: CriterionView) -> float:
-    """The limit-to-zero span of ``criterion`` (its unit) in ``scenario``'s protocol, or
+def criterion_span(protocol: Protocol, criterion: CriterionView) -> float:
+    """The limit-to-zero span ``|zero - limit|`` of ``criterion`` (its unit) in ``protocol``, or
     :data:`FALLBACK_SPAN_FRACTION` of its limit when the protocol has no criterion with that label."""
-    known = _protocol_spans(scenario).get(criterion.label)
+    known = next((abs(c.zero - c.limit) for c in protocol.criteria if c.label == criterion.label), None)
     return known if known is not None else FALLBACK_SPAN_FRACTION * max(abs(criterion.limit), 1e-9)
 
 
@@ -162,21 +185,19 @@ def worst_failing(situation: Situation) -> list[CriterionView]:
     """The failing criteria, worst first: fewest points, then the largest overshoot relative to the span."""
     return sorted(
         (c for c in situation.criteria if not c.passed),
-        key=lambda c: (c.points, c.room / criterion_span(situation.scenario, c)),
+        key=lambda c: (c.points, c.room / criterion_span(situation.scenario.protocol, c)),
     )
 
 
 def stepped_value(name: str, value: float, direction: int) -> float:
     """``value`` of TPP ``name`` after one raise (+1) or lower (−1) step, clipped to its range (as
     :func:`m2m.physics.tpp.step` does); equal to ``value`` when the step is a no-op at a bound."""
-    param, structure = split_name(name)
-    up, down = STEP_FACTORS[("ptv" if structure == PTV else "oar", param)]
-    return clamp_value(name, value * (up if direction > 0 else down))
+    return clamp_value(name, value * spec_of(name).factor(direction))
 
 
 def change_words(tpp: str, direction: int) -> str:
-    """``("lambda_rectum", +1)`` → ``"raise lambda_rectum"``."""
-    return f"{'raise' if direction > 0 else 'lower'} {tpp}"
+    """``("lambda_rectum", +1)`` → ``"raise lambda_rectum"`` (rendered by :class:`~m2m.physics.tpp.Move`)."""
+    return str(Move(tpp, Direction(direction)))
 
 
 def _num(x: float, digits: int = 4) -> str:
@@ -186,9 +207,8 @@ def _num(x: float, digits: int = 4) -> str:
 
 
 def _range_text(name: str) -> str:
-    param, structure = split_name(name)
-    low, high, low_inclusive = RANGES[("ptv" if structure == PTV else "oar", param)]
-    return f"{'[' if low_inclusive else '('}{_num(low)},{_num(high)}]"
+    valid = spec_of(name).valid
+    return f"{'[' if valid.low_inclusive else '('}{_num(valid.low)},{_num(valid.high)}]"
 
 
 def _bound_note(name: str, value: float) -> str:
@@ -203,7 +223,7 @@ def _criterion_line(c: CriterionView) -> str:
 
 def _state_lines(s: Situation) -> list[str]:
     lines = [
-        f"Scenario {s.scenario}, step {s.step} of {s.step_cap}. Score {s.score:.2f} of {s.max_score:g}.",
+        f"Scenario {s.scenario.name}, step {s.step} of {s.step_cap}. Score {s.score:.2f} of {s.max_score:g}.",
         "Dose (% Rx): " + "; ".join(
             f"{name} max {_num(d['dmax_pct_rx'])} mean {_num(d['dmean_pct_rx'])} D95 {_num(d['d95_pct_rx'])}"
             for name, d in s.dose_summary.items()
@@ -220,7 +240,7 @@ def _state_lines(s: Situation) -> list[str]:
     lines += [f"- {'; '.join(items)}" for items in by_structure.values()]
     if s.history:
         lines.append("Last steps: " + "; ".join(
-            f"{h.step}: {h.change} -> score {h.score:.2f}" for h in s.history[-HISTORY_SHOWN:]
+            f"{h.step}: {h.move} -> score {h.score:.2f}" for h in s.history[-HISTORY_SHOWN:]
         ))
     return lines
 
@@ -238,17 +258,18 @@ def _knowledge_lines(s: Situation) -> list[str]:
     k = s.usable_knowledge()
     if k is None:
         return []
-    lines = [f"DRL knowledge (final TPPs of {k.provenance.n_at_max} plans at max score; median, 5-95 % range):"]
+    low, high = SUPPORT_QUANTILES
+    lines = [f"DRL knowledge (final TPPs of {k.provenance.n_at_max} plans at max score; median, {low}-{high} % range):"]
     for stats in k.tpps:
         if stats.count == 0:
             continue
         q = {p: 10.0 ** v if stats.scale == "log10" else v for p, v in stats.quantiles.items()}
         now = s.tpps[stats.label]
-        where = " now below" if now < q["5"] else " now above" if now > q["95"] else ""
+        where = " now below" if now < q[low] else " now above" if now > q[high] else ""
         digits = 2 if stats.scale == "log10" else 3  # weights matter by their order of magnitude only
-        lines.append(f"- {stats.label}: {_num(q['50'], digits)} ({_num(q['5'], digits)}-{_num(q['95'], digits)})"
+        lines.append(f"- {stats.label}: {_num(q['50'], digits)} ({_num(q[low], digits)}-{_num(q[high], digits)})"
                      f"{where}")
-    by_role = {f"{p}_{r}": f"{p}_{st}" for r, st in k.roles.items() for p in ("t", "lambda", "v")}
+    by_role = {f"{p}_{r}": f"{p}_{st}" for r, st in k.roles.items() for p in PARAMS}
     # The priority order only, without directions: a listed "raise X 22 %" is copied by small models whatever the plan.
     lines.append("DRL priority (TPPs it moves first, over all plans): "
                  + ", ".join(by_role.get(p, p) for p in k.priority[:PRIORITIES_SHOWN]))

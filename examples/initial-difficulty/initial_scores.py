@@ -18,10 +18,10 @@ from collections import Counter
 
 import numpy as np
 
-from m2m.physics.calibrate import scenario_planner
 from m2m.physics.phantoms import make_case
 from m2m.physics.tpp import TRAINING_RANGES, random_tpps
 from m2m.scenarios import load_scenario
+from m2m.scenarios.cases import scenario_optimizer
 
 RANGE_SETS = {
     "training ranges (tpp.TRAINING_RANGES)": dict(TRAINING_RANGES),
@@ -48,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     sc = load_scenario(args.scenario)
     first = sc.cohorts.validation.start
-    planners = [(seed, scenario_planner(sc, make_case(sc.site, seed))) for seed in range(first, first + args.cases)]
+    planners = [(seed, scenario_optimizer(sc, make_case(sc.site, seed))) for seed in range(first, first + args.cases)]
     print(f"{args.scenario}: validation seeds {first}-{first + args.cases - 1}, {args.draws} draws each, "
           f"max {sc.protocol.max_score:g}")
     for label, ranges in RANGE_SETS.items():

@@ -4,18 +4,18 @@ a planner swapped mid-session, replay of a recorded session, malformed messages 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.procs import Procs, running
 
-from m2m.agents.dose_engine import tpps_from_dict
+from m2m.agents.llm.guard import NEAR_LIMIT_FRACTION
 from m2m.agents.messages import (
     ADVISE,
     DOSE_PLAN,
@@ -28,22 +28,18 @@ from m2m.agents.messages import (
     EvaluateRequest,
     Evaluation,
     SessionRequest,
+    SessionResult,
     StatusRequest,
-    StepEvent,
+    Step,
     new_session_id,
 )
 from m2m.agents.runtime import EXIT_FATAL, EXIT_USAGE
-from m2m.agents.session_client import recorded_sessions, replay, run_session_request
 from m2m.bus.client import BusClient
-from m2m.bus.errors import RemoteError, UnhandledMessage
+from m2m.bus.errors import DecodeError, RemoteError, UnhandledMessage
 from m2m.physics.protocol import load_protocol
-from m2m.physics.tpp import step as tpp_step
+from m2m.physics.tpp import Direction, Move, TppSet
 from m2m.scenarios import load_scenario
-
-sys.path.insert(0, str(Path(__file__).parent))
-import itertools
-
-from stackhelpers import AgentProcs
+from m2m.session.client import recorded_sessions, replay, run_session_request
 
 pytestmark = pytest.mark.slow
 
@@ -52,20 +48,11 @@ SEEDS = load_scenario(SCENARIO).cohorts.get("test").seeds
 OARS = load_scenario(SCENARIO).oar_names
 
 
-def _procs() -> AgentProcs:
-    return AgentProcs(Path(tempfile.mkdtemp(prefix="m2mag", dir="/tmp")))
+AGENT_HB = 0.25  # heartbeat of every agent process (s): a killed agent is noticed within ~1 s
 
 
-def _teardown(p: AgentProcs, request: pytest.FixtureRequest) -> None:
-    p.close()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(p.dump_logs())
-    shutil.rmtree(p.dir, ignore_errors=True)
-
-
-def _start_services(p: AgentProcs) -> None:
-    p.broker()
+def _start_services(p: Procs) -> None:
+    p.broker("--transcript", str(p.transcript))
     p.agent("dose-engine", "dose-engine-1")
     p.agent("dose-engine", "dose-engine-2")
     p.agent("evaluator", "evaluator-1")
@@ -73,13 +60,10 @@ def _start_services(p: AgentProcs) -> None:
     p.wait_ready("dose-engine-1", "dose-engine-2", "evaluator-1", "drl-advisor-1")
 
 
-def _stack(request: pytest.FixtureRequest) -> Iterator[AgentProcs]:
-    p = _procs()
-    try:
+def _stack(request: pytest.FixtureRequest) -> Iterator[Procs]:
+    with running("m2mag", request, heartbeat=AGENT_HB) as p:
         _start_services(p)
         yield p
-    finally:
-        _teardown(p, request)
 
 
 # Shared by the tests that only add planners; tests that kill or swap agents get a stack of their own.
@@ -93,25 +77,29 @@ def _answers(tmp: Path, decisions: list[dict[str, str]]) -> Path:
     return path
 
 
-def _session(p: AgentProcs, mode: str, seed: int, cap: int, on_step=lambda e: None):  # type: ignore[no-untyped-def]
+def _session(p: Procs, mode: str, seed: int, cap: int, on_step=lambda s, outcome: None) -> SessionResult:  # type: ignore[no-untyped-def]
     req = SessionRequest(session_id=new_session_id(), scenario=SCENARIO, case_seed=seed, mode=mode, step_cap=cap)
     return asyncio.run(run_session_request(p.config(), req, on_step))
 
 
-def _check_trajectory(events: list[StepEvent]) -> None:
-    """Steps are contiguous from 0, each taken step is the guarded action applied to that step's TPPs, and the
-    next step was planned with exactly those TPPs."""
-    assert [e.step for e in events] == list(range(len(events)))
-    assert events[-1].done and not any(e.done for e in events[:-1])
-    for e, nxt in itertools.pairwise(events):
-        expected = tpp_step(tpps_from_dict(dict(e.tpps), OARS), e.action_tpp, e.action_direction).as_dict()
-        assert e.next_tpps == pytest.approx(expected)
-        assert nxt.tpps == pytest.approx(e.next_tpps)
+def _check_trajectory(result: SessionResult) -> None:
+    """Steps are contiguous from 0, each step but the last made a move, the move is the guarded action applied to
+    that step's TPPs, and the next step was planned with exactly those TPPs."""
+    steps = result.steps
+    assert [s.step for s in steps] == list(range(len(steps))) and result.n_steps == len(steps) - 1
+    assert steps[-1].action is None and all(s.action is not None for s in steps[:-1])
+    for s, nxt in itertools.pairwise(steps):
+        assert s.action is not None
+        assert nxt.tpps == pytest.approx(s.action.apply(TppSet.from_dict(s.tpps, OARS)).as_dict())
+    assert result.final_score == steps[-1].score and result.initial_score == steps[0].score
 
 
-def test_guided_and_unguided_sessions_with_the_replay_client(services: AgentProcs, tmp_path: Path) -> None:
+LOOSEN = Move("lambda_rectum", Direction.LOWER)
+
+
+def test_guided_and_unguided_sessions_with_the_replay_client(services: Procs, tmp_path: Path) -> None:
     # The replayed LLM always proposes to loosen the rectum (lower its weight): harmless in unguided mode, vetoed
-    # by the knowledge in guided mode whenever a rectum criterion fails or is near its limit.
+    # by the guard in guided mode whenever a rectum criterion fails or is near its limit.
     loosen = {"action": "change", "tpp": "lambda_rectum", "direction": "lower", "rationale": "spare the PTV"}
     answers = _answers(tmp_path, [loosen] * 12)
     services.agent("planner", "planner-replay", "model=replay", f"replay={answers}", impl="llm")
@@ -120,53 +108,62 @@ def test_guided_and_unguided_sessions_with_the_replay_client(services: AgentProc
         results = {mode: _session(services, mode, SEEDS[0], cap=3) for mode in ("unguided", "guided")}
     finally:
         services.kill("planner-replay")
-    for mode, (result, events) in results.items():
-        _check_trajectory(events)
-        assert result.mode == mode and all(e.mode == mode for e in events)
-        assert result.steps == len(events) - 1 and result.final_score == events[-1].score
-        taken = events[:-1]
+    for mode, result in results.items():
+        _check_trajectory(result)
+        assert result.header.mode == mode and result.header.planner == "llm:planner-replay"
+        taken = [s.decision for s in result.steps if s.decision is not None]
         assert taken, "the initial plan of this case is not at the maximum: a decision must be taken"
-        assert all(e.raw_tpp == "lambda_rectum" and e.raw_direction == "lower" and e.valid for e in taken)
-        assert all(e.llm_answers and json.loads(e.llm_answers[0])["tpp"] == "lambda_rectum" for e in taken)
-    unguided = results["unguided"][1][:-1]
-    assert all(e.action_tpp == "lambda_rectum" and e.action_direction == -1 and not e.vetoes for e in unguided)
-    guided = results["guided"][1][:-1]
-    rectum_at_risk = [any(c.structure == "rectum" and (not c.passed or c.value > 0.9 * c.limit) for c in e.criteria)
-                      for e in guided]
-    for e, at_risk in zip(guided, rectum_at_risk, strict=True):
-        if e.vetoes:  # a vetoed proposal is replaced by the DRL's best admissible action (or the safe action)
-            assert e.action_source in ("drl", "safe") and (e.action_tpp, e.action_direction) != ("lambda_rectum", -1)
-        elif at_risk:
-            raise AssertionError(f"step {e.step}: loosening an at-risk rectum was not vetoed")
+        assert all(d.proposal is not None and d.proposal.move == LOOSEN and d.valid for d in taken)
+        assert all(d.proposal is not None and d.proposal.rationale == "spare the PTV" for d in taken)
+        assert all(d.answers and json.loads(d.answers[0])["tpp"] == "lambda_rectum" for d in taken)
+    unguided = [s.decision for s in results["unguided"].steps[:-1]]
+    assert all(d is not None and d.action == LOOSEN and d.source == "proposal" and not d.vetoes for d in unguided)
+    guided = results["guided"].steps[:-1]
+
+    def rectum_at_risk(s: Step) -> bool:  # the guard's rule: failing, or within 20 % of the scoring span of its limit
+        return any(c.structure == "rectum" and (not c.passed or abs(c.limit - c.value) < NEAR_LIMIT_FRACTION
+                                                * abs(c.zero - c.limit)) for c in s.criteria)
+
+    decisions = [s.decision for s in guided]
+    assert all(d is not None for d in decisions)
+    # Loosening for three steps makes the guard refuse it in this case: both branches below are exercised.
+    assert any(d.vetoes for d in decisions if d) and any(not d.vetoes for d in decisions if d), decisions
+    for s in guided:
+        d = s.decision
+        assert d is not None
+        if d.vetoes:  # a vetoed proposal is replaced by the DRL's best admissible advice or the safe action
+            assert d.source in ("drl_advice", "safe") and d.action != LOOSEN, f"step {s.step}"
+        else:  # an admitted proposal is taken as proposed, and loosening an at-risk rectum is never admitted
+            assert (d.source, d.action) == ("proposal", LOOSEN) and not rectum_at_risk(s), f"step {s.step}"
 
 
-def test_dose_engine_killed_mid_session_loses_no_step(own_stack: AgentProcs) -> None:
+def test_dose_engine_killed_mid_session_loses_no_step(own_stack: Procs) -> None:
     own_stack.agent("planner", "planner-drl", impl="drl")
     own_stack.wait_ready("planner-drl")
-    reference, ref_events = _session(own_stack, "unguided", SEEDS[1], cap=8)
+    reference = _session(own_stack, "unguided", SEEDS[1], cap=8)
 
-    def kill_at_step_two(e: StepEvent) -> None:
-        if e.step == 2:
+    def kill_at_step_two(s: Step, _outcome: str | None) -> None:
+        if s.step == 2:
             own_stack.kill("dose-engine-1")
 
-    result, events = _session(own_stack, "unguided", SEEDS[1], cap=8, on_step=kill_at_step_two)
-    assert own_stack.procs["dose-engine-1"].returncode is not None
-    _check_trajectory(events)
+    result = _session(own_stack, "unguided", SEEDS[1], cap=8, on_step=kill_at_step_two)
+    assert own_stack["dose-engine-1"].returncode is not None
+    _check_trajectory(result)
     # Same steps, same scores: nothing lost, nothing planned twice with a different warm start.
-    assert [e.score for e in events] == pytest.approx([e.score for e in ref_events], abs=1e-9)
-    assert result.steps == reference.steps
+    assert [s.score for s in result.steps] == pytest.approx([s.score for s in reference.steps], abs=1e-9)
+    assert result.n_steps == reference.n_steps
 
 
-def test_planner_swapped_mid_session_resumes_from_the_published_state(own_stack: AgentProcs) -> None:
+def test_planner_swapped_mid_session_resumes_from_the_published_state(own_stack: Procs) -> None:
     own_stack.agent("planner", "planner-a", impl="drl")
     own_stack.wait_ready("planner-a")
     # a case whose guided DRL session runs to the cap: planner-b must come up before the session ends (which
     # cases those are depends on the shipped checkpoint, so the test looks for one)
     for seed in SEEDS[:16]:
-        reference, ref_events = _session(own_stack, "guided", seed, cap=20)
-        if reference.steps == 20:
+        reference = _session(own_stack, "guided", seed, cap=20)
+        if reference.n_steps == 20:
             break
-    assert reference.steps == 20, "the swap needs a session that outlasts a planner's start"
+    assert reference.n_steps == 20, "the swap needs a session that outlasts a planner's start"
 
     def swap() -> None:  # the new planner comes up first, then the old one drains: no moment without a planner
         own_stack.agent("planner", "planner-b", impl="drl")
@@ -175,36 +172,37 @@ def test_planner_swapped_mid_session_resumes_from_the_published_state(own_stack:
 
     swapper = threading.Thread(target=swap)
 
-    def swap_at_step_one(e: StepEvent) -> None:
-        if e.step == 1:  # from a thread: the callback runs on the session client's event loop
+    def swap_at_step_one(s: Step, _outcome: str | None) -> None:
+        if s.step == 1:  # from a thread: the callback runs on the session client's event loop
             swapper.start()
 
-    result, events = _session(own_stack, "guided", seed, cap=20, on_step=swap_at_step_one)
+    result = _session(own_stack, "guided", seed, cap=20, on_step=swap_at_step_one)
     swapper.join(timeout=60)
-    assert own_stack.procs["planner-a"].wait(timeout=30) == 0  # drained and stopped cleanly
-    _check_trajectory(events)
-    assert {e.planner.split(":")[1] for e in events} == {"planner-a", "planner-b"}
-    assert [e.score for e in events] == pytest.approx([e.score for e in ref_events], abs=1e-9)
-    assert result.steps == reference.steps
+    assert own_stack["planner-a"].wait(timeout=30) == 0  # drained and stopped cleanly
+    _check_trajectory(result)  # the whole record, steps of both planners, in the reply of the one that finished
+    assert {p.split(":")[1] for p in result.planners} == {"planner-a", "planner-b"}
+    assert result.header.planner.endswith("planner-b")
+    assert [s.score for s in result.steps] == pytest.approx([s.score for s in reference.steps], abs=1e-9)
+    assert result.n_steps == reference.n_steps
 
 
-def test_replay_of_a_recorded_session_matches_its_scores(services: AgentProcs) -> None:
+def test_replay_of_a_recorded_session_matches_its_scores(services: Procs) -> None:
     services.agent("planner", "planner-drl2", impl="drl")
     services.wait_ready("planner-drl2")
     try:
-        result, _ = _session(services, "guided", SEEDS[3], cap=6)
+        result = _session(services, "guided", SEEDS[3], cap=6)
     finally:
         services.kill("planner-drl2")
-    recorded = recorded_sessions(services.transcript)[result.session_id]
-    assert len(recorded) == result.steps + 1
+    recorded = recorded_sessions(services.transcript)[result.header.session_id]
+    assert recorded.steps == result.steps
     steps = asyncio.run(replay(services.config(), recorded))
-    assert [s.step for s in steps] == list(range(len(recorded)))
+    assert [s.step for s in steps] == list(range(len(recorded.steps)))
     assert all(s.matches for s in steps), [(s.recorded, s.replayed) for s in steps]
 
 
-async def _bad_requests(p: AgentProcs) -> dict[str, list[str]]:
+async def _bad_requests(p: Procs) -> dict[str, list[str]]:
     protocol = load_protocol(SCENARIO)
-    good_metrics = {c.label: c.limit for c in protocol.criteria}
+    good_metrics = {c.id: c.limit for c in protocol.criteria}
     tpps = load_scenario(SCENARIO).default_tpps().as_dict()
     bad = {
         DOSE_PLAN: [
@@ -214,11 +212,10 @@ async def _bad_requests(p: AgentProcs) -> dict[str, list[str]]:
         ],
         EVALUATE: [
             EvaluateRequest(protocol=SCENARIO, metrics={}),
-            EvaluateRequest(protocol=SCENARIO, metrics={**good_metrics, protocol.criteria[0].label: float("nan")}),
+            EvaluateRequest(protocol=SCENARIO, metrics={**good_metrics, protocol.criteria[0].id: float("nan")}),
             EvaluateRequest(protocol="no-such-protocol", metrics=good_metrics),
         ],
         SESSION: [
-            SessionRequest(session_id=new_session_id(), scenario=SCENARIO, case_seed=SEEDS[0], mode="sideways"),
             SessionRequest(session_id=new_session_id(), scenario="nowhere", case_seed=0),
         ],
     }
@@ -238,16 +235,21 @@ async def _bad_requests(p: AgentProcs) -> dict[str, list[str]]:
             await bus.request(ADVISE, AdviseRequest(scenario=SCENARIO, tpps=tpps, dvh_bins_gy=plan.dvh_bins_gy[:10],
                                                     structures=plan.structures), timeout=10)
         errors[ADVISE] = [str(info.value)]
+        # A mode outside the typed vocabulary does not even decode at the planner: a typed decode error comes back.
+        with pytest.raises(DecodeError, match="sideways") as decode_info:
+            await bus.request(SESSION, SessionRequest(session_id=new_session_id(), scenario=SCENARIO,
+                                                      case_seed=SEEDS[0], mode="sideways"), timeout=30)  # type: ignore[arg-type]
+        errors[SESSION].append(str(decode_info.value))
         # After all that every agent still answers a good request.
         ev = await bus.request(EVALUATE, EvaluateRequest(protocol=SCENARIO, metrics=plan.metrics), expect=Evaluation)
         assert ev.max_score == 9.0 and len(ev.criteria) == 9
         advice = await bus.request(ADVISE, AdviseRequest(scenario=SCENARIO, tpps=tpps, dvh_bins_gy=plan.dvh_bins_gy,
                                                          structures=plan.structures), expect=Advice)
-        assert advice.actions and all(a.tpp in tpps for a in advice.actions)
+        assert advice.actions and all(a.move.tpp in tpps for a in advice.actions)
     return errors
 
 
-def test_malformed_requests_get_typed_errors_and_kill_no_agent(services: AgentProcs) -> None:
+def test_malformed_requests_get_typed_errors_and_kill_no_agent(services: Procs) -> None:
     services.agent("planner", "planner-drl3", impl="drl")
     services.wait_ready("planner-drl3")
     try:
@@ -255,16 +257,16 @@ def test_malformed_requests_get_typed_errors_and_kill_no_agent(services: AgentPr
         assert "t_ptv" in errors[DOSE_PLAN][0] and "no-such-site" in errors[DOSE_PLAN][1]
         assert "missing" in errors[DOSE_PLAN][2]
         assert "no value" in errors[EVALUATE][0] and "not finite" in errors[EVALUATE][1]
-        assert "sideways" in errors[SESSION][0]
+        assert "nowhere" in errors[SESSION][0] and "sideways" in errors[SESSION][1]
         assert "bins" in errors[ADVISE][0]
         alive = ("broker", "dose-engine-1", "dose-engine-2", "evaluator-1", "drl-advisor-1", "planner-drl3")
-        assert all(services.procs[name].poll() is None for name in alive)
+        assert all(services[name].poll() is None for name in alive)
     finally:
         services.kill("planner-drl3")
 
 
 def _m2m(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "m2m.agents.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "m2m.cli.main", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_agent_exit_codes_for_bad_options_and_failed_setup(tmp_path: Path) -> None:
@@ -277,31 +279,32 @@ def test_agent_exit_codes_for_bad_options_and_failed_setup(tmp_path: Path) -> No
     assert no_ckpt.returncode == EXIT_FATAL and "none.pt" in no_ckpt.stdout + no_ckpt.stderr
 
 
-def test_sigterm_drains_and_exits_zero(services: AgentProcs) -> None:
+def test_sigterm_drains_and_exits_zero(services: Procs) -> None:
     services.agent("evaluator", "evaluator-2")
     services.wait_ready("evaluator-2")
     services.terminate("evaluator-2")
-    assert services.procs["evaluator-2"].wait(timeout=30) == 0
-    assert "agent_stopped" in (services.dir / "evaluator-2.log").read_text()
+    assert services["evaluator-2"].wait(timeout=30) == 0
+    assert "agent_stopped" in services.log("evaluator-2").read_text()
 
 
-def test_guided_session_with_the_embedded_model(services: AgentProcs) -> None:
+def test_guided_session_with_the_embedded_model(services: Procs) -> None:
     """The real path: the llama.cpp model from the PyPI packages, constrained JSON, one decision on the bus."""
     services.agent("planner", "planner-embedded", "model=embedded", impl="llm")
     services.wait_ready("planner-embedded", timeout=300)
     try:
-        result, events = _session(services, "guided", SEEDS[0], cap=1)
+        result = _session(services, "guided", SEEDS[0], cap=1)
     finally:
         services.kill("planner-embedded")
-    _check_trajectory(events)
-    first = events[0]
-    assert result.steps == 1 and first.planner == "llm:planner-embedded"
-    assert first.valid and first.raw_tpp in first.tpps and first.raw_direction in ("raise", "lower")
-    answer = json.loads(first.llm_answers[-1])  # the model's own text is JSON of the decision schema
-    assert answer["tpp"] == first.raw_tpp and answer["action"] == "change"
+    _check_trajectory(result)
+    first = result.steps[0].decision
+    assert result.n_steps == 1 and result.header.planner == "llm:planner-embedded" and first is not None
+    assert first.valid and first.proposal is not None and first.proposal.move is not None
+    assert first.proposal.move.tpp in result.steps[0].tpps
+    answer = json.loads(first.answers[-1])  # the model's own text is JSON of the decision schema
+    assert (answer["tpp"], answer["direction"]) == (first.proposal.move.tpp, first.proposal.move.direction.word)
 
 
-def test_agent_joins_a_curve_broker_over_tcp_with_its_keys(tmp_path: Path) -> None:
+def test_agent_joins_a_curve_broker_over_tcp_with_its_keys(tmp_path: Path, procs: Procs) -> None:
     """The off-host path: a TCP broker that admits only authorised CURVE keys, an evaluator given its keys on the
     command line, a client with its own authorised key."""
     import socket
@@ -318,24 +321,20 @@ def test_agent_joins_a_curve_broker_over_tcp_with_its_keys(tmp_path: Path) -> No
     generate_keys("evaluator", allowed)
     generate_keys("client", allowed)
     ep, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    p = AgentProcs(Path(tempfile.mkdtemp(prefix="m2mcurve", dir="/tmp")))
-    try:
-        p._spawn("broker", ["broker", "--endpoint", ep, "--pub-endpoint", pub, "--curve-secret",
-                            str(keys / "broker.key_secret"), "--curve-clients", str(allowed)])
-        p._spawn("evaluator-curve", ["agent", "evaluator", "--name", "evaluator-curve", "--connect", ep,
-                                     "--pub-connect", pub, "--curve-secret", str(allowed / "evaluator.key_secret"),
-                                     "--curve-server", str(keys / "broker.key")])
-        protocol = load_protocol(SCENARIO)
-        metrics = {c.label: c.limit for c in protocol.criteria}
-        curve = ClientKeys.load(allowed / "client.key_secret", keys / "broker.key")
+    # both on the command line, with its default heartbeat (the harness's broker() would set the tests' one)
+    procs.m2m("broker", "--endpoint", ep, "--pub-endpoint", pub, "--curve-secret", str(keys / "broker.key_secret"),
+              "--curve-clients", str(allowed), name="broker")
+    procs.m2m("agent", "evaluator", "--name", "evaluator-curve", "--connect", ep, "--pub-connect", pub,
+              "--curve-secret", str(allowed / "evaluator.key_secret"), "--curve-server", str(keys / "broker.key"),
+              name="evaluator-curve")
+    protocol = load_protocol(SCENARIO)
+    metrics = {c.id: c.limit for c in protocol.criteria}
+    curve = ClientKeys.load(allowed / "client.key_secret", keys / "broker.key")
 
-        async def main() -> Evaluation:
-            async with BusClient("curve-client", endpoint=ep, pub_endpoint=pub, curve=curve) as bus:
-                return await bus.request(EVALUATE, EvaluateRequest(protocol=SCENARIO, metrics=metrics), timeout=60,
-                                         expect=Evaluation)
+    async def main() -> Evaluation:
+        async with BusClient("curve-client", endpoint=ep, pub_endpoint=pub, curve=curve) as bus:
+            return await bus.request(EVALUATE, EvaluateRequest(protocol=SCENARIO, metrics=metrics), timeout=60,
+                                     expect=Evaluation)
 
-        ev = asyncio.run(main())
-        assert ev.total == 9.0 and not ev.failing  # every metric exactly at its limit passes
-    finally:
-        p.close()
-        shutil.rmtree(p.dir, ignore_errors=True)
+    ev = asyncio.run(main())
+    assert ev.total == 9.0 and not ev.failing  # every metric exactly at its limit passes

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m2m.agents.dose_engine import REPORT_SPAN, report_bins_gy, structure_doses, tpps_from_dict
-from m2m.agents.drl.env import dvh_bins_gy
+from m2m.agents.dose_engine import structure_doses
+from m2m.physics.dvh import REPORT_SPAN, dvh_bins_gy, report_bins_gy
 from m2m.physics.tpp import TppRangeError, TppSet
 
 
@@ -19,13 +19,13 @@ def test_report_bins_begin_with_the_policys_bins_and_reach_150_percent() -> None
 
 def test_tpps_from_dict_needs_every_tpp_once_and_valid_values() -> None:
     full = TppSet.default(("bladder", "rectum")).as_dict()
-    assert tpps_from_dict(full, ("bladder", "rectum")).as_dict() == full
+    assert TppSet.from_dict(full, ("bladder", "rectum")).as_dict() == full
     with pytest.raises(ValueError, match="missing"):
-        tpps_from_dict({k: v for k, v in full.items() if k != "v_rectum"}, ("bladder", "rectum"))
+        TppSet.from_dict({k: v for k, v in full.items() if k != "v_rectum"}, ("bladder", "rectum"))
     with pytest.raises(ValueError, match="unexpected"):
-        tpps_from_dict({**full, "t_femur": 0.5}, ("bladder", "rectum"))
+        TppSet.from_dict({**full, "t_femur": 0.5}, ("bladder", "rectum"))
     with pytest.raises(TppRangeError):
-        tpps_from_dict({**full, "t_ptv": 2.0}, ("bladder", "rectum"))
+        TppSet.from_dict({**full, "t_ptv": 2.0}, ("bladder", "rectum"))
 
 
 def test_structure_doses_are_percent_volume_and_gray() -> None:

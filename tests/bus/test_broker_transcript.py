@@ -7,13 +7,13 @@ import asyncio
 
 import numpy as np
 import pytest
-from busapp import Echo, EchoReply, Fact
-from bushelpers import HB, Procs
+from support.busapp import Echo, EchoReply, Fact
+from support.procs import HB, Procs
 
 from m2m.bus.client import BusClient
-from m2m.bus.commands import add_commands
 from m2m.bus.errors import ServiceUnavailable
 from m2m.bus.transcript import read_transcript, session_index
+from m2m.cli.bus import add_commands
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,7 +94,7 @@ def test_transcript_show_without_the_message_classes(procs: Procs) -> None:
     frames = [bytes(f) for f in encode(Echo(text="hello", data=np.zeros((2, 3))), env)]
     w.append(t=0.0, direction="in", kind="request", route="echo", peer="", session="S9", frames=frames)
     w.close()
-    code = ("import sys; from m2m.bus.commands import add_commands; import argparse; p = argparse.ArgumentParser();"
+    code = ("import sys; from m2m.cli.bus import add_commands; import argparse; p = argparse.ArgumentParser();"
             "s = p.add_subparsers(); add_commands(s, s.add_parser('b')"
             ".add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
     r = subprocess.run([sys.executable, "-c", code, "transcript", "show", str(path)], capture_output=True,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 
 import pytest
-from busapp import Fact
-from bushelpers import HB, HERE, Procs, wait_until
+from support.busapp import Fact
+from support.procs import HB, Procs, wait_until, wait_until_async
 
 from m2m.bus.client import BusClient
-from m2m.bus.clone import Delivery
+from m2m.bus.clone import Delivery, Subscription
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,9 +20,9 @@ def client(ps: Procs, name: str = "tester") -> BusClient:
 
 
 def publisher(ps: Procs, topic: str, count: int, *, retain: bool, name: str = "pub"):  # type: ignore[no-untyped-def]
-    args = [str(HERE / "busapp.py"), "publisher", "--endpoint", ps.endpoint, "--pub", ps.pub, "--topic", topic,
-            "--count", str(count), "--heartbeat", str(HB), "--name", name]
-    return ps.spawn(*args, *(["--retain"] if retain else []), name=name)
+    args = ["--endpoint", ps.endpoint, "--pub", ps.pub, "--topic", topic, "--count", str(count), "--heartbeat",
+            str(HB), "--name", name]
+    return ps.busapp("publisher", *args, *(["--retain"] if retain else []), name=name)
 
 
 def published(ps: Procs, n: int = 1) -> bool:
@@ -32,26 +31,46 @@ def published(ps: Procs, n: int = 1) -> bool:
 
 async def snapshot_value(bus: BusClient, prefix: str, want: int, timeout: float = 15.0) -> Delivery:
     """Subscribe as a late joiner until the snapshot holds ``want`` (the publisher may still be sending)."""
-    end = time.monotonic() + timeout
-    while True:
+    got: list[Delivery | None] = []
+
+    async def joined() -> bool:
         sub = bus.subscribe(prefix)
         try:
-            d = await sub.get(timeout=2)
+            got.append(await sub.get(timeout=2))
         except TimeoutError:
-            d = None
+            got.append(None)
         finally:
             sub.close()
-        if d is not None and d.snapshot and isinstance(d.message, Fact) and d.message.value == want:
-            return d
-        assert time.monotonic() < end, f"snapshot never reached {want}: {d}"
-        await asyncio.sleep(0.05)
+        d = got[-1]
+        return d is not None and d.snapshot and isinstance(d.message, Fact) and d.message.value == want
+
+    await wait_until_async(joined, f"a late joiner's snapshot under {prefix!r} holds {want} (last: {got[-1:]})",
+                           timeout=timeout)
+    d = got[-1]
+    assert d is not None
+    return d
+
+
+async def until_live(bus: BusClient, sub: Subscription, probe: str) -> None:
+    """Publish a probe event until ``sub`` receives it on its live stream: the SUB socket's subscription reaches
+    the broker a moment after it connects (the slow-joiner syndrome), and until then events are not delivered."""
+
+    async def probe_arrived() -> bool:
+        await bus.publish(probe, Fact(value=-1))
+        try:
+            d = await sub.get(timeout=0.2)
+        except TimeoutError:
+            return False
+        return d.topic == probe and not d.snapshot
+
+    await wait_until_async(probe_arrived, f"the subscription receives live {probe} events", timeout=10, step=0)
 
 
 def test_late_joiner_gets_knowledge_snapshot_then_updates(procs: Procs) -> None:
     procs.broker()
     pub = publisher(procs, "k.fact", 5, retain=True, name="pub-k")
     publisher(procs, "ev.noise", 3, retain=False, name="pub-ev")
-    wait_until(lambda: published(procs, 2), timeout=20)
+    wait_until(lambda: published(procs, 2), "both publishers published", timeout=20)
 
     async def main() -> None:
         async with client(procs, "late") as bus:
@@ -61,7 +80,7 @@ def test_late_joiner_gets_knowledge_snapshot_then_updates(procs: Procs) -> None:
             sub = bus.subscribe("")
             first = await sub.get(timeout=5)
             assert first.snapshot and first.topic == "k.fact"  # events are not knowledge: not in the snapshot
-            await asyncio.sleep(0.3)  # let the SUB connection settle before the live update
+            await until_live(bus, sub, "ev.probe")  # so the update comes on the live stream, not a snapshot
             await bus.publish("k.fact", Fact(value=99), retain=True)
             live = await sub.get(timeout=5)
             while live.topic != "k.fact":  # events published meanwhile (none expected, but not our subject)
@@ -80,17 +99,11 @@ def test_subscriber_detects_sequence_gap(procs: Procs) -> None:
     async def main() -> None:
         async with client(procs, "slow") as bus:
             sub = bus.subscribe("ev.", snapshot=False, hwm=10)
-            # make sure the subscription is live before the burst (slow-joiner syndrome)
-            end = time.monotonic() + 10
-            while True:
-                await bus.publish("ev.probe", Fact(value=-1))
-                try:
-                    await sub.get(timeout=0.2)
-                    break
-                except TimeoutError:
-                    assert time.monotonic() < end
+            await until_live(bus, sub, "ev.probe")  # before the burst
             publisher(procs, "ev.tick", total, retain=False, name="pub-burst")
-            wait_until(lambda: published(procs), timeout=30)  # blocks the loop: the subscriber reads nothing
+            # the slow subscriber: it reads nothing while the burst is published (wait_until blocks the loop), then
+            # idles half a second more while the broker still forwards the tail (part of the scenario, not a settle)
+            wait_until(lambda: published(procs), "the burst was published", timeout=30)
             await asyncio.sleep(0.5)
             got: list[Delivery] = []
             while True:
@@ -114,14 +127,14 @@ def test_subscriber_detects_sequence_gap(procs: Procs) -> None:
 def test_knowledge_survives_broker_restart(procs: Procs) -> None:
     broker = procs.broker()
     publisher(procs, "k.plan", 3, retain=True, name="pub-k")
-    wait_until(lambda: published(procs), timeout=20)
+    wait_until(lambda: published(procs), "the publisher published", timeout=20)
 
     async def main() -> None:
         async with client(procs, "late") as bus:
             await snapshot_value(bus, "k.", 2)
             broker.send_signal(signal.SIGKILL)
             broker.wait(timeout=10)
-            procs.broker()
+            procs.broker(ready=False)  # in the coroutine: no blocking wait
             # the publisher sees the new broker incarnation and re-asserts its last value
             d = await snapshot_value(bus, "k.", 2, timeout=20)
             assert d.seq == 1 and d.envelope.sender == "pub-k"
@@ -142,14 +155,7 @@ def test_subscriber_survives_undecodable_deliveries(procs: Procs) -> None:
     async def main() -> None:
         async with client(procs, "reader") as bus:
             sub = bus.subscribe("k.", snapshot=False)
-            end = time.monotonic() + 10
-            while True:  # subscription live?
-                await bus.publish("k.probe", Fact(value=-1))
-                try:
-                    await sub.get(timeout=0.2)
-                    break
-                except TimeoutError:
-                    assert time.monotonic() < end
+            await until_live(bus, sub, "k.probe")
             ctx = zmq.Context()
             raw = ctx.socket(zmq.DEALER)
             raw.linger = 5000  # deliver before close
@@ -159,9 +165,9 @@ def test_subscriber_survives_undecodable_deliveries(procs: Procs) -> None:
                 raw.send_multipart([P.CLIENT, P.PUBLISH, b"k.x", b"\x00", env, payload])
             raw.close()
             ctx.term()
-            while sub.errors < 3:  # the broker numbered and forwarded them; the subscriber skipped them
-                assert time.monotonic() < end + 10
-                await asyncio.sleep(0.01)
+            # the broker numbered and forwarded them; the subscriber skipped them
+            await wait_until_async(lambda: sub.errors >= 3, "the subscriber counted 3 undecodable deliveries",
+                                   timeout=20, step=0.01)
             await bus.publish("k.x", Fact(value=42))
             d = await sub.get(timeout=5)
             while d.topic != "k.x":
@@ -202,9 +208,15 @@ def test_retained_reads_the_current_values_once(procs: Procs) -> None:
             await other.publish("state.a", Fact(value=1), retain=True)
             await other.publish("state.a", Fact(value=2), retain=True)
             await other.publish("other.b", Fact(value=3), retain=True)
-            end = time.monotonic() + 10
-            while (got := await bus.retained("state.")).get("state.a") != Fact(value=2) and time.monotonic() < end:
-                await asyncio.sleep(0.05)  # the writer's publishes reach the broker on another socket
+            got: dict[str, object] = {}
+
+            async def current() -> bool:
+                got.clear()
+                got.update(await bus.retained("state."))
+                return got.get("state.a") == Fact(value=2)
+
+            # the writer's publishes reach the broker on another socket
+            await wait_until_async(current, "the broker retains state.a = 2", timeout=10)
             assert list(got) == ["state.a"] and got["state.a"] == Fact(value=2)  # the last value, one topic only
 
     asyncio.run(main())

@@ -6,12 +6,11 @@ import asyncio
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from busapp import Echo
-from bushelpers import HB, HERE, Procs
+from support.busapp import Echo
+from support.procs import HB, Procs, wait_until_async
 
 from m2m.bus.broker import Broker, BrokerConfig
 from m2m.bus.client import BusClient
@@ -49,22 +48,25 @@ def test_curve_broker_admits_only_authorised_keys(procs: Procs) -> None:
     ep, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     procs.broker("--curve-secret", str(keys / "broker.key_secret"), "--curve-clients", str(allowed),
                  endpoint=ep, pub=pub)
-    procs.spawn(str(HERE / "busapp.py"), "worker", "--endpoint", ep, "--pub", pub, "--heartbeat", str(HB),
-                "--secret", str(allowed / "agent.key_secret"), "--server-key", str(keys / "broker.key"),
-                name="worker")
+    procs.busapp("worker", "--endpoint", ep, "--pub", pub, "--heartbeat", str(HB),
+                 "--secret", str(allowed / "agent.key_secret"), "--server-key", str(keys / "broker.key"),
+                 name="worker")
     good = ClientKeys.load(allowed / "agent.key_secret", keys / "broker.key")
     rogue = ClientKeys.load(keys / "rogue.key_secret", keys / "broker.key")
 
     async def main() -> None:
         async with BusClient("good", endpoint=ep, pub_endpoint=pub, heartbeat=HB, curve=good) as bus:
-            end = time.monotonic() + 20
-            while True:
+            replies: list[Echo] = []
+
+            async def answered() -> bool:
                 try:
-                    r = await bus.request("echo", Echo(text="secret"), timeout=2)
-                    break
+                    replies.append(await bus.request("echo", Echo(text="secret"), timeout=2))
                 except RequestTimeout:  # the worker may still be starting
-                    assert time.monotonic() < end
-            assert r.text == "secret"
+                    return False
+                return True
+
+            await wait_until_async(answered, "the authorised worker answers over CURVE", timeout=20, step=0)
+            assert replies[0].text == "secret"
         for curve in (rogue, None):
             async with BusClient("bad", endpoint=ep, pub_endpoint=pub, heartbeat=HB, curve=curve) as bad:
                 with pytest.raises(RequestTimeout):

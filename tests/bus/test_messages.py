@@ -8,9 +8,9 @@ import random
 import msgspec
 import numpy as np
 import pytest
-from busapp import Echo, EchoReply
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.busapp import Echo, EchoReply
 
 from m2m.bus.errors import BusError, DecodeError, SchemaConflict, SchemaVersionError, UnknownSchema
 from m2m.bus.messages import ArraySpec, Envelope, ErrorReply, Message, decode, decode_envelope, encode, new_id

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from busapp import Echo, EchoReply, Fact, Fail, Work, WorkDone
-from bushelpers import HB, Procs
+from support.busapp import Echo, EchoReply, Fact, Fail, Work, WorkDone
+from support.procs import HB, Procs, wait_until, wait_until_async
+from zmq.utils.monitor import recv_monitor_message
 
 from m2m.bus import protocol as P
 from m2m.bus.client import BusClient
@@ -92,10 +93,8 @@ def test_worker_killed_mid_request_retry_served_by_other_once(procs: Procs) -> N
             await until_pids(bus, 2)
             task = asyncio.create_task(bus.request("echo", Work(key="once", marker=str(marker), sleep=1.0),
                                                    timeout=20, retries=1))
-            end = time.monotonic() + 10
-            while not marker_lines(marker, "start"):
-                assert time.monotonic() < end
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: marker_lines(marker, "start"), "a worker started the work", timeout=10,
+                                   step=0.01)
             victim = int(marker_lines(marker, "start")[0].split()[2])
             os.kill(victim, signal.SIGKILL)
             t_kill = time.monotonic()
@@ -217,8 +216,14 @@ def test_malformed_and_oversized_frames_to_broker(procs: Procs) -> None:
         s.send_multipart([P.WORKER, P.REPLY, b"nobody", b"junk", b"x"])
         assert _recv_error(s).code == "decode_error"
         # far over the limit: ZeroMQ drops this connection (MAXMSGSIZE); the broker itself stays up
-        s.send_multipart([P.CLIENT, P.REQUEST, b"echo", env, b"x" * 1_000_000])
-        time.sleep(0.2)
+        monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            s.send_multipart([P.CLIENT, P.REQUEST, b"echo", env, b"x" * 1_000_000])
+            wait_until(lambda: monitor.poll(0) and recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED,
+                       "the broker drops the connection of the oversized message", timeout=10)
+        finally:
+            s.disable_monitor()
+            monitor.close(0)
     finally:
         s.close(0)
         ctx.term()
@@ -291,7 +296,7 @@ def test_broker_killed_and_restarted_traffic_resumes(procs: Procs, down_for: flo
             await asyncio.sleep(down_for)
             assert not task.done()
             t0 = time.monotonic()
-            procs.broker()
+            procs.broker(ready=False)  # in the coroutine: no blocking wait
             reply = await task
             recovery = time.monotonic() - t0
             assert reply.pid == w.pid  # the same worker re-registered with the new broker

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from busapp import Echo
-from bushelpers import HERE
+from support.busapp import Echo
+from support.procs import Procs, wait_until
 
 from m2m.bus.messages import Envelope, encode, new_id
 from m2m.bus.transcript import MAGIC, TranscriptWriter, read_transcript, session_index
@@ -78,20 +75,15 @@ def test_writer_reopening_a_torn_file_cuts_the_tail_and_continues(tmp_path: Path
 
 
 @pytest.mark.timeout(30)
-def test_kill_minus_9_writer_loses_nothing_before_the_torn_record(tmp_path: Path) -> None:
+def test_kill_minus_9_writer_loses_nothing_before_the_torn_record(tmp_path: Path, procs: Procs) -> None:
     p = tmp_path / "t.m2mt"
     for _round in range(3):  # each new writer reopens the file a killed one left, torn tail and all
-        proc = subprocess.Popen([sys.executable, str(HERE / "busapp.py"), "writer", "--file", str(p)])
-        try:
-            end = time.monotonic() + 20
-            start = p.stat().st_size if p.exists() else 0
-            while time.monotonic() < end and (not p.exists() or p.stat().st_size < start + 200_000):
-                time.sleep(0.005)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
+        start = p.stat().st_size if p.exists() else 0
+        proc = procs.busapp("writer", "--file", str(p), name="writer")
+        wait_until(lambda: p.exists() and p.stat().st_size >= start + 200_000,  # noqa: B023 (called in this round)
+                   "the writer appended 200 kB", timeout=20, step=0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
         c = read_transcript(p)
         assert [r.n for r in c.records] == list(range(len(c.records)))
         by_writer: dict[str, list[int]] = {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m2m.physics.protocol import Criterion, Protocol, ProtocolError, load_protocol, parse_criteria, score
+from m2m.physics.protocol import Criterion, Protocol, ProtocolError, load_protocol, parse_protocol, score
 
 RX = 79.2
 VOXEL_CC = 0.027
@@ -98,7 +98,59 @@ def test_missing_structure_and_bad_criteria_raise() -> None:
         Criterion("rectum", "V70Gy", "Gy", 1.0, 2.0)
     with pytest.raises(ProtocolError, match="zero"):
         Criterion("rectum", "V70Gy", "%", 1.0, 1.0)
-    with pytest.raises(ProtocolError, match="missing"):
-        parse_criteria([{"structure": "ptv", "metric": "Dmax", "unit": "Gy", "limit": 1.0}], "x.toml")
+    with pytest.raises(ProtocolError, match=r"^x\.toml: criteria\[0\]\.zero: missing; expected a number$"):
+        parse_protocol({"name": "x", "criteria": [{"structure": "ptv", "metric": "Dmax", "unit": "Gy", "limit": 1.0}]},
+                       "x.toml")
     with pytest.raises(FileNotFoundError):
         load_protocol("no-such-protocol")
+
+
+def test_criteria_are_keyed_by_a_stable_id_not_their_label() -> None:
+    import dataclasses
+
+    basic = load_protocol("prostate-basic")
+    ids = [c.id for c in basic.criteria]
+    assert "rectum:V70Gy" in ids and len(set(ids)) == len(ids)
+    rectum = basic.criterion("rectum:V70Gy")
+    recalibrated = dataclasses.replace(rectum, limit=rectum.limit - 1.0)
+    assert recalibrated.id == rectum.id and recalibrated.label != rectum.label
+    with pytest.raises(ProtocolError, match="more than once"):
+        Protocol("twice", (rectum, recalibrated))
+    with pytest.raises(KeyError, match="no criterion 'rectum:V99Gy'"):
+        basic.criterion("rectum:V99Gy")
+
+
+PTV_DMAX = {"structure": "ptv", "metric": "Dmax", "unit": "Gy", "limit": 1.0, "zero": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # a wrong type, a missing key, an unknown key: the file, the key and what was expected
+        ({"name": "x", "criteria": [{**PTV_DMAX, "limit": "high"}]},
+         'protocol_x.toml: criteria[0].limit: expected a number, got "high"'),
+        ({"criteria": [PTV_DMAX]}, "protocol_x.toml: name: missing; expected a non-empty string"),
+        ({"name": "x", "criteria": [PTV_DMAX, {**PTV_DMAX, "metric": "Dmean", "colour": "red"}]},
+         "protocol_x.toml: criteria[1].colour: unknown key; expected one of structure, metric, unit, limit, zero, "
+         "source"),
+        ({"name": "x", "criteria": {"ptv": PTV_DMAX}},
+         "protocol_x.toml: criteria: expected an array of tables, got { ptv = { structure = \"ptv\", metric"),
+        # what the criterion itself checks, at the criterion's key
+        ({"name": "x", "criteria": [{**PTV_DMAX, "metric": "D95"}]},
+         "protocol_x.toml: criteria[0]: unknown metric 'D95'"),
+        ({"name": "x", "criteria": [PTV_DMAX, PTV_DMAX]}, "protocol_x.toml: criteria: protocol x: criteria"),
+        ({"name": "x"}, "protocol_x.toml: criteria: no criteria"),
+        ({"name": "x", "extends": "nope", "criteria": [PTV_DMAX]},
+         "protocol_x.toml: extends: no protocol_nope.toml in m2m.scenarios"),
+    ],
+)
+def test_a_bad_protocol_file_names_the_file_the_key_and_what_was_expected(data: dict, message: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_protocol(data, "protocol_x.toml")
+    assert str(info.value).startswith(message)
+    assert info.value.path == "protocol_x.toml"
+
+
+def test_a_protocol_extends_another_and_keeps_its_name() -> None:
+    extended = parse_protocol({"name": "more", "extends": "liver", "criteria": [PTV_DMAX]}, "protocol_more.toml")
+    assert extended.criteria == (*load_protocol("liver").criteria, Criterion(**PTV_DMAX))

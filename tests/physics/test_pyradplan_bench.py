@@ -20,13 +20,13 @@ from m2m.physics.gamma import gamma_index
 
 def test_not_installed_keeps_the_single_row(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    rows = bench._pyradplan(skip=False, seed=None)
+    rows = bench._pyradplan(skip=False, seed=1000)
     assert [(r.what, r.value) for r in rows] == [("pyRadPlan", "not installed")]
 
 
 def test_skip_flag_and_failure_are_reported_as_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
-    assert [(r.what, r.value) for r in bench._pyradplan(skip=True, seed=None)] == [("pyRadPlan", "skipped")]
+    assert [(r.what, r.value) for r in bench._pyradplan(skip=True, seed=1000)] == [("pyRadPlan", "skipped")]
 
     def broken(seed: int | None) -> None:
         raise RuntimeError("pydantic 2.14 breaks calc_dose_influence")
@@ -35,7 +35,7 @@ def test_skip_flag_and_failure_are_reported_as_rows(monkeypatch: pytest.MonkeyPa
     fake.run = broken  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "m2m.physics.pyradplan_bench", fake)
     monkeypatch.setattr("m2m.physics.pyradplan_bench", fake, raising=False)
-    rows = bench._pyradplan(skip=False, seed=None)
+    rows = bench._pyradplan(skip=False, seed=1000)
     assert rows[0].value == "failed" and "pydantic 2.14" in rows[0].note
 
 

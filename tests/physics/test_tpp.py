@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 from m2m.physics.tpp import (
+    PARAMETERS,
+    PARAMS,
+    ROLES,
     TRAINING_RANGES,
     StructureTpp,
     TppRangeError,
@@ -136,6 +139,24 @@ def test_random_tpps_draw_from_given_ranges_and_refuse_invalid_ones() -> None:
         random_tpps(np.random.default_rng(0), OARS, {**TRAINING_RANGES, ("ptv", "t"): (1.3, 1.4, False)})
 
 
+def test_the_parameter_table_is_consistent() -> None:
+    assert PARAMS == ("t", "lambda", "v") == tuple(PARAMETERS)
+    for p in PARAMETERS.values():
+        assert "_" not in p.name and p.tightens in (1, -1)
+        for role in ROLES:
+            spec = p.of(role)
+            assert spec.raise_factor > 1.0 > spec.lower_factor > 0.0
+            assert spec.valid.contains(spec.default)
+            low, high, _ = spec.training
+            assert spec.valid.contains(low) and spec.valid.contains(high)
+            assert spec.tightens_oars in (-1, 0, 1)
+            assert TRAINING_RANGES[(role, p.name)] == spec.training
+    for role in ROLES:
+        assert sorted(p.of(role).tighten_rank for p in PARAMETERS.values()) == list(range(len(PARAMS)))
+    # Only lambda_ptv moves other structures: the optimizer divides every OAR weight by it.
+    assert [(p.name, r) for p in PARAMETERS.values() for r in ROLES if p.of(r).tightens_oars] == [("lambda", "ptv")]
+
+
 def test_tightening_steps_lower_the_structures_dose_in_the_documented_order() -> None:
     assert tightening_steps("ptv") == (("t_ptv", -1), ("v_ptv", 1), ("lambda_ptv", 1))
     assert tightening_steps("rectum") == (("lambda_rectum", 1), ("t_rectum", -1), ("v_rectum", 1))
@@ -143,3 +164,19 @@ def test_tightening_steps_lower_the_structures_dose_in_the_documented_order() ->
     assert tightening_steps("rectum", -1) == (("lambda_rectum", -1), ("t_rectum", 1), ("v_rectum", -1))
     with pytest.raises(ValueError, match="need"):
         tightening_steps("ptv", 0)
+
+
+def test_a_move_is_one_typed_step_rendered_one_way() -> None:
+    from m2m.physics.tpp import Direction, Move, TppSet
+
+    move = Move("lambda_rectum", Direction.RAISE)
+    assert str(move) == "raise lambda_rectum" and Move.parse("raise lambda_rectum") == move
+    assert Move("t_ptv", -1).direction is Direction.LOWER  # a plain ±1 is coerced to the enum
+    tpps = TppSet.default(("bladder", "rectum"))
+    assert move.apply(tpps).get("lambda_rectum") == pytest.approx(1.65)
+    with pytest.raises(ValueError, match="not a TPP name"):
+        Move("gain_rectum", Direction.RAISE)
+    with pytest.raises(ValueError, match="not a move"):
+        Move.parse("nudge t_ptv")
+    with pytest.raises(ValueError):
+        Move("t_ptv", 0)  # type: ignore[arg-type]

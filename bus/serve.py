@@ -1,0 +1,71 @@
+"""The broker as a process: its command-line arguments and ``main_broker`` (``python -m m2m.bus.broker``).
+
+``m2m broker`` (``m2m.cli.bus``) reuses the same arguments; this module keeps the bus runnable on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from m2m.bus import protocol as P
+from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
+
+
+def add_broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="request/reply ROUTER endpoint (%(default)s)")
+    p.add_argument("--pub-endpoint", default=DEFAULT_PUB_ENDPOINT, help="event PUB endpoint (%(default)s)")
+    p.add_argument("--transcript", default=None, metavar="FILE", help="append every routed message to FILE")
+    p.add_argument("--curve-secret", default=None, metavar="FILE", help="broker secret key (m2m keys broker)")
+    p.add_argument("--curve-clients", default=None, metavar="DIR", help="folder of authorised client *.key files")
+    p.add_argument(
+        "--heartbeat", type=float, default=P.DEFAULT_HEARTBEAT_S, help="heartbeat interval in seconds (%(default)s)"
+    )
+    p.add_argument(
+        "--liveness", type=int, default=P.DEFAULT_LIVENESS, help="missed heartbeats before a peer is dead (%(default)s)"
+    )
+    p.add_argument("--max-message-size", type=int, default=P.DEFAULT_MAX_MESSAGE_SIZE, help="bytes (%(default)s)")
+    p.add_argument("--hwm", type=int, default=P.DEFAULT_HWM, help="ROUTER high-water mark (%(default)s)")
+    p.add_argument("--pub-hwm", type=int, default=P.DEFAULT_PUB_HWM, help="PUB high-water mark (%(default)s)")
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from m2m.bus.broker import BrokerConfig, serve_forever
+    from m2m.bus.errors import BusError
+    from m2m.bus.security import ServerKeys, load_secret
+
+    curve = None
+    if args.curve_secret:
+        if not args.curve_clients:
+            print("--curve-secret needs --curve-clients DIR", file=sys.stderr)
+            return 2
+        pub, sec = load_secret(args.curve_secret)
+        curve = ServerKeys(public=pub, secret=sec, clients_dir=Path(args.curve_clients))
+    cfg = BrokerConfig(
+        endpoint=args.endpoint, pub_endpoint=args.pub_endpoint, heartbeat=args.heartbeat, liveness=args.liveness,
+        max_message_size=args.max_message_size, hwm=args.hwm, pub_hwm=args.pub_hwm, transcript=args.transcript,
+        curve=curve,
+    )
+    try:
+        return serve_forever(cfg)
+    except BusError as exc:
+        print(f"m2m broker: {exc}", file=sys.stderr)
+        return 2
+
+
+def main_broker(argv: list[str] | None = None) -> int:
+    """``python -m m2m.bus.broker``: the broker without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="python -m m2m.bus.broker")
+    add_broker_args(parser)
+    parser.add_argument("--log-level", default=None)
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    return run_broker(args)
+
+
+def _configure_logging(level: str | None) -> None:
+    from m2m.bus.logs import configure_logging
+
+    configure_logging(level)

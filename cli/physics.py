@@ -1,0 +1,114 @@
+"""Subcommands contributed by the physics layer: ``m2m bench physics`` and ``m2m calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# m2m.scenarios.calibrate.SEARCH_STARTS, spelled out so that every m2m command does not import the optimizer
+# (0.5 s); a test keeps the two equal.
+_SEARCH_STARTS = ("better", "default", "random")
+
+
+def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
+    """Register ``bench physics`` (under ``bench_sub``) and ``calibrate`` (under ``sub``)."""
+    bench = bench_sub.add_parser(
+        "physics", help="dij build, cold/warm FMO and the sparse-matvec floor on the prostate phantom "
+        "(and, when installed, a comparison with pyRadPlan)"
+    )
+    bench.add_argument("--seed", type=int, default=0, help="prostate phantom seed (default 0)")
+    bench.add_argument("--evaluations", type=int, default=30, help="warm-started TPP steps to time (default 30)")
+    bench.add_argument("--skip-complex", action="store_true", help="skip the 180-beam case (quick run)")
+    bench.add_argument("--skip-pyradplan", action="store_true",
+                       help="skip the pyRadPlan comparison even when pyRadPlan is installed (it takes minutes)")
+    bench.add_argument("--pyradplan-seed", type=int, default=None,
+                       help="prostate seed of the pyRadPlan comparison (default: first validation seed)")
+    bench.set_defaults(func=_bench)
+
+    cal = sub.add_parser(
+        "calibrate", help="score default/random initial TPPs and search for the maximum score on a cohort"
+    )
+    cal.add_argument("--scenario", required=True, help="prostate-basic, prostate-complex or liver")
+    cal.add_argument("--cases", type=int, default=20, help="number of phantoms (default 20)")
+    cal.add_argument("--cohort", default="validation", help="cohort whose first seeds are used (default validation)")
+    cal.add_argument("--max-evaluations", type=int, default=400, help="search budget per case (plans)")
+    cal.add_argument("--cache-dir", default=None, help="dij cache directory (default: the cache's own)")
+    cal.add_argument("--json", default=None,
+                     help="write per-case results to this JSON file as each case finishes; a rerun with the same "
+                          "file, budget and --start skips the cases it already holds")
+    cal.add_argument("--workers", type=int, default=1, help="cases calibrated at once, one process each (default 1)")
+    cal.add_argument("--seeds", type=int, nargs="+", default=None,
+                     help="calibrate these phantom seeds instead of the cohort's first --cases")
+    cal.add_argument("--start", choices=_SEARCH_STARTS, default="better",
+                     help="initial plan the search ascends from: the better of default and random TPPs (default), "
+                          "or one of them")
+    cal.set_defaults(func=_calibrate)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from m2m.physics.bench import main
+    from m2m.scenarios import load_scenario
+
+    pyradplan_seed = args.pyradplan_seed
+    if pyradplan_seed is None:  # the first case of the prostate-basic validation cohort
+        pyradplan_seed = int(load_scenario("prostate-basic").cohorts.get("validation").seeds[0])
+    return main(seed=args.seed, evaluations=args.evaluations, skip_complex=args.skip_complex,
+                skip_pyradplan=args.skip_pyradplan, pyradplan_seed=pyradplan_seed)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from m2m.scenarios import load_scenario
+    from m2m.scenarios.calibrate import CaseCalibration, calibrate, case_from_dict
+
+    scenario = load_scenario(args.scenario)
+    seeds = args.seeds if args.seeds else list(scenario.cohorts.get(args.cohort).seeds)[: args.cases]
+    path = Path(args.json) if args.json else None
+    done: dict[int, CaseCalibration] = {}
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        # Files written before --start existed hold "better" searches.
+        held = (saved.get("scenario"), saved.get("max_evaluations"), saved.get("start", "better"))
+        if held != (args.scenario, args.max_evaluations, args.start):
+            raise SystemExit(f"{path}: holds {held[0]} with budget {held[1]} and start {held[2]}, not "
+                             f"{args.scenario} with {args.max_evaluations} and {args.start}; use another --json file")
+        done = {c.seed: c for c in map(case_from_dict, saved["cases"])}
+    finished: list[CaseCalibration] = list(done.values())
+
+    def save(case: CaseCalibration) -> None:
+        finished.append(case)
+        if path is not None:
+            path.write_text(json.dumps(
+                {"scenario": args.scenario, "max_evaluations": args.max_evaluations, "start": args.start,
+                 "cases": [dataclasses.asdict(c) for c in sorted(finished, key=lambda c: c.seed)]}, indent=1,
+            ) + "\n", encoding="utf-8")
+
+    console = Console()
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"calibrating {args.scenario}", total=len(seeds), completed=len(done))
+
+        def on_case(case: CaseCalibration) -> None:
+            save(case)
+            progress.advance(task)
+
+        report = calibrate(
+            args.scenario, seeds, cache_dir=args.cache_dir, max_evaluations=args.max_evaluations,
+            on_case=on_case, workers=args.workers, done=done, start=args.start,
+        )
+    table = Table(title=f"calibration: {args.scenario} (max {report.max_score:g})")
+    for column in ("seed", "default", "random", "searched", "max?", "plans", "still failing"):
+        table.add_column(column)
+    for c in report.cases:
+        table.add_row(
+            str(c.seed), f"{c.default_score:.2f}", f"{c.random_score:.2f}", f"{c.searched_score:.2f}",
+            "yes" if c.reached_max else "no", str(c.search_evaluations), "; ".join(c.failing_after_search),
+        )
+    console.print(table)
+    console.print(report.summary())
+    return 0

@@ -1,0 +1,244 @@
+"""The client side of a planning session on the bus: ``m2m plan --mode …`` and ``m2m replay``.
+
+:func:`run_session_request` asks the running stack's planner for one session (``plan.session``) and shows every step
+as it is published on ``session.<id>`` (best effort: the record itself is the reply, which carries every
+:class:`~m2m.agents.messages.Step`); :func:`write_bus_session_folder` then writes the session folder: the session's
+slice of the bus transcript (``transcript.m2mt``), DVH of the first vs the final plan, score vs step, TPP
+trajectories, ``trajectory.csv``/``.json`` and ``final.json``.
+
+:func:`replay` re-drives a recorded session: the planner's recorded decisions (the LLM's raw answers, or the DRL's
+or the rules planner's choice) are replayed in this process — the LLM's through autogen's replay model client —
+against the live dose engine, evaluator and advisor, and every step's score is compared with the recording. The
+recording is the session's :class:`~m2m.agents.messages.SessionResult` reply in a bus transcript; a transcript
+written before the step schema changed is refused with a message that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from m2m.agents.llm.decision import DecisionOutcome, decide
+from m2m.agents.llm.situation import Situation
+from m2m.agents.messages import (
+    SESSION,
+    SessionRequest,
+    SessionResult,
+    Step,
+    StepEvent,
+    new_session_id,
+    session_topic,
+)
+from m2m.agents.planner import DrlDecider, RulesDecider, SessionRunner, replay_client
+from m2m.bus.client import BusClient, BusConfig
+from m2m.bus.errors import BusError, SchemaVersionError
+from m2m.bus.transcript import TranscriptWriter, filter_records, read_transcript
+from m2m.physics.protocol import SCORE_TOLERANCE
+from m2m.session.folder import trajectory_row, write_session_folder
+
+SESSION_TIMEOUT_S = 3600.0
+"""A session of 20 steps on the embedded model on 2 cores takes minutes; 180-beam plans take longer."""
+
+
+class TranscriptVersionError(BusError):
+    """A transcript recorded by an older m2m whose session records this version cannot read."""
+
+
+def step_line(step: Step, outcome: str | None = None) -> str:
+    """One progress line: score, the failing criteria by id, and the decision taken (proposal, action, source)."""
+    failing = ", ".join(step.failing) or "none"
+    text = f"step {step.step:>2}  score {step.score:5.2f}/{step.max_score:g}  failing: {failing}"
+    d = step.decision
+    if d is None:
+        return f"{text}  → {outcome}" if outcome else text
+    _, _, _, _, proposal, action, source, vetoes, _, decision_s, _ = trajectory_row(step)
+    veto = f"  vetoed [{vetoes.replace(';', '; ')}]" if vetoes else ""
+    return f"{text}  → {action} ({source}; proposed {proposal}){veto}  [{decision_s} s decision]"
+
+
+
+def write_bus_session_folder(folder: Path, result: SessionResult, transcript: Path | None) -> dict[str, Path]:
+    """The session folder from the session's reply (and the bus transcript, when the stack records one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Path] = {}
+    h = result.header
+    if transcript is not None and transcript.is_file():
+        extra["transcript"] = copy_session_transcript(transcript, h.session_id, folder / "transcript.m2mt")
+    return write_session_folder(
+        folder,
+        title=f"{h.case_id} ({h.mode}, {', '.join(result.planners)})",
+        steps=result.steps,
+        outcome=result.outcome,
+        dvh_bins_gy=np.asarray(result.dvh_bins_gy),
+        initial_dvh_pct={s.name: np.asarray(s.dvh_pct) for s in result.initial_structures},
+        final_dvh_pct={s.name: np.asarray(s.dvh_pct) for s in result.final_structures},
+        rx_gy=h.rx_gy,
+        extra_files=extra,
+    )
+
+
+def copy_session_transcript(source: Path, session_id: str, target: Path) -> Path:
+    """The records of one session (requests, replies, events tagged with its id) from a bus transcript."""
+    contents = read_transcript(source)
+    writer = TranscriptWriter(target)
+    try:
+        for rec, _env in filter_records(contents.records, session=session_id):
+            writer.append(t=rec.t, direction=rec.direction, kind=rec.kind, route=rec.route, peer=rec.peer,
+                          session=rec.session, frames=[rec.envelope, rec.payload, *rec.arrays])
+    finally:
+        writer.close()
+    return target
+
+
+async def run_session_request(
+    config: BusConfig, req: SessionRequest, on_step: Callable[[Step, str | None], None]
+) -> SessionResult:
+    """Send ``req`` to ``plan.session`` and return the planner's reply. ``on_step(step, outcome)`` is called once
+    per step in order: live from the published events, and after the reply for any step whose event did not
+    arrive (events are best effort; the reply is the record)."""
+    async with BusClient(f"plan-client-{os.getpid()}", config) as bus:
+        shown: set[int] = set()
+        sub = bus.subscribe(session_topic(req.session_id), snapshot=False)
+
+        async def follow() -> None:
+            async for d in sub:
+                e = d.message
+                if isinstance(e, StepEvent) and e.record.step not in shown and e.record.step == len(shown):
+                    shown.add(e.record.step)
+                    on_step(e.record, str(e.outcome) if e.outcome is not None else None)
+
+        follower = asyncio.get_running_loop().create_task(follow())
+        try:
+            result: SessionResult = await bus.request(
+                SESSION, req, timeout=SESSION_TIMEOUT_S, retries=0, idempotency_key=req.session_id,
+                expect=SessionResult, session=req.session_id,
+            )
+        finally:
+            follower.cancel()
+            sub.close()
+        for s in result.steps:
+            if s.step not in shown:
+                on_step(s, str(result.outcome) if s is result.steps[-1] else None)
+        return result
+
+
+def session_folder_name(scenario: str, case_id: str, mode: str) -> str:
+    return f"{scenario}-{case_id}-{mode}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def print_summary(console: Console, result: SessionResult) -> None:
+    h = result.header
+    table = Table(title=f"session {h.session_id}: {h.case_id} · {h.scenario} · {h.mode}")
+    for col in ("step", "score", "failing", "proposed", "taken", "source", "vetoes", "decision s"):
+        table.add_column(col)
+    for s in result.steps:
+        cells = trajectory_row(s)
+        last = s is result.steps[-1]
+        table.add_row(cells[0], f"{s.score:.2f}", str(len(s.failing)), cells[4],
+                      str(result.outcome) if last and s.decision is None else cells[5], cells[6],
+                      cells[7].replace(";", "; "), cells[9])
+    console.print(table)
+    console.print(
+        f"final score {result.final_score:.2f}/{result.max_score:g} after {result.n_steps} steps "
+        f"({result.outcome}) in {result.wall_s:.1f} s; invalid answers {result.invalid_answers}, "
+        f"vetoes {result.vetoes}, fallbacks {result.fallbacks}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ replay
+@dataclass
+class ReplayDecider:
+    """Replays each recorded step's decision: the LLM's raw answers through autogen's replay model client (so
+    parsing, retries, fallbacks and the guard run again), or the DRL's or the rules planner's choice."""
+
+    recorded: dict[int, Step]
+    planners: list[str]
+    pause: Callable[[int], Awaitable[None]] | None = None
+    name: str = "replay"
+    needs_advice: bool = False
+
+    def __post_init__(self) -> None:
+        self.needs_advice = any(p.startswith("drl") for p in self.planners)
+
+    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome:
+        if self.pause is not None:
+            await self.pause(situation.step)
+        step = self.recorded.get(situation.step)
+        if step is None or step.decision is None:
+            raise LookupError(f"the recording has no decision at step {situation.step}")
+        if step.decision.answers:
+            return await decide(replay_client(list(step.decision.answers)), situation, mode, with_advice=with_advice)
+        if any(p.startswith("drl") for p in self.planners):
+            return await DrlDecider().decide(situation, mode, with_advice)
+        return await RulesDecider().decide(situation, mode, with_advice)
+
+
+def recorded_sessions(path: Path) -> dict[str, SessionResult]:
+    """The finished sessions (their :class:`SessionResult` replies) in a transcript, by session id — a whole bus
+    transcript or a session's own. Raises :class:`TranscriptVersionError` when the transcript holds only session
+    records of an older schema version."""
+    out: dict[str, SessionResult] = {}
+    old: list[str] = []
+    for rec in read_transcript(path).records:
+        if rec.route != SESSION or rec.kind != "reply":
+            continue
+        try:
+            msg = rec.decode()
+        except SchemaVersionError as exc:
+            old.append(str(exc))
+            continue
+        except BusError:
+            continue
+        if isinstance(msg, SessionResult):
+            out[msg.header.session_id] = msg
+    if not out and old:
+        raise TranscriptVersionError(
+            f"{path}: recorded by an older m2m ({old[0]}); this version replays transcripts of its own session "
+            f"schema (m2m.plan.session-result v{SessionResult.version}): record the session again with `m2m plan`"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class ReplayStep:
+    step: int
+    recorded: float
+    replayed: float
+
+    @property
+    def matches(self) -> bool:
+        return abs(self.recorded - self.replayed) <= SCORE_TOLERANCE
+
+
+async def replay(
+    config: BusConfig,
+    recorded: SessionResult,
+    *,
+    on_step: Callable[[Step, str | None], None] | None = None,
+    pause: Callable[[int], Awaitable[None]] | None = None,
+) -> list[ReplayStep]:
+    """Re-drive a recorded session (see the module docstring); one comparison per step both have. ``pause(step)``
+    runs before each decision (``m2m replay --speed``/``--step`` slow the replay down for demos)."""
+    h = recorded.header
+    by_step = {s.step: s for s in recorded.steps}
+    req = SessionRequest(
+        session_id=new_session_id(), scenario=h.scenario, case_seed=h.case_seed, mode=h.mode, step_cap=h.step_cap,
+        with_advice=False, initial_tpps=dict(recorded.steps[0].tpps),
+    )
+    async with BusClient(f"replay-{os.getpid()}", config) as bus:
+        runner = SessionRunner(bus, ReplayDecider(by_step, recorded.planners, pause), "replay", on_step=on_step)
+        if h.mode == "guided":
+            runner.follow_knowledge()
+        try:
+            result = await runner.run(req)
+        finally:
+            runner.stop_following()
+    return [ReplayStep(s.step, by_step[s.step].score, s.score) for s in result.steps if s.step in by_step]

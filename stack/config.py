@@ -1,0 +1,162 @@
+"""The stack config of ``m2m up`` (TOML; the packaged default is ``stack/stack.toml``): the bus endpoints, where
+the transcripts go, the restart policy and the agents (role, implementation, instances, options).
+
+:func:`load_stack_config` reads a file into a :class:`StackConfig` through :mod:`m2m.physics.config_file` (the
+structs below give the keys, types, bounds and defaults), then checks what the types cannot: known roles and
+implementations, one ``[[agent]]`` table per role, option names. Every problem is a :class:`StackConfigError`
+naming the file and the key, e.g. ``stack.toml: agent[1].instances: expected an integer ≥ 1, got 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from m2m.agents.runtime import IMPLEMENTATIONS, default_impl
+from m2m.bus.client import BusConfig
+from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
+from m2m.physics.config_file import ConfigError, convert, expected, key_path, read_toml, toml_repr
+
+DEFAULT_CONFIG_NAME = "stack.toml"
+"""The packaged default config, in ``m2m.stack``."""
+
+
+class StackError(RuntimeError):
+    """The stack could not be started, did not answer, or refused a request; the message says why."""
+
+
+class StackConfigError(ConfigError, StackError):
+    """A stack config that cannot be used. ``path`` is the file, ``key`` the offending key (``bus.endpoint``,
+    ``agent[1].instances``; ``[[agent]]`` tables are counted from 0), ``problem`` what is wrong with it.
+
+    Also a :class:`StackError`, so that a caller of ``m2m.stack.supervisor.start_detached`` handles every reason
+    in one place."""
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One ``[[agent]]`` table: ``instances`` processes of ``role`` run by implementation ``impl``."""
+
+    role: str
+    impl: str
+    instances: int = 1
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """A whole stack: bus endpoints, run folders, restart policy and the agents to run."""
+
+    agents: tuple[AgentSpec, ...]
+    endpoint: str = DEFAULT_ENDPOINT
+    pub_endpoint: str = DEFAULT_PUB_ENDPOINT
+    transcript_dir: Path = Path("runs/stack")
+    max_restarts: int = 3
+    window_s: float = 30.0
+    ready_timeout_s: float = 300.0
+    stop_timeout_s: float = 60.0
+    source: str = ""
+
+    def override(
+        self, *, endpoint: str | None = None, pub_endpoint: str | None = None, transcript_dir: Path | None = None
+    ) -> StackConfig:
+        """This config with the given settings replaced (``None`` keeps the config's value)."""
+        return dataclasses.replace(
+            self,
+            endpoint=endpoint or self.endpoint,
+            pub_endpoint=pub_endpoint or self.pub_endpoint,
+            transcript_dir=transcript_dir or self.transcript_dir,
+        )
+
+    def bus_config(self) -> BusConfig:
+        """A client's view of this stack's bus."""
+        return BusConfig(endpoint=self.endpoint, pub_endpoint=self.pub_endpoint)
+
+
+# ------------------------------------------------------------------------------------------------ the file
+# The tables as written; a key left out takes the default of StackConfig / AgentSpec above.
+_Text = Annotated[str, Meta(pattern=r"\S", description="a non-empty string")]
+# Below the largest float: TOML can write inf and nan, neither is a timeout.
+_Seconds = Annotated[float, Meta(gt=0, lt=sys.float_info.max, description="a positive number of seconds")]
+
+
+class _BusTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    endpoint: _Text = StackConfig.endpoint
+    pub_endpoint: _Text = StackConfig.pub_endpoint
+    transcript_dir: _Text = str(StackConfig.transcript_dir)
+
+
+class _RestartTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_restarts: Annotated[int, Meta(ge=0)] = StackConfig.max_restarts
+    window_s: _Seconds = StackConfig.window_s
+    ready_timeout_s: _Seconds = StackConfig.ready_timeout_s
+    stop_timeout_s: _Seconds = StackConfig.stop_timeout_s
+
+
+class _AgentTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    role: _Text
+    impl: _Text | None = None  # the role's default implementation
+    instances: Annotated[int, Meta(ge=1)] = AgentSpec.instances
+    options: dict[str, str] = {}
+
+
+class _StackFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    agent: Annotated[list[_AgentTable], Meta(min_length=1, description="at least one [[agent]] table")]
+    bus: _BusTable = _BusTable()
+    restart: _RestartTable = _RestartTable()
+
+
+def parse_stack_config(data: Mapping[str, Any], where: str = "<stack config>") -> StackConfig:
+    """A validated :class:`StackConfig` from a parsed TOML document; ``where`` names it in errors."""
+    file = convert(data, _StackFile, where, StackConfigError)
+    agents: list[AgentSpec] = []
+    for i, table in enumerate(file.agent):
+        agents.append(_agent_spec(table, i, where, {a.role for a in agents}))
+    return StackConfig(
+        agents=tuple(agents),
+        endpoint=file.bus.endpoint.strip(),
+        pub_endpoint=file.bus.pub_endpoint.strip(),
+        transcript_dir=Path(file.bus.transcript_dir.strip()),
+        max_restarts=file.restart.max_restarts,
+        window_s=file.restart.window_s,
+        ready_timeout_s=file.restart.ready_timeout_s,
+        stop_timeout_s=file.restart.stop_timeout_s,
+        source=where,
+    )
+
+
+def _agent_spec(table: _AgentTable, index: int, where: str, seen_roles: set[str]) -> AgentSpec:
+    """The checks of ``[[agent]]`` number ``index`` that its types cannot make."""
+    role = table.role.strip()
+    if role not in IMPLEMENTATIONS:
+        problem = expected(f"a role, one of {toml_repr(sorted(IMPLEMENTATIONS))}", role)
+        raise StackConfigError(problem, where, key_path("agent", index, "role"))
+    if role in seen_roles:
+        raise StackConfigError(f"{toml_repr(role)} appears in two [[agent]] tables; use instances instead", where,
+                               key_path("agent", index, "role"))
+    impl = table.impl.strip() if table.impl is not None else default_impl(role)
+    if impl not in IMPLEMENTATIONS[role]:
+        what = f"an implementation of {toml_repr(role)}, one of {toml_repr(sorted(IMPLEMENTATIONS[role]))}"
+        raise StackConfigError(expected(what, impl), where, key_path("agent", index, "impl"))
+    for name in table.options:
+        if "=" in name or not name.strip():
+            raise StackConfigError("option names must be non-empty and contain no '='", where,
+                                   key_path("agent", index, "options", name))
+    return AgentSpec(role=role, impl=impl, instances=table.instances, options=dict(table.options))
+
+
+def load_stack_config(path: Path | None = None) -> StackConfig:
+    """Read and validate a stack config; ``None`` reads the packaged default (``stack/stack.toml``).
+
+    Raises :class:`StackConfigError` naming the file and the key for anything unusable."""
+    source = resources.files("m2m.stack") / DEFAULT_CONFIG_NAME if path is None else Path(path)
+    where = str(source)
+    return parse_stack_config(read_toml(source, where, StackConfigError), where)

@@ -1,0 +1,665 @@
+"""The supervisor: runs a whole agent stack (the broker plus every agent instance, each its own OS process), keeps
+it running and answers ``supervisor.control`` (:data:`~m2m.agents.messages.CONTROL`).
+
+* **Stack config** (:mod:`m2m.stack.config`; the packaged default is ``stack/stack.toml``): the bus endpoints,
+  where the transcripts go, the restart policy and the agents (role, implementation, instances, options).
+* **Start**: the broker first (``m2m broker --transcript <transcript_dir>/<UTC stamp>/bus.m2mt``), then every
+  agent (``m2m agent ROLE --name ROLE-N --incarnation K``); the stack is up when every agent announced ``ready``
+  on ``agents.status.<name>``. Each child's stdout/stderr go to ``<run folder>/<name>.log``; each child has its
+  own process group, so a Ctrl-C in the supervisor's terminal reaches only the supervisor, which stops the
+  children in order (as supervisord does).
+* **One-for-one restarts**: a child that exits unasked is started again under the same name with
+  ``incarnation + 1`` (the broker too: clients reconnect by themselves). More than ``max_restarts`` restarts of
+  one child within ``window_s`` seconds, or an agent that exits with :data:`~m2m.agents.runtime.EXIT_USAGE`
+  (a bad implementation or option, which no restart can fix), stop the whole stack: :meth:`Supervisor.run`
+  returns 1 and :attr:`Supervisor.failure` names the agent.
+* **Control**: :class:`StatusRequest` → :class:`StackStatus`; :class:`SwapRequest` starts the new
+  implementation's instances, waits until they are ready, then stops the old ones (SIGTERM: they drain;
+  SIGKILL after ``stop_timeout_s``); :class:`DownRequest` (or SIGTERM/SIGINT) stops the agents, then the broker.
+
+Clients use :func:`stack_status`, :func:`swap`, :func:`shutdown` and :func:`start_detached` (``m2m up --detach``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from m2m.agents.messages import (
+    CONTROL,
+    AgentInfo,
+    AgentState,
+    AgentStatus,
+    DownRequest,
+    DownResult,
+    StackStatus,
+    StatusRequest,
+    SwapRequest,
+    SwapResult,
+    status_topic,
+)
+from m2m.agents.runtime import EXIT_USAGE, IMPLEMENTATIONS, AgentConfigError, parse_options
+from m2m.bus.client import BusClient, BusConfig
+from m2m.bus.errors import RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
+from m2m.bus.worker import RequestContext
+from m2m.stack.config import StackConfig, StackError, load_stack_config
+
+log = structlog.get_logger("m2m.supervisor")
+
+TRANSCRIPT_NAME = "bus.m2mt"
+PID_FILE_NAME = "supervisor.pid"
+SUPERVISOR_LOG_NAME = "supervisor.log"
+BROKER_NAME = "broker"
+FAILURE_PREFIX = "stack failed: "
+"""How ``m2m up`` reports a failure on stderr; :func:`start_detached` finds the reason in the log by it."""
+
+BROKER_START_TIMEOUT_S = 30.0
+BROKER_STOP_TIMEOUT_S = 10.0
+DETACH_MARGIN_S = 60.0
+"""What :func:`start_detached` waits beyond ``ready_timeout_s``: interpreter start, broker, probes."""
+
+_NO_ANSWER = (RequestTimeout, ServiceUnavailable, WorkerLost)
+
+
+def new_run_dir(transcript_dir: Path) -> Path:
+    """Create ``<transcript_dir>/<UTC stamp>`` (``-2``, ``-3`` … appended when two stacks start in one second)."""
+    transcript_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    n = 1
+    while True:
+        run_dir = transcript_dir / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir.resolve()
+        except FileExistsError:
+            n += 1
+
+
+# ------------------------------------------------------------------------------------------------ supervisor
+@dataclass(eq=False)
+class _Child:
+    """One supervised process (the broker or an agent instance) across its restarts."""
+
+    name: str
+    role: str
+    impl: str
+    options: Mapping[str, str]
+    log_path: Path
+    probation: bool = False
+    """A swap's new instance until it is ready: if it exits, the swap fails instead of restarting it."""
+    incarnation: int = 0
+    process: asyncio.subprocess.Process | None = None
+    spawning: asyncio.Task[None] | None = None
+    started: float = 0.0
+    state: AgentState = "starting"
+    detail: str = ""
+    ready: bool = False
+    exit_code: int | None = None
+    stopping: bool = False
+    restarts: int = 0
+    restart_times: deque[float] = field(default_factory=deque)
+
+    def describe(self) -> str:
+        """The child's name, exit code, last reported state and log, for error messages."""
+        parts = [f"last state {self.state}" + (f": {self.detail}" if self.detail else "")]
+        if self.exit_code is not None:
+            parts.insert(0, f"exit code {self.exit_code}")
+            if not self.detail:  # it died before it could say why (e.g. a bad option): its log may tell
+                parts.append(f"last log line {_last_log_line(self.log_path)}")
+        return f"{self.name} ({'; '.join(parts)}; log {self.log_path})"
+
+
+def _last_log_line(path: Path, limit: int = 300) -> str:
+    """The last line of a child's log; for a structlog JSON line just its event and error."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(unreadable)"
+    if not lines:
+        return "(empty)"
+    try:
+        record = json.loads(lines[-1])
+    except ValueError:
+        record = None
+    if isinstance(record, dict) and "event" in record:
+        # A logged exception's last line is its type and message, which is what says why.
+        reason = str(record.get("error") or str(record.get("exception", "")).strip().rpartition("\n")[2])
+        text = f"{record['event']}: {reason}" if reason else str(record["event"])
+    else:
+        text = lines[-1]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Supervisor:
+    """Runs one stack until it is told to go down (:meth:`request_down`, SIGTERM/SIGINT, a DownRequest) or a
+    child exhausts its restarts. ``on_ready`` is called with the first :class:`StackStatus` once every agent is
+    ready; ``run_dir`` (created when ``None``) receives the transcript and the logs."""
+
+    def __init__(
+        self,
+        config: StackConfig,
+        *,
+        run_dir: Path | None = None,
+        on_ready: Callable[[StackStatus], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.on_ready = on_ready
+        self.failure: str | None = None
+        self.log = log.bind(endpoint=config.endpoint)
+        self._agents: dict[str, _Child] = {}
+        self._next_index: dict[str, int] = {}
+        self._broker: _Child | None = None
+        self._bus: BusClient | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._down = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._swap_lock = asyncio.Lock()
+        self._stopping = False
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    @property
+    def transcript(self) -> Path:
+        """The broker's transcript in the run folder."""
+        if self.run_dir is None:
+            raise StackError("the stack has no run folder yet")
+        return self.run_dir / TRANSCRIPT_NAME
+
+    # -------------------------------------------------------------------------------------- lifecycle
+    async def run(self) -> int:
+        """Start the stack, serve until down, stop everything; 0 after a requested down, 1 after a failure."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (embedding)
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self._start()
+            if self.on_ready is not None:
+                self.on_ready(self.status())
+            await self._down.wait()
+        except (StackError, OSError) as exc:
+            self._fail(str(exc))
+        finally:
+            await self._teardown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+        return 1 if self.failure else 0
+
+    def request_down(self) -> None:
+        """Stop the stack: agents first (they drain), the broker last."""
+        self._down.set()
+        self._changed.set()
+
+    def _on_signal(self, sig: int) -> None:
+        self.log.info("signal_received", signal=signal.Signals(sig).name)
+        self.request_down()
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            self.log.error("stack_failed", reason=reason)
+        self.request_down()
+
+    async def _start(self) -> None:
+        cfg = self.config
+        if self.run_dir is None:
+            self.run_dir = new_run_dir(cfg.transcript_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / PID_FILE_NAME).write_text(f"{os.getpid()}\n")
+        self.log = self.log.bind(run_dir=str(self.run_dir))
+        await _refuse_running_bus(cfg.bus_config())
+        self._broker = _Child(BROKER_NAME, BROKER_NAME, "", {}, self.run_dir / f"{BROKER_NAME}.log")
+        await self._start_child(self._broker)
+        self._bus = await BusClient("supervisor", cfg.bus_config()).start()
+        await self._wait_for_broker(self._bus)
+        self._spawn_task(self._follow_status(self._bus))
+        children = [
+            self._new_agent(spec.role, spec.impl, spec.options) for spec in cfg.agents for _ in range(spec.instances)
+        ]
+        for child in children:
+            await self._start_child(child)
+        await self._wait_ready(children, cfg.ready_timeout_s)
+        await self._bus.serve(
+            CONTROL,
+            {StatusRequest: self._on_status_request, SwapRequest: self._on_swap, DownRequest: self._on_down},
+            capacity=8,  # status and down must be answered while a swap waits for its agents
+        )
+        self.log.info("stack_ready", agents=list(self._agents), transcript=str(self.transcript))
+
+    async def _wait_for_broker(self, bus: BusClient) -> None:
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        while True:
+            if self._down.is_set():
+                raise StackError(self.failure or "stopped before the broker was up")
+            try:
+                await bus.wait_for_broker(0.5)
+                return
+            except RequestTimeout:
+                if time.monotonic() > deadline:
+                    broker = self._broker
+                    where = f" (log {broker.log_path})" if broker else ""
+                    raise StackError(
+                        f"the broker did not answer at {self.config.endpoint} within "
+                        f"{BROKER_START_TIMEOUT_S:.0f} s{where}"
+                    ) from None
+
+    async def _teardown(self) -> None:
+        self._stopping = True
+        self._down.set()
+        timeout = self.config.stop_timeout_s
+        await asyncio.gather(*(self._stop_child(c, timeout) for c in list(self._agents.values())))
+        if self._bus is not None:
+            await self._bus.close()
+        if self._broker is not None:
+            await self._stop_child(self._broker, BROKER_STOP_TIMEOUT_S)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.run_dir is not None:
+            (self.run_dir / PID_FILE_NAME).unlink(missing_ok=True)
+        self.log.info("stack_stopped", failure=self.failure)
+
+    # -------------------------------------------------------------------------------------- children
+    def _new_agent(self, role: str, impl: str, options: Mapping[str, str], *, probation: bool = False) -> _Child:
+        """Register a new agent instance; names count up per role, so a swapped-in generation gets new ones."""
+        index = self._next_index.get(role, 1)
+        self._next_index[role] = index + 1
+        name = f"{role}-{index}"
+        assert self.run_dir is not None
+        child = _Child(name, role, impl, dict(options), self.run_dir / f"{name}.log", probation=probation)
+        self._agents[name] = child
+        return child
+
+    def _argv(self, c: _Child) -> list[str]:
+        cfg = self.config
+        cli = [sys.executable, "-m", "m2m.cli.main"]
+        if c.role == BROKER_NAME:
+            return [*cli, "broker", "--endpoint", cfg.endpoint, "--pub-endpoint", cfg.pub_endpoint,
+                    "--transcript", str(self.transcript)]
+        argv = [*cli, "agent", c.role, "--impl", c.impl, "--name", c.name, "--incarnation", str(c.incarnation),
+                "--connect", cfg.endpoint, "--pub-connect", cfg.pub_endpoint]
+        for key, value in c.options.items():
+            argv += ["--option", f"{key}={value}"]
+        return argv
+
+    async def _start_child(self, c: _Child) -> None:
+        if self._stopping or c.stopping:
+            raise StackError(f"not starting {c.name}: the stack is going down")
+        # Kept on the child so that a stop waits for a spawn in flight instead of missing its process.
+        c.spawning = asyncio.get_running_loop().create_task(self._spawn(c))
+        await c.spawning
+
+    async def _spawn(self, c: _Child) -> None:
+        with open(c.log_path, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(c), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self._env,
+                process_group=0,  # a terminal's Ctrl-C must reach only the supervisor, which stops children in order
+            )
+        c.process = proc
+        c.started = time.monotonic()
+        c.state, c.detail, c.ready, c.exit_code = "starting", "", False, None
+        self.log.info("process_started", name=c.name, pid=proc.pid, incarnation=c.incarnation)
+        self._spawn_task(self._watch(c, proc))
+        self._changed.set()
+
+    async def _watch(self, c: _Child, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        c.exit_code = code
+        c.ready = False
+        self._changed.set()
+        if c.stopping or self._stopping or self._down.is_set():
+            c.state = "stopped"
+            self.log.info("process_exited", name=c.name, pid=proc.pid, code=code)
+            return
+        self.log.warning("process_exited_unasked", name=c.name, pid=proc.pid, code=code, state=c.state,
+                         detail=c.detail)
+        if c.probation:
+            return  # the swap waiting for it reports the failure and keeps the old instances
+        if code == EXIT_USAGE:
+            self._fail(f"{c.describe()}: a bad role, implementation or option, which a restart cannot fix")
+            return
+        now = time.monotonic()
+        while c.restart_times and now - c.restart_times[0] > self.config.window_s:
+            c.restart_times.popleft()
+        if len(c.restart_times) >= self.config.max_restarts:
+            self._fail(
+                f"restart intensity exceeded: {c.describe()} exited again after {len(c.restart_times)} restart(s) "
+                f"within {self.config.window_s:g} s (max_restarts {self.config.max_restarts})"
+            )
+            return
+        c.restart_times.append(now)
+        c.restarts += 1
+        c.incarnation += 1
+        self.log.warning("process_restarting", name=c.name, incarnation=c.incarnation, restarts=c.restarts)
+        try:
+            await self._start_child(c)
+        except StackError:
+            pass  # the stack went down meanwhile: nothing to restart
+        except OSError as exc:
+            self._fail(f"cannot restart {c.name}: {exc}")
+
+    async def _stop_child(self, c: _Child, timeout: float) -> None:
+        """SIGTERM (an agent drains), wait at most ``timeout`` s, then SIGKILL; returns once the process is gone."""
+        c.stopping = True
+        if c.spawning is not None:
+            with contextlib.suppress(Exception):
+                await c.spawning
+        proc = c.process
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+        except TimeoutError:
+            self.log.warning("stop_timed_out_killing", name=c.name, pid=proc.pid, timeout_s=timeout)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def _wait_ready(self, children: Sequence[_Child], timeout: float) -> None:
+        """Until every child in ``children`` reported ready; :class:`StackError` naming the culprit otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._down.is_set():
+                raise StackError(self.failure or "the stack is going down")
+            for c in children:
+                if c.probation and c.exit_code is not None:
+                    raise StackError(f"{c.describe()} exited before it was ready")
+            if all(c.ready for c in children):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                late = "; ".join(c.describe() for c in children if not c.ready)
+                raise StackError(f"not ready within {timeout:g} s: {late}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+
+    async def _follow_status(self, bus: BusClient) -> None:
+        """Track every agent's announced state (retained on ``agents.status.<name>``)."""
+        sub = bus.subscribe(status_topic(""))
+        while True:
+            try:
+                async for delivery in sub:
+                    self._on_agent_status(delivery.message)
+                return  # the subscription was closed: the supervisor is going down
+            except TimeoutError:  # no snapshot: the broker is restarting; the subscription fetches it again
+                await asyncio.sleep(bus.cfg.heartbeat)
+
+    def _on_agent_status(self, msg: object) -> None:
+        if not isinstance(msg, AgentStatus):
+            return
+        c = self._agents.get(msg.name)
+        # Only the current process's word counts: a retained value may come from an earlier incarnation.
+        if c is None or c.process is None or c.process.pid != msg.pid or c.exit_code is not None:
+            return
+        c.state, c.detail = msg.state, msg.detail
+        if msg.state == "ready" and not c.ready:
+            c.ready = True
+            self.log.info("agent_ready", name=c.name, pid=msg.pid, incarnation=msg.incarnation)
+        self._changed.set()
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        # A StackError (a refused swap) goes back to its requester; anything else is a supervisor bug.
+        if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, StackError):
+            self.log.error("supervisor_task_failed", error=repr(exc))
+
+    # -------------------------------------------------------------------------------------- control
+    def status(self) -> StackStatus:
+        """Every current agent (pid, announced state, restarts, uptime), the endpoint and the transcript."""
+        now = time.monotonic()
+        agents = [
+            AgentInfo(
+                name=c.name, role=c.role, impl=c.impl, pid=c.process.pid if c.process else 0,
+                state=c.state if c.exit_code is None else "exited", restarts=c.restarts,
+                uptime_s=round(now - c.started, 3) if c.process and c.exit_code is None else 0.0,
+            )
+            for c in self._agents.values()
+        ]
+        return StackStatus(endpoint=self.config.endpoint, transcript=str(self.transcript), agents=agents)
+
+    async def _on_status_request(self, msg: StatusRequest, ctx: RequestContext) -> StackStatus:
+        return self.status()
+
+    async def _on_down(self, msg: DownRequest, ctx: RequestContext) -> DownResult:
+        self.log.info("down_requested", requester=ctx.envelope.sender)
+        # The reply leaves before the teardown runs: the worker sends it as soon as this returns.
+        self.request_down()
+        return DownResult(stopped=list(self._agents))
+
+    async def _on_swap(self, msg: SwapRequest, ctx: RequestContext) -> SwapResult:
+        self.log.info("swap_requested", role=msg.role, impl=msg.impl, requester=ctx.envelope.sender)
+        # Shielded: a request that runs past its deadline must not leave the swap half done.
+        task = self._spawn_task(self._swap(msg))
+        try:
+            return await asyncio.shield(task)
+        except StackError as exc:
+            raise RemoteError(str(exc)) from None
+
+    async def _swap(self, msg: SwapRequest) -> SwapResult:
+        try:
+            return await self._swap_locked(msg)
+        except StackError as exc:
+            # Logged here too: the requester may have given up waiting (its deadline cancels only the handler).
+            self.log.warning("swap_failed", role=msg.role, impl=msg.impl, reason=str(exc))
+            raise
+
+    async def _swap_locked(self, msg: SwapRequest) -> SwapResult:
+        async with self._swap_lock:
+            if self._down.is_set():
+                raise StackError("the stack is going down")
+            old = [c for c in self._agents.values() if c.role == msg.role]
+            if not old:
+                roles = sorted({c.role for c in self._agents.values()})
+                raise StackError(f"this stack runs no {msg.role!r} agents; its roles: {roles}")
+            impls = IMPLEMENTATIONS[msg.role]
+            if msg.impl not in impls:
+                raise StackError(f"role {msg.role!r} has no implementation {msg.impl!r}; expected one of "
+                                 f"{sorted(impls)}")
+            try:
+                options = parse_options(msg.options)
+            except AgentConfigError as exc:
+                raise StackError(str(exc)) from None
+            new = [self._new_agent(msg.role, msg.impl, options, probation=True) for _ in old]
+            self.log.info("swap_starting", role=msg.role, impl=msg.impl, new=[c.name for c in new])
+            try:
+                for c in new:
+                    await self._start_child(c)
+                await self._wait_ready(new, self.config.ready_timeout_s)
+            except BaseException:
+                await asyncio.gather(*(self._stop_child(c, self.config.stop_timeout_s) for c in new))
+                for c in new:
+                    self._agents.pop(c.name, None)
+                raise
+            for c in new:
+                c.probation = False
+            await asyncio.gather(*(self._stop_child(c, self.config.stop_timeout_s) for c in old))
+            for c in old:
+                self._agents.pop(c.name, None)
+            result = SwapResult(role=msg.role, impl=msg.impl, started=[c.name for c in new],
+                                stopped=[c.name for c in old])
+            self.log.info("swap_done", role=msg.role, impl=msg.impl, started=result.started, stopped=result.stopped)
+            return result
+
+
+async def _refuse_running_bus(config: BusConfig) -> None:
+    """A second broker on an ipc endpoint would silently take the socket over: refuse to start one."""
+    endpoint = config.endpoint
+    path = endpoint.removeprefix("ipc://")
+    if endpoint.startswith("ipc://") and not path.startswith("@") and not Path(path).exists():
+        return  # no socket file (and not an abstract socket): nothing listens there
+    async with _client("probe", config) as probe:
+        try:
+            await probe.wait_for_broker(0.5)
+        except RequestTimeout:
+            return
+    raise StackError(f"a broker already answers at {endpoint}: stop that stack first (m2m down --connect {endpoint})")
+
+
+# ------------------------------------------------------------------------------------------------ clients
+def _client(purpose: str, config: BusConfig) -> BusClient:
+    return BusClient(f"m2m-{purpose}-{os.getpid()}", config)
+
+
+async def stack_status(config: BusConfig, timeout: float = 5.0) -> StackStatus | None:
+    """The running stack's status, or ``None`` when no stack answers within ``timeout`` seconds."""
+    async with _client("status", config) as bus:
+        try:
+            status: StackStatus = await bus.request(CONTROL, StatusRequest(), timeout=timeout, expect=StackStatus)
+        except _NO_ANSWER:
+            return None
+    return status
+
+
+async def shutdown(config: BusConfig, timeout: float = 60.0) -> DownResult | None:
+    """Take the stack down. Returns its :class:`DownResult` once the supervisor has stopped answering (its
+    agents are stopped; the broker goes a moment later) or ``timeout`` seconds passed; ``None`` when no stack
+    answered."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with _client("down", config) as bus:
+        try:
+            result: DownResult = await bus.request(CONTROL, DownRequest(), timeout=min(timeout, 10.0),
+                                                   expect=DownResult)
+        except _NO_ANSWER:
+            return None
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                await bus.request(CONTROL, StatusRequest(), timeout=min(1.0, remaining), expect=StackStatus)
+            except _NO_ANSWER:
+                break
+            await asyncio.sleep(0.2)
+    return result
+
+
+async def swap(
+    config: BusConfig,
+    role: str,
+    impl: str,
+    options: Mapping[str, str] | Sequence[str] = (),
+    *,
+    timeout: float = 900.0,
+) -> SwapResult:
+    """Replace every ``role`` instance of the running stack by ``impl`` with ``options`` (a mapping or
+    ``key=value`` strings). Raises :class:`StackError` when no stack answers or the swap fails (the old
+    instances then keep running)."""
+    items = [f"{k}={v}" for k, v in options.items()] if isinstance(options, Mapping) else list(options)
+    if await stack_status(config, timeout=min(timeout, 5.0)) is None:
+        raise StackError(f"no stack answers at {config.endpoint}")
+    async with _client("swap", config) as bus:
+        try:
+            result: SwapResult = await bus.request(
+                CONTROL, SwapRequest(role=role, impl=impl, options=items), timeout=timeout, expect=SwapResult
+            )
+        except RemoteError as exc:
+            raise StackError(f"swap of {role} to {impl} failed: {exc}") from None
+        except _NO_ANSWER as exc:
+            raise StackError(f"swap of {role} to {impl} did not finish within {timeout:g} s ({exc}); "
+                             f"see m2m status") from None
+    return result
+
+
+_DETACHED: list[subprocess.Popen[bytes]] = []
+"""Detached supervisors started by this process: kept so that Python neither warns about nor reaps them."""
+
+
+def start_detached(
+    config_path: Path | None = None,
+    *,
+    endpoint: str | None = None,
+    pub_endpoint: str | None = None,
+    transcript_dir: Path | None = None,
+) -> StackStatus:
+    """Start a stack in the background (``m2m up --detach``): a supervisor process in its own session, its log
+    in ``<run folder>/supervisor.log`` and its pid in ``supervisor.pid``. Blocks until the stack answers and
+    returns its status; raises :class:`StackError` with the reason when the stack does not come up (a
+    supervisor that is still starting is then stopped), :class:`~m2m.stack.config.StackConfigError` (a
+    subclass) for a bad config. Call it from synchronous code (``asyncio.to_thread`` from a coroutine): it runs
+    its own event loop."""
+    config = load_stack_config(config_path).override(
+        endpoint=endpoint, pub_endpoint=pub_endpoint, transcript_dir=transcript_dir
+    )
+    run_dir = new_run_dir(config.transcript_dir)
+    argv = [sys.executable, "-m", "m2m.cli.main", "up", "--run-dir", str(run_dir),
+            "--endpoint", config.endpoint, "--pub-endpoint", config.pub_endpoint]
+    if config_path is not None:
+        argv += ["--config", str(Path(config_path).resolve())]
+    log_path = run_dir / SUPERVISOR_LOG_NAME
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    _DETACHED.append(proc)
+    log.info("supervisor_detached", pid=proc.pid, run_dir=str(run_dir))
+    try:
+        return asyncio.run(_await_detached(proc, config, run_dir, log_path))
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()  # an orderly down of whatever already started
+            try:
+                proc.wait(timeout=config.stop_timeout_s + BROKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+
+
+async def _await_detached(
+    proc: subprocess.Popen[bytes], config: StackConfig, run_dir: Path, log_path: Path
+) -> StackStatus:
+    timeout = config.ready_timeout_s + DETACH_MARGIN_S
+    deadline = time.monotonic() + timeout
+    async with _client("up", config.bus_config()) as bus:
+        while True:
+            code = proc.poll()
+            if code is not None:
+                raise StackError(f"the supervisor exited with code {code}: {_failure_in(log_path)} (log {log_path})")
+            if time.monotonic() > deadline:
+                raise StackError(f"the stack did not come up within {timeout:g} s (log {log_path})")
+            try:
+                status: StackStatus = await bus.request(CONTROL, StatusRequest(), timeout=1.0, expect=StackStatus)
+            except _NO_ANSWER:
+                continue
+            if Path(status.transcript).parent == run_dir:
+                return status
+            await asyncio.sleep(0.2)  # another stack on this endpoint answered; ours will refuse to start
+
+
+def _failure_in(log_path: Path) -> str:
+    """The reason ``m2m up`` printed for its failure, or the log's last line."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError as exc:
+        return f"(no log: {exc})"
+    for line in reversed(lines):
+        if line.startswith(FAILURE_PREFIX):
+            return line.removeprefix(FAILURE_PREFIX)
+    return lines[-1][:500] if lines else "(empty log)"

@@ -1,0 +1,41 @@
+"""The session client's pieces that need no stack: progress lines from the one step schema, and a transcript
+recorded before the step schema changed refused with a message that says so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from m2m.agents.llm.guard import Veto
+from m2m.agents.messages import Decision, Proposal, SessionResult, Step
+from m2m.bus.messages import Envelope
+from m2m.bus.transcript import TranscriptWriter
+from m2m.physics.tpp import Direction, Move
+from m2m.session.client import TranscriptVersionError, recorded_sessions, step_line
+
+
+def test_step_lines_name_the_failing_criteria_and_who_chose_the_move() -> None:
+    move = Move("t_ptv", Direction.LOWER)
+    vetoed = Decision(proposal=Proposal(action="change", move=Move("lambda_rectum", Direction.LOWER)), action=move,
+                      source="drl_advice", vetoes=[Veto("loosens_at_risk", "x")], decision_s=3.25)
+    step = Step(step=2, score=7.5, max_score=9.0, tpps={}, failing=["ptv:D0.03cc", "rectum:V70Gy"], decision=vetoed)
+    line = step_line(step)
+    assert "failing: ptv:D0.03cc, rectum:V70Gy" in line
+    assert "→ lower t_ptv (drl_advice; proposed lower lambda_rectum)  vetoed [loosens_at_risk]" in line
+    last = Step(step=3, score=9.0, max_score=9.0, tpps={}, failing=[])
+    assert step_line(last, "maximum score").endswith("failing: none  → maximum score")
+
+
+def test_a_transcript_of_the_previous_session_schema_is_refused_by_version(tmp_path: Path) -> None:
+    path = tmp_path / "old.m2mt"
+    writer = TranscriptWriter(path)
+    try:  # a version 1 session reply, as m2m wrote them before the one step schema
+        env = Envelope(id="r1", schema=SessionResult.schema, version=1, kind="reply", route="plan.session")
+        writer.append(t=0.0, direction="out", kind="reply", route="plan.session", peer="p", session="s1",
+                      frames=[msgspec.msgpack.encode(env), msgspec.msgpack.encode({"session_id": "s1"})])
+    finally:
+        writer.close()
+    with pytest.raises(TranscriptVersionError, match=r"older m2m .*version 1 unknown here.*record the session again"):
+        recorded_sessions(path)
