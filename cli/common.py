@@ -40,7 +40,7 @@ async def ensure_stack(args: argparse.Namespace, config: BusConfig) -> tuple[Pat
     """The running stack's transcript path, and whether this command started the stack."""
     from rich.console import Console
 
-    from m2m.stack.supervisor import stack_status, start_detached
+    from m2m.stack.control import stack_status, start_detached
 
     status = await stack_status(config, timeout=2.0)
     if status is not None:

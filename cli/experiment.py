@@ -76,7 +76,8 @@ async def _paper_on_bus(args: argparse.Namespace, config: Any, design: Any) -> i
     from m2m.experiment import records as er
     from m2m.experiment import run as ex
     from m2m.experiment.report import write_report
-    from m2m.stack.supervisor import StackError, shutdown, stack_status, swap
+    from m2m.stack.config import StackError
+    from m2m.stack.control import shutdown, stack_status, swap
 
     console = Console(stderr=True)
     try:

@@ -85,7 +85,8 @@ async def _plan_on_bus(args: argparse.Namespace, config: BusConfig, default_cap:
         step_line,
         write_bus_session_folder,
     )
-    from m2m.stack.supervisor import StackError, shutdown
+    from m2m.stack.config import StackError
+    from m2m.stack.control import shutdown
 
     console = Console(stderr=True)
     try:
@@ -158,7 +159,8 @@ async def _replay_on_bus(args: argparse.Namespace, config: BusConfig, recorded: 
     from rich.table import Table
 
     from m2m.session.client import replay, step_line
-    from m2m.stack.supervisor import StackError, shutdown
+    from m2m.stack.config import StackError
+    from m2m.stack.control import shutdown
 
     console = Console(stderr=True)
     try:

@@ -62,8 +62,9 @@ def _bus(args: argparse.Namespace, err: Console) -> BusConfig | None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from m2m.stack.config import StackConfigError, load_stack_config
-    from m2m.stack.supervisor import FAILURE_PREFIX, StackError, Supervisor, start_detached
+    from m2m.stack.config import StackConfigError, StackError, load_stack_config
+    from m2m.stack.control import start_detached
+    from m2m.stack.supervisor import FAILURE_PREFIX, Supervisor
 
     out, err = _consoles()
     try:
@@ -96,7 +97,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from m2m.stack.supervisor import stack_status
+    from m2m.stack.control import stack_status
 
     out, err = _consoles()
     config = _bus(args, err)
@@ -111,7 +112,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _swap(args: argparse.Namespace) -> int:
-    from m2m.stack.supervisor import StackError, swap
+    from m2m.stack.config import StackError
+    from m2m.stack.control import swap
 
     out, err = _consoles()
     config = _bus(args, err)
@@ -128,7 +130,7 @@ def _swap(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from m2m.stack.supervisor import shutdown
+    from m2m.stack.control import shutdown
 
     out, err = _consoles()
     config = _bus(args, err)

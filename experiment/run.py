@@ -130,7 +130,7 @@ async def run_experiment(
     ``design.llm``). ``transcript`` is the stack's bus transcript (each session's records are copied out of it).
     ``max_sessions`` stops after that many sessions (tests of resumption)."""
     from m2m.session.client import copy_session_transcript, run_session_request
-    from m2m.stack.supervisor import swap
+    from m2m.stack.control import swap
 
     progress = progress or Progress()
     done = prepare_folder(folder, design)

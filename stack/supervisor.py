@@ -17,7 +17,7 @@ it running and answers ``supervisor.control`` (:data:`~m2m.agents.messages.CONTR
   implementation's instances, waits until they are ready, then stops the old ones (SIGTERM: they drain;
   SIGKILL after ``stop_timeout_s``); :class:`DownRequest` (or SIGTERM/SIGINT) stops the agents, then the broker.
 
-Clients use :func:`stack_status`, :func:`swap`, :func:`shutdown` and :func:`start_detached` (``m2m up --detach``).
+Clients talk to it through :mod:`m2m.stack.control`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from m2m.agents.runtime import EXIT_USAGE, IMPLEMENTATIONS, AgentConfigError, pa
 from m2m.bus.client import BusClient, BusConfig
 from m2m.bus.errors import RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
 from m2m.bus.worker import RequestContext
-from m2m.stack.config import StackConfig, StackError, load_stack_config
+from m2m.stack.config import StackConfig, StackError
 
 log = structlog.get_logger("m2m.supervisor")
 
@@ -72,7 +72,8 @@ BROKER_STOP_TIMEOUT_S = 10.0
 DETACH_MARGIN_S = 60.0
 """What :func:`start_detached` waits beyond ``ready_timeout_s``: interpreter start, broker, probes."""
 
-_NO_ANSWER = (RequestTimeout, ServiceUnavailable, WorkerLost)
+#: The errors that mean "no supervisor answered".
+NO_ANSWER = (RequestTimeout, ServiceUnavailable, WorkerLost)
 
 
 def new_run_dir(transcript_dir: Path) -> Path:
@@ -515,151 +516,9 @@ async def _refuse_running_bus(config: BusConfig) -> None:
     path = endpoint.removeprefix("ipc://")
     if endpoint.startswith("ipc://") and not path.startswith("@") and not Path(path).exists():
         return  # no socket file (and not an abstract socket): nothing listens there
-    async with _client("probe", config) as probe:
+    async with BusClient(f"m2m-probe-{os.getpid()}", config) as probe:
         try:
             await probe.wait_for_broker(0.5)
         except RequestTimeout:
             return
     raise StackError(f"a broker already answers at {endpoint}: stop that stack first (m2m down --connect {endpoint})")
-
-
-# ------------------------------------------------------------------------------------------------ clients
-def _client(purpose: str, config: BusConfig) -> BusClient:
-    return BusClient(f"m2m-{purpose}-{os.getpid()}", config)
-
-
-async def stack_status(config: BusConfig, timeout: float = 5.0) -> StackStatus | None:
-    """The running stack's status, or ``None`` when no stack answers within ``timeout`` seconds."""
-    async with _client("status", config) as bus:
-        try:
-            status: StackStatus = await bus.request(CONTROL, StatusRequest(), timeout=timeout, expect=StackStatus)
-        except _NO_ANSWER:
-            return None
-    return status
-
-
-async def shutdown(config: BusConfig, timeout: float = 60.0) -> DownResult | None:
-    """Take the stack down. Returns its :class:`DownResult` once the supervisor has stopped answering (its
-    agents are stopped; the broker goes a moment later) or ``timeout`` seconds passed; ``None`` when no stack
-    answered."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    async with _client("down", config) as bus:
-        try:
-            result: DownResult = await bus.request(CONTROL, DownRequest(), timeout=min(timeout, 10.0),
-                                                   expect=DownResult)
-        except _NO_ANSWER:
-            return None
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                await bus.request(CONTROL, StatusRequest(), timeout=min(1.0, remaining), expect=StackStatus)
-            except _NO_ANSWER:
-                break
-            await asyncio.sleep(0.2)
-    return result
-
-
-async def swap(
-    config: BusConfig,
-    role: str,
-    impl: str,
-    options: Mapping[str, str] | Sequence[str] = (),
-    *,
-    timeout: float = 900.0,
-) -> SwapResult:
-    """Replace every ``role`` instance of the running stack by ``impl`` with ``options`` (a mapping or
-    ``key=value`` strings). Raises :class:`StackError` when no stack answers or the swap fails (the old
-    instances then keep running)."""
-    items = [f"{k}={v}" for k, v in options.items()] if isinstance(options, Mapping) else list(options)
-    if await stack_status(config, timeout=min(timeout, 5.0)) is None:
-        raise StackError(f"no stack answers at {config.endpoint}")
-    async with _client("swap", config) as bus:
-        try:
-            result: SwapResult = await bus.request(
-                CONTROL, SwapRequest(role=role, impl=impl, options=items), timeout=timeout, expect=SwapResult
-            )
-        except RemoteError as exc:
-            raise StackError(f"swap of {role} to {impl} failed: {exc}") from None
-        except _NO_ANSWER as exc:
-            raise StackError(f"swap of {role} to {impl} did not finish within {timeout:g} s ({exc}); "
-                             f"see m2m status") from None
-    return result
-
-
-_DETACHED: list[subprocess.Popen[bytes]] = []
-"""Detached supervisors started by this process: kept so that Python neither warns about nor reaps them."""
-
-
-def start_detached(
-    config_path: Path | None = None,
-    *,
-    endpoint: str | None = None,
-    pub_endpoint: str | None = None,
-    transcript_dir: Path | None = None,
-) -> StackStatus:
-    """Start a stack in the background (``m2m up --detach``): a supervisor process in its own session, its log
-    in ``<run folder>/supervisor.log`` and its pid in ``supervisor.pid``. Blocks until the stack answers and
-    returns its status; raises :class:`StackError` with the reason when the stack does not come up (a
-    supervisor that is still starting is then stopped), :class:`~m2m.stack.config.StackConfigError` (a
-    subclass) for a bad config. Call it from synchronous code (``asyncio.to_thread`` from a coroutine): it runs
-    its own event loop."""
-    config = load_stack_config(config_path).override(
-        endpoint=endpoint, pub_endpoint=pub_endpoint, transcript_dir=transcript_dir
-    )
-    run_dir = new_run_dir(config.transcript_dir)
-    argv = [sys.executable, "-m", "m2m.cli.main", "up", "--run-dir", str(run_dir),
-            "--endpoint", config.endpoint, "--pub-endpoint", config.pub_endpoint]
-    if config_path is not None:
-        argv += ["--config", str(Path(config_path).resolve())]
-    log_path = run_dir / SUPERVISOR_LOG_NAME
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    _DETACHED.append(proc)
-    log.info("supervisor_detached", pid=proc.pid, run_dir=str(run_dir))
-    try:
-        return asyncio.run(_await_detached(proc, config, run_dir, log_path))
-    except BaseException:
-        if proc.poll() is None:
-            proc.terminate()  # an orderly down of whatever already started
-            try:
-                proc.wait(timeout=config.stop_timeout_s + BROKER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        raise
-
-
-async def _await_detached(
-    proc: subprocess.Popen[bytes], config: StackConfig, run_dir: Path, log_path: Path
-) -> StackStatus:
-    timeout = config.ready_timeout_s + DETACH_MARGIN_S
-    deadline = time.monotonic() + timeout
-    async with _client("up", config.bus_config()) as bus:
-        while True:
-            code = proc.poll()
-            if code is not None:
-                raise StackError(f"the supervisor exited with code {code}: {_failure_in(log_path)} (log {log_path})")
-            if time.monotonic() > deadline:
-                raise StackError(f"the stack did not come up within {timeout:g} s (log {log_path})")
-            try:
-                status: StackStatus = await bus.request(CONTROL, StatusRequest(), timeout=1.0, expect=StackStatus)
-            except _NO_ANSWER:
-                continue
-            if Path(status.transcript).parent == run_dir:
-                return status
-            await asyncio.sleep(0.2)  # another stack on this endpoint answered; ours will refuse to start
-
-
-def _failure_in(log_path: Path) -> str:
-    """The reason ``m2m up`` printed for its failure, or the log's last line."""
-    try:
-        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError as exc:
-        return f"(no log: {exc})"
-    for line in reversed(lines):
-        if line.startswith(FAILURE_PREFIX):
-            return line.removeprefix(FAILURE_PREFIX)
-    return lines[-1][:500] if lines else "(empty log)"

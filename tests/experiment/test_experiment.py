@@ -23,9 +23,11 @@ from m2m.bus.client import BusConfig
 from m2m.experiment import design as ed
 from m2m.experiment import records as er
 from m2m.experiment import run as ex
-from m2m.experiment.report import hierarchy, paired_steps, rank_agreement, write_report
+from m2m.experiment.analysis import hierarchy, paired_steps, rank_agreement
+from m2m.experiment.report import write_report
 from m2m.physics.tpp import Direction, Move
-from m2m.stack.supervisor import PID_FILE_NAME, start_detached
+from m2m.stack.control import start_detached
+from m2m.stack.supervisor import PID_FILE_NAME
 
 
 def _record(arm: str, case_seed: int, steps: int, moves: list[tuple[str, int]] | None = None,

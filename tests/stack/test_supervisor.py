@@ -41,7 +41,8 @@ from m2m.cli.main import main
 from m2m.physics.protocol import load_protocol
 from m2m.scenarios import load_scenario
 from m2m.stack.config import StackConfigError, StackError, load_stack_config
-from m2m.stack.supervisor import PID_FILE_NAME, shutdown, stack_status, start_detached, swap
+from m2m.stack.control import shutdown, stack_status, start_detached, swap
+from m2m.stack.supervisor import PID_FILE_NAME
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -120,7 +120,7 @@ def kill_tree(pid: int) -> None:
 def stop_stack(bus: BusConfig, supervisor_pid: int | None) -> None:
     """Take down a stack that ``start_detached`` started (its supervisor is our child): a DownRequest on the bus,
     then SIGTERM, then SIGKILL of the supervisor and of every process it started; the supervisor is reaped."""
-    from m2m.stack.supervisor import shutdown
+    from m2m.stack.control import shutdown
 
     if supervisor_pid is None or reap(supervisor_pid, 0) is not None:
         return

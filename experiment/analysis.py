@@ -1,0 +1,167 @@
+"""The experiment's statistics: per-arm scores and steps, the paired guided-vs-unguided test, and the hierarchy of
+objectives (in which order the sessions moved the TPPs, against the DRL knowledge's priority).
+
+Statistics: mean ± sd (population sd, as the paper's ± reads), median, share at the maximum score; guided vs
+unguided steps are compared per initial setting (paired) with the two-sided Wilcoxon signed-rank test (exact for
+small samples; pairs with equal steps are dropped, as Wilcoxon's test does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from m2m.experiment.records import KNOWLEDGE_FILE, SessionRecord
+
+if TYPE_CHECKING:
+    from m2m.agents.drl.knowledge import TppKnowledge
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    """One arm on one scenario: ``n`` sessions; scores in protocol points, steps as counted to the last plan."""
+
+    n: int
+    initial: tuple[float, float]
+    final: tuple[float, float]
+    final_median: float
+    at_max: float
+    steps: tuple[float, float]
+    steps_median: float
+    steps_to_max: tuple[float, float] | None
+    decision_s: float
+    wall_s: float
+    vetoed: int
+    decisions: int
+
+
+def _mean_sd(x: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(x, dtype=np.float64)
+    return float(a.mean()), float(a.std())
+
+
+def arm_stats(records: Sequence[SessionRecord]) -> ArmStats:
+    decisions = [d for r in records for d in r.decisions]
+    reached = [r.steps for r in records if r.reached_max]
+    return ArmStats(
+        n=len(records),
+        initial=_mean_sd([r.initial_score for r in records]),
+        final=_mean_sd([r.final_score for r in records]),
+        final_median=float(np.median([r.final_score for r in records])),
+        at_max=float(np.mean([r.reached_max for r in records])),
+        steps=_mean_sd([r.steps for r in records]),
+        steps_median=float(np.median([r.steps for r in records])),
+        steps_to_max=_mean_sd(reached) if reached else None,
+        decision_s=float(np.mean([d.decision_s for d in decisions])) if decisions else 0.0,
+        wall_s=float(sum(r.wall_s for r in records)),
+        vetoed=sum(bool(d.vetoes) for d in decisions),
+        decisions=len(decisions),
+    )
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Guided vs unguided steps on the same initial settings: ``n`` pairs, ``diff`` = mean (guided − unguided)."""
+
+    n: int
+    n_nonzero: int
+    diff_mean: float
+    statistic: float | None
+    p_value: float | None
+
+
+def paired_steps(records: Sequence[SessionRecord]) -> PairedTest:
+    from scipy.stats import wilcoxon
+
+    by_arm: dict[str, dict[tuple[int, int], int]] = defaultdict(dict)
+    for r in records:
+        by_arm[r.arm][(r.case_seed, r.init)] = r.steps
+    common = sorted(set(by_arm["guided"]) & set(by_arm["unguided"]))
+    g = np.array([by_arm["guided"][k] for k in common], dtype=np.float64)
+    u = np.array([by_arm["unguided"][k] for k in common], dtype=np.float64)
+    d = g - u
+    nonzero = int(np.count_nonzero(d))
+    if nonzero == 0:
+        return PairedTest(len(common), 0, float(d.mean()) if d.size else math.nan, None, None)
+    res = wilcoxon(g, u, zero_method="wilcox", alternative="two-sided")
+    return PairedTest(len(common), nonzero, float(d.mean()), float(res.statistic), float(res.pvalue))
+
+
+# ------------------------------------------------------------------------------------------------ hierarchy
+@dataclass(frozen=True)
+class MoveCount:
+    tpp: str
+    raise_n: int
+    lower_n: int
+    first_n: int
+    mean_stage: float
+    mean_first_stage: float
+
+
+def hierarchy(records: Sequence[SessionRecord], *, proposals: bool = False) -> list[MoveCount]:
+    """How the sessions moved each TPP: counts per direction, how often it was the session's first move, the mean
+    stage of its moves (0 = first decision, 1 = last) and of its first move per session. Ordered like the DRL
+    knowledge's ``priority``: by the mean stage of the first move (earliest first; TPPs never moved last).
+    ``proposals``: count the planner's own proposals instead of the actions taken after the guard."""
+    raises: Counter[str] = Counter()
+    lowers: Counter[str] = Counter()
+    firsts: Counter[str] = Counter()
+    stages: dict[str, list[float]] = defaultdict(list)
+    first_stages: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        chosen = [d.proposal.move if d.proposal is not None else None for d in r.decisions] if proposals else [
+            d.action for d in r.decisions]
+        moves = [(m.tpp, int(m.direction)) for m in chosen if m is not None]
+        seen: set[str] = set()
+        for i, (tpp, direction) in enumerate(moves):
+            stage = i / (len(moves) - 1) if len(moves) > 1 else 0.0
+            (raises if direction > 0 else lowers)[tpp] += 1
+            stages[tpp].append(stage)
+            if tpp not in seen:
+                first_stages[tpp].append(stage)
+                seen.add(tpp)
+        if moves:
+            firsts[moves[0][0]] += 1
+    out = [
+        MoveCount(tpp, raises[tpp], lowers[tpp], firsts[tpp], float(np.mean(stages[tpp])),
+                  float(np.mean(first_stages[tpp])))
+        for tpp in stages
+    ]
+    return sorted(out, key=lambda m: (m.mean_first_stage, -(m.raise_n + m.lower_n), m.tpp))
+
+
+def rank_agreement(ours: Sequence[str], reference: Sequence[str]) -> tuple[int, float | None]:
+    """Kendall's tau between two priority orders over the TPPs both contain (``None`` under 2 common TPPs)."""
+    from scipy.stats import kendalltau
+
+    common = [t for t in reference if t in ours]
+    if len(common) < 2:
+        return len(common), None
+    tau = kendalltau([ours.index(t) for t in common], list(range(len(common)))).statistic
+    return len(common), float(tau)
+
+
+def experiment_knowledge(folder: Path, scenario: str) -> TppKnowledge:
+    """The DRL knowledge the experiment ran with (the folder's ``knowledge.json``, saved from the stack when it
+    started; the shipped knowledge for a folder without one), labelled in ``scenario``'s structure names."""
+    from m2m.agents.drl import DEFAULT_KNOWLEDGE
+    from m2m.agents.drl.knowledge import load_knowledge, relabel_knowledge
+    from m2m.scenarios import load_scenario
+
+    saved = folder / KNOWLEDGE_FILE
+    return relabel_knowledge(load_knowledge(saved if saved.is_file() else DEFAULT_KNOWLEDGE),
+                             load_scenario(scenario).roles)
+
+
+def knowledge_priority(folder: Path, scenario: str) -> list[str]:
+    """The experiment's knowledge's priority order in ``scenario``'s TPP names."""
+    from m2m.scenarios.roles import to_structure_name
+
+    knowledge = experiment_knowledge(folder, scenario)
+    return [to_structure_name(p, knowledge.roles) for p in knowledge.priority]
