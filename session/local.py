@@ -50,7 +50,8 @@ def _drl_env(scenario: str, cohort: str, case_index: int, checkpoint: Path) -> t
         raise FileNotFoundError(f"no DRL checkpoint at {checkpoint}: train one with `m2m drl train --site prostate`")
     advisor = Advisor.from_checkpoint(checkpoint)
     env, _ = advisor.cohort_env(scenario, cohort, case_index + 1)
-    return env, advisor.act
+    # the masked greedy policy `m2m drl evaluate` measures: never a move that cannot change a TPP at its bound
+    return env, advisor.lookahead_policy(env, 1)
 
 
 def _step(env: PlanningEnv, index: int, plan_s: float = 0.0) -> Step:
