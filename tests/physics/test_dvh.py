@@ -66,3 +66,10 @@ def test_bad_inputs_raise() -> None:
         dvh.d_percent(RAMP, 101.0)
     with pytest.raises(ValueError):
         dvh.d_cc(RAMP, 0.03, 0.0)
+
+
+def test_report_bins_begin_with_the_policys_bins_and_reach_150_percent() -> None:
+    bins = dvh.report_bins_gy(79.2)
+    policy = dvh.dvh_bins_gy(79.2)
+    np.testing.assert_allclose(bins[: policy.size], policy, atol=1e-9)
+    assert bins[-1] >= dvh.REPORT_SPAN * 79.2 and np.allclose(np.diff(bins), policy[1] - policy[0])

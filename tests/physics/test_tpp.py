@@ -180,3 +180,14 @@ def test_a_move_is_one_typed_step_rendered_one_way() -> None:
         Move.parse("nudge t_ptv")
     with pytest.raises(ValueError):
         Move("t_ptv", 0)  # type: ignore[arg-type]
+
+
+def test_tpps_from_dict_needs_every_tpp_once_and_valid_values() -> None:
+    full = TppSet.default(("bladder", "rectum")).as_dict()
+    assert TppSet.from_dict(full, ("bladder", "rectum")).as_dict() == full
+    with pytest.raises(ValueError, match="missing"):
+        TppSet.from_dict({k: v for k, v in full.items() if k != "v_rectum"}, ("bladder", "rectum"))
+    with pytest.raises(ValueError, match="unexpected"):
+        TppSet.from_dict({**full, "t_femur": 0.5}, ("bladder", "rectum"))
+    with pytest.raises(TppRangeError):
+        TppSet.from_dict({**full, "t_ptv": 2.0}, ("bladder", "rectum"))
