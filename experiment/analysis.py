@@ -13,14 +13,14 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from m2m.agents.drl import DEFAULT_KNOWLEDGE
+from m2m.agents.drl.knowledge import TppKnowledge, load_knowledge, relabel_knowledge
 from m2m.experiment.records import KNOWLEDGE_FILE, SessionRecord
-
-if TYPE_CHECKING:
-    from m2m.agents.drl.knowledge import TppKnowledge
+from m2m.scenarios import load_scenario
+from m2m.scenarios.roles import to_structure_name
 
 
 @dataclass(frozen=True)
@@ -150,10 +150,6 @@ def rank_agreement(ours: Sequence[str], reference: Sequence[str]) -> tuple[int, 
 def experiment_knowledge(folder: Path, scenario: str) -> TppKnowledge:
     """The DRL knowledge the experiment ran with (the folder's ``knowledge.json``, saved from the stack when it
     started; the shipped knowledge for a folder without one), labelled in ``scenario``'s structure names."""
-    from m2m.agents.drl import DEFAULT_KNOWLEDGE
-    from m2m.agents.drl.knowledge import load_knowledge, relabel_knowledge
-    from m2m.scenarios import load_scenario
-
     saved = folder / KNOWLEDGE_FILE
     return relabel_knowledge(load_knowledge(saved if saved.is_file() else DEFAULT_KNOWLEDGE),
                              load_scenario(scenario).roles)
@@ -161,7 +157,5 @@ def experiment_knowledge(folder: Path, scenario: str) -> TppKnowledge:
 
 def knowledge_priority(folder: Path, scenario: str) -> list[str]:
     """The experiment's knowledge's priority order in ``scenario``'s TPP names."""
-    from m2m.scenarios.roles import to_structure_name
-
     knowledge = experiment_knowledge(folder, scenario)
     return [to_structure_name(p, knowledge.roles) for p in knowledge.priority]

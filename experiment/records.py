@@ -25,7 +25,7 @@ import structlog
 from m2m.agents.llm.guard import ActionSource, Veto, VetoReason
 from m2m.agents.llm.situation import Mode
 from m2m.agents.messages import Decision, Outcome, Proposal, SessionResult, Step
-from m2m.experiment.design import ARMS, Design, ExperimentError, Run
+from m2m.experiment.design import ARMS, Design, ExperimentError, Run, runs_of
 from m2m.physics.protocol import CriterionId
 from m2m.physics.tpp import Direction, Move
 
@@ -261,7 +261,5 @@ def total_wall(folder: Path) -> float | None:
 
 def ordered(records: Sequence[SessionRecord], design: Design) -> list[SessionRecord]:
     """``records`` of ``design`` in its run order (records of other designs are dropped)."""
-    from m2m.experiment.design import runs_of
-
     by_key = {r.key: r for r in records}
     return [by_key[r.key] for r in runs_of(design) if r.key in by_key]

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import structlog
 
-from m2m.agents.messages import SessionRequest, Step, new_session_id
-from m2m.bus.client import BusConfig
+from m2m.agents.messages import KnowledgeMessage, SessionRequest, Step, new_session_id
+from m2m.bus.client import BusClient, BusConfig
 from m2m.experiment.design import ARMS, PAPER, Design, ExperimentError, Run, runs_of
 from m2m.experiment.records import (
     DESIGN_FILE,
@@ -41,6 +41,8 @@ from m2m.experiment.records import (
     record_of,
 )
 from m2m.scenarios import load_scenario
+from m2m.session.client import copy_session_transcript, run_session_request
+from m2m.stack.control import swap
 
 log = structlog.get_logger("experiment")
 
@@ -79,9 +81,6 @@ async def save_knowledge(config: BusConfig, folder: Path) -> Path | None:
     """Keep the DRL knowledge the running stack publishes as the folder's ``knowledge.json`` (the report's reference
     for the guided arm). A folder that already holds other knowledge is refused: its sessions ran with that one.
     None when the stack publishes none (no DRL advisor)."""
-    from m2m.agents.messages import KnowledgeMessage
-    from m2m.bus.client import BusClient
-
     async with BusClient("experiment-knowledge", config) as bus:
         published = [m for m in (await bus.retained("knowledge.tpp.")).values() if isinstance(m, KnowledgeMessage)]
     if not published:
@@ -129,9 +128,6 @@ async def run_experiment(
     The planner is swapped to each arm's implementation before that arm's first session (the LLM arms with
     ``design.llm``). ``transcript`` is the stack's bus transcript (each session's records are copied out of it).
     ``max_sessions`` stops after that many sessions (tests of resumption)."""
-    from m2m.session.client import copy_session_transcript, run_session_request
-    from m2m.stack.control import swap
-
     progress = progress or Progress()
     done = prepare_folder(folder, design)
     await save_knowledge(config, folder)

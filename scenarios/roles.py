@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from m2m.physics.case import Case
+from m2m.physics.phantoms import make_case
 from m2m.physics.protocol import Protocol
 from m2m.scenarios import Scenario, role_map
 
@@ -54,8 +55,6 @@ def rank_oars(
 def scenario_roles(scenario: Scenario) -> dict[str, str]:
     """The role map of a scenario computed on its first :data:`REFERENCE_CASES` training phantoms (builds them; the
     scenario's declared :attr:`~m2m.scenarios.Scenario.roles` must equal it)."""
-    from m2m.physics.phantoms import make_case
-
     seeds = scenario.cohorts.train.seeds[:REFERENCE_CASES]
     cases = [make_case(scenario.site, s) for s in seeds]
     return role_map(rank_oars(scenario.oar_names, cases, scenario.protocol))
