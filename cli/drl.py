@@ -131,11 +131,12 @@ def _knowledge(args: argparse.Namespace) -> int:
 
 def _advise(args: argparse.Namespace) -> int:
     from m2m.agents.drl.advisor import Advisor
+    from m2m.physics.tpp import Direction
 
     advisor = Advisor.from_checkpoint(args.checkpoint)
     env, _ = advisor.cohort_env(args.scenario, "test", 1)
     obs, info = env.reset(options={"case_seed": args.case_seed})
     print(f"{info['case_id']}: score {info['score']:.2f}/{info['max_score']:g}, failing {list(info['failing'])}")
     for a in advisor.advise(obs, args.k, labels=advisor.roles_for(args.scenario), mask=env.action_masks()):
-        print(f"  {a.label:<16} {'raise' if a.direction > 0 else 'lower'}  p={a.probability:.2f}  Q={a.q_value:+.3f}")
+        print(f"  {a.label:<16} {Direction(a.direction).word}  p={a.probability:.2f}  Q={a.q_value:+.3f}")
     return 0
