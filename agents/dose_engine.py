@@ -1,6 +1,8 @@
 """The dose-engine agent (``dose.plan``): TPPs → optimised plan → DVHs and the protocol's dose metrics.
 
-DVHs are reported on the DRL policy's dose bins continued to 150 % Rx (:func:`report_bins_gy`). Each case's dij
+DVHs are reported on the DRL policy's dose bins continued to 150 % Rx (:func:`report_bins_gy`) for every target and
+OAR of the case: the structures the plan is optimised and scored on, then the case's other OARs (their doses from
+the case's report dij, :attr:`m2m.scenarios.cases.PlanningCase.report_dij`; never in the objective). Each case's dij
 is built once (on-disk cache, :mod:`m2m.physics.dij_cache`) and kept in a small in-memory LRU.
 The optimisation runs in a worker thread so the agent keeps heart-beating while it solves. Several instances can
 serve ``dose.plan`` together: a request carries everything a plan depends on (the warm-start fluence included),
@@ -11,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
 
 from m2m.agents.messages import DOSE_PLAN, DosePlanRequest, DosePlanResult, StructureDose
-from m2m.agents.runtime import Agent
+from m2m.agents.runtime import Agent, AgentConfigError
 from m2m.bus.worker import Handlers, RequestContext
 from m2m.physics.dvh import cumulative_dvh, d_percent, report_bins_gy
 from m2m.physics.optimizer import optimize
@@ -45,6 +48,14 @@ class DoseEngine(Agent):
 
     known_options: ClassVar[frozenset[str]] = frozenset({"cases_in_memory"})
 
+    @classmethod
+    def check_options(cls, agent: str, options: Mapping[str, str]) -> None:
+        super().check_options(agent, options)
+        value = options.get("cases_in_memory", "8")
+        if not (value.strip().isdigit() and int(value) >= 1):
+            raise AgentConfigError(f"{agent}: option cases_in_memory must be an integer >= 1, got {value!r}",
+                                   option="cases_in_memory")
+
     async def setup(self) -> None:
         self._banks: dict[str, tuple[Scenario, CaseBank]] = {}
         self._capacity = int(self.option("cases_in_memory", "8"))
@@ -67,15 +78,14 @@ class DoseEngine(Agent):
         case = await asyncio.to_thread(bank.get, msg.case_seed)
         if warm is not None and warm.shape != (case.dij.n_beamlets,):
             raise ValueError(f"warm start has {warm.shape} weights; the case has {case.dij.n_beamlets} beamlets")
-        plan = await asyncio.to_thread(
-            optimize, case.dij, tpps, sc.rx_gy, warm_start=warm, dose_structures=sc.protocol.structures
-        )
+        plan = await asyncio.to_thread(optimize, case.dij, tpps, sc.rx_gy, warm_start=warm)
         solve_s = time.perf_counter() - started
+        dose = {**plan.dose, **await asyncio.to_thread(case.report_doses, plan.fluence)}
         bins = report_bins_gy(sc.rx_gy)
         metrics = measure_all(sc.protocol, plan, case.dij.voxel_volume_cc, sc.rx_gy)
         self.log.info("dose_planned", case=case.case_id, solve_s=round(solve_s, 3), iterations=plan.iterations)
         return DosePlanResult(
             scenario=msg.scenario, case_id=case.case_id, case_seed=msg.case_seed, rx_gy=sc.rx_gy,
-            tpps=tpps.as_dict(), dvh_bins_gy=bins, structures=structure_doses(plan.dose, bins), metrics=metrics,
+            tpps=tpps.as_dict(), dvh_bins_gy=bins, structures=structure_doses(dose, bins), metrics=metrics,
             fluence=plan.fluence, solve_s=solve_s, iterations=plan.iterations, engine=self.ctx.name,
         )

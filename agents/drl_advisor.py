@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from m2m.agents.drl import DEFAULT_CHECKPOINT, DEFAULT_KNOWLEDGE, file_sha256
-from m2m.agents.drl.advisor import Advisor
 from m2m.agents.drl.env import action_mask, observation_vector
 from m2m.agents.drl.knowledge import decode_knowledge
 from m2m.agents.messages import ADVISE, Advice, AdvisedAction, AdviseRequest, KnowledgeMessage, knowledge_topic
@@ -24,6 +23,9 @@ from m2m.physics.dvh import dvh_bins_gy
 from m2m.physics.tpp import Direction, Move, TppSet
 from m2m.scenarios import Scenario, load_scenario
 from m2m.scenarios.roles import to_structure_name
+
+if TYPE_CHECKING:
+    from m2m.agents.drl.advisor import Advisor
 
 
 class DrlAdvisorAgent(Agent):
@@ -38,7 +40,9 @@ class DrlAdvisorAgent(Agent):
         for path, command in ((checkpoint, "m2m drl train"), (knowledge_path, "m2m drl knowledge")):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: produce it with `{command}` (see the README)")
-        self.advisor = await asyncio.to_thread(Advisor.from_checkpoint, checkpoint)
+        from m2m.agents.drl.advisor import Advisor  # torch: imported here, so that checking a stack config is cheap
+
+        self.advisor: Advisor = await asyncio.to_thread(Advisor.from_checkpoint, checkpoint)
         self.sha256 = file_sha256(checkpoint)
         text = knowledge_path.read_text()
         knowledge = decode_knowledge(text, str(knowledge_path))

@@ -8,8 +8,9 @@ Services and topics:
 * ``plan.session`` — :class:`SessionRequest` → :class:`SessionResult` (planner): the reply carries the whole
   step list, so a client's record never depends on best-effort events;
 * ``supervisor.control`` — :class:`StatusRequest` / :class:`SwapRequest` / :class:`DownRequest` (supervisor);
-* topics ``knowledge.tpp.<site>`` (retained :class:`KnowledgeMessage`), ``session.<id>`` (:class:`StepEvent`, one
-  per step, for live progress), ``takeover.<id>`` (retained :class:`SessionState`: what a planner taking over the
+* topics ``knowledge.tpp.<site>`` (retained :class:`KnowledgeMessage`), ``session.<id>`` (:class:`StepPhase`
+  before each request and decision of a step, and :class:`StepEvent` after each step: live progress),
+  ``takeover.<id>`` (retained :class:`SessionState`: what a planner taking over the
   session resumes from) and ``agents.status.<name>`` (retained :class:`AgentStatus`).
 
 The session vocabulary is typed end to end: a step of a TPP is a :class:`~m2m.physics.tpp.Move`, criteria are keyed
@@ -186,6 +187,8 @@ class Outcome(StrEnum):
     MAXIMUM_SCORE = "maximum score"
     STEP_CAP = "step cap"
     NO_ADMISSIBLE_ACTION = "no admissible action"
+    INTERRUPTED = "interrupted"
+    """The client stopped the session (Ctrl-C): its folder holds the steps done so far. No planner sends it."""
 
 
 class SessionRequest(Message):
@@ -285,6 +288,30 @@ class StepEvent(Message):
         return self.outcome is not None
 
 
+#: What a planner is doing within a step: ``planning`` (the dose engine optimises the plan), ``scoring`` (the
+#: evaluator scores it), ``advising`` (the DRL advisor's advice) or ``deciding`` (the decider — the LLM, the DRL's
+#: choice or the rules — proposes the next move).
+PhaseName = Literal["planning", "scoring", "advising", "deciding"]
+
+
+class StepPhase(Message):
+    """Live progress within a step, published on ``session.<id>`` before each request and before the decision
+    (best effort, like :class:`StepEvent`). ``started_at`` is the planner's wall clock (Unix time, s) when the
+    phase began; ``decider`` who decides (e.g. ``llm:embedded``, ``drl``, ``rules``). From ``advising`` on, the
+    step's plan is scored: ``score``, ``max_score`` and the ``failing`` criteria's labels (for people; the step's
+    ids are in :class:`StepEvent`) are set."""
+
+    schema = "m2m.plan.step-phase"
+    session_id: str
+    step: int
+    phase: PhaseName
+    started_at: float
+    decider: str
+    score: float | None = None
+    max_score: float | None = None
+    failing: list[str] = msgspec.field(default_factory=list)
+
+
 class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
     """A past step as the planner remembers it: the move made from it and the score it had."""
 
@@ -380,11 +407,17 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StackStatus(Message):
+    """A running stack: its id (its runtime folder's name, ``m2m status --stack ID``), its bus, its transcript
+    (whose folder holds the logs) and every agent. ``stack_id`` and ``pub_endpoint`` are empty from a supervisor
+    older than the stack registry."""
+
     schema = "m2m.supervisor.status"
     version = 2
     endpoint: str
     transcript: str
     agents: list[AgentInfo]
+    stack_id: str = ""
+    pub_endpoint: str = ""
 
 
 class SwapRequest(Message):

@@ -3,8 +3,15 @@
 Loop: dose engine (``dose.plan``) → evaluator (``plan.evaluate``) → stop at the protocol's maximum or the step
 cap → else [guided: the DRL's advice, ``drl.advise``] → a decision → the guard → the next TPPs. After every step
 the session's state is published retained on ``takeover.<id>`` (:class:`SessionState`, read by a planner taking
-over the session after a swap or a crash) and the step on ``session.<id>`` (:class:`StepEvent`, live progress).
-The reply (:class:`SessionResult`) carries every :class:`Step`, so the record never depends on an event.
+over the session after a swap or a crash) and the step on ``session.<id>`` (:class:`StepEvent`, live progress);
+before each request and before the decision the phase of the step (:class:`StepPhase`: planning, scoring, advising,
+deciding) goes on ``session.<id>`` too. The reply (:class:`SessionResult`) carries every :class:`Step`, so the
+record never depends on an event.
+
+A stopping planner (SIGTERM: a swap, ``m2m down``) does not finish the step in progress: it cancels it — a decision
+in flight included; a model computing in a worker thread is left to finish on its own, and the process exits
+without waiting for it — and hands the session over (:class:`HandOver`): another planner resumes from the last
+published state, redoing that step (its dose and evaluation requests are answered from the reply cache).
 
 Three implementations share the loop and the guard and differ only in who proposes the step:
 
@@ -54,6 +61,7 @@ from m2m.agents.messages import (
     HistoryEntry,
     KnowledgeMessage,
     Outcome,
+    PhaseName,
     Proposal,
     SessionHeader,
     SessionRequest,
@@ -61,13 +69,14 @@ from m2m.agents.messages import (
     SessionState,
     Step,
     StepEvent,
+    StepPhase,
     knowledge_topic,
     session_topic,
     takeover_topic,
 )
 from m2m.agents.runtime import Agent, AgentConfigError
 from m2m.bus.client import BusClient
-from m2m.bus.errors import WorkerLost
+from m2m.bus.errors import BusError, WorkerLost
 from m2m.bus.worker import Handlers, RequestContext
 from m2m.physics.protocol import SCORE_TOLERANCE
 from m2m.physics.tpp import Direction, TppSet
@@ -88,7 +97,7 @@ ADVICE_K = 5
 
 
 class HandOver(WorkerLost):
-    """Raised by a draining planner between steps: the client retries and another planner resumes the session."""
+    """Raised by a draining planner: the client retries and another planner resumes the session."""
 
 
 class Decider(Protocol):
@@ -188,7 +197,8 @@ def situation_from(
         dose_summary={
             s.name: {"dmax_pct_rx": 100 * s.dmax_gy / rx, "dmean_pct_rx": 100 * s.dmean_gy / rx,
                      "d95_pct_rx": 100 * s.d95_gy / rx}
-            for s in plan.structures
+            # the scored structures only: the dose engine also reports the case's other OARs (for the DVHs)
+            for s in plan.structures if s.name in scenario.protocol.structures
         },
         history=tuple(StepView(step=h.step, move=h.move, score=h.score) for h in history[-HISTORY_STEPS:]),
         knowledge=knowledge,
@@ -210,7 +220,18 @@ class SessionRunner:
     handover: bool = False
     on_step: Callable[[Step, str | None], None] | None = None
     """Called in this process after each step (``m2m replay`` shows progress with it)."""
+    on_phase: Callable[[StepPhase], None] | None = None
+    """Called in this process when a phase of a step begins (``m2m replay`` shows progress with it)."""
     _listener: asyncio.Task[None] | None = None
+    _sessions: set[asyncio.Task[SessionResult]] = field(default_factory=set)
+
+    def stop_sessions(self) -> None:
+        """Hand every session in progress over at once (a stopping planner): the step in progress is cancelled —
+        a decision in flight too, without waiting for a model computing in a thread — and the session's client
+        gets :class:`HandOver`; another planner resumes from the last published state."""
+        self.handover = True
+        for task in list(self._sessions):
+            task.cancel()
 
     def follow_knowledge(self) -> None:
         """Subscribe to every site's knowledge (the retained value arrives at once) and keep the latest."""
@@ -260,6 +281,37 @@ class SessionRunner:
         return other, self.knowledge[other]
 
     async def run(self, req: SessionRequest) -> SessionResult:
+        """Run (or resume) the session ``req``; :class:`HandOver` when :meth:`stop_sessions` cut it short."""
+        body = asyncio.get_running_loop().create_task(self._run(req))
+        self._sessions.add(body)
+        try:
+            return await body
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if body.cancelled() and self.handover and (me is None or not me.cancelling()):
+                raise HandOver(f"planner {self.planner_name} is stopping: session {req.session_id} "
+                               "continues elsewhere") from None
+            raise
+        finally:
+            self._sessions.discard(body)
+
+    async def _phase(self, sid: str, step: int, phase: PhaseName, evaluation: Evaluation | None = None) -> None:
+        """Publish the phase a step enters (progress only: a failed publish is logged, never fatal)."""
+        labels = {c.id: c.label for c in evaluation.criteria} if evaluation is not None else {}
+        msg = StepPhase(
+            session_id=sid, step=step, phase=phase, started_at=time.time(), decider=self.decider.name,
+            score=evaluation.total if evaluation is not None else None,
+            max_score=evaluation.max_score if evaluation is not None else None,
+            failing=[labels.get(f, f) for f in evaluation.failing] if evaluation is not None else [],
+        )
+        if self.on_phase is not None:
+            self.on_phase(msg)
+        try:
+            await self.bus.publish(session_topic(sid), msg, session=sid)
+        except BusError as exc:
+            log.warning("phase_not_published", session=sid, step=step, phase=phase, error=str(exc)[:200])
+
+    async def _run(self, req: SessionRequest) -> SessionResult:
         if req.step_cap < 0:
             raise ValueError(f"step_cap must be >= 0, got {req.step_cap}")
         sc = load_scenario(req.scenario)
@@ -280,10 +332,12 @@ class SessionRunner:
             tpps = dict(req.initial_tpps) if req.initial_tpps else sc.initial_tpp_set(req.case_seed).as_dict()
         while True:
             t0 = time.perf_counter()
+            await self._phase(sid, step, "planning")
             plan: DosePlanResult = await self.bus.request(
                 DOSE_PLAN, DosePlanRequest(scenario=req.scenario, case_seed=req.case_seed, tpps=tpps, warm_start=warm),
                 timeout=DOSE_TIMEOUT_S, idempotency_key=f"{sid}:{step}:dose", expect=DosePlanResult, session=sid,
             )
+            await self._phase(sid, step, "scoring")
             evaluation: Evaluation = await self.bus.request(
                 EVALUATE, EvaluateRequest(protocol=sc.protocol.name, metrics=plan.metrics),
                 idempotency_key=f"{sid}:{step}:evaluate", expect=Evaluation, session=sid,
@@ -308,6 +362,7 @@ class SessionRunner:
                 knowledge = relabel_knowledge(learned, sc.roles)
             advice = None
             if req.mode == "guided" or self.decider.needs_advice:
+                await self._phase(sid, step, "advising", evaluation)
                 advice = await self.bus.request(
                     ADVISE, AdviseRequest(scenario=req.scenario, tpps=plan.tpps, dvh_bins_gy=plan.dvh_bins_gy,
                                           structures=plan.structures, k=ADVICE_K),
@@ -315,6 +370,7 @@ class SessionRunner:
                 )
             situation = situation_from(sc, step, req.step_cap, plan, evaluation, state.history, knowledge, advice,
                                        knowledge_site)
+            await self._phase(sid, step, "deciding", evaluation)
             outcome_ = await self.decider.decide(situation, req.mode, req.with_advice and req.mode == "guided")
             guarded: GuardResult = guard(situation, outcome_.raw, req.mode, sc.oar_names)
             decision = decision_record(outcome_, guarded)
@@ -350,18 +406,23 @@ class SessionRunner:
             self.on_step(record, str(outcome) if outcome is not None else None)
 
     def _result(self, state: SessionState, started: float) -> SessionResult:
-        if state.outcome is None:
-            raise ValueError("a session result needs an ended session")
-        decisions = [s.decision for s in state.steps if s.decision is not None]
-        last = state.steps[-1]
-        return SessionResult(
-            header=state.header, outcome=state.outcome, steps=state.steps, initial_score=state.initial_score,
-            final_score=last.score, max_score=last.max_score, dvh_bins_gy=state.dvh_bins_gy,
-            initial_structures=state.initial_structures, final_structures=state.final_structures,
-            invalid_answers=sum(not d.valid for d in decisions), vetoes=sum(len(d.vetoes) for d in decisions),
-            fallbacks=sum(d.source == "safe" for d in decisions), planners=state.planners,
-            wall_s=time.perf_counter() - started,
-        )
+        return session_result(state, time.perf_counter() - started)
+
+
+def session_result(state: SessionState, wall_s: float) -> SessionResult:
+    """The :class:`SessionResult` of an ended session's state (``outcome`` set; also a client's record of an
+    interrupted session, whose state it read from ``takeover.<id>``)."""
+    if state.outcome is None:
+        raise ValueError("a session result needs an ended session")
+    decisions = [s.decision for s in state.steps if s.decision is not None]
+    last = state.steps[-1]
+    return SessionResult(
+        header=state.header, outcome=state.outcome, steps=state.steps, initial_score=state.initial_score,
+        final_score=last.score, max_score=last.max_score, dvh_bins_gy=state.dvh_bins_gy,
+        initial_structures=state.initial_structures, final_structures=state.final_structures,
+        invalid_answers=sum(not d.valid for d in decisions), vetoes=sum(len(d.vetoes) for d in decisions),
+        fallbacks=sum(d.source == "safe" for d in decisions), planners=state.planners, wall_s=wall_s,
+    )
 
 
 def decision_record(outcome: DecisionOutcome, guarded: GuardResult) -> Decision:
@@ -380,10 +441,18 @@ class _PlannerAgent(Agent, abc.ABC):
 
     @abc.abstractmethod
     def make_decider(self) -> Decider:
-        """Who proposes each step (the implementation's one difference)."""
+        """Who proposes each step (the implementation's one difference); may block (it runs in a thread)."""
+
+    def setup_detail(self) -> str:
+        """What :meth:`make_decider` is doing, announced with the ``starting`` state ("" for nothing slow)."""
+        return ""
 
     async def setup(self) -> None:
-        self.runner = SessionRunner(self.bus, self.make_decider(), f"{self.ctx.impl}:{self.ctx.name}")
+        if detail := self.setup_detail():
+            await self.report_setup(detail)
+        # In a thread, so that a SIGTERM during a long model load stops the agent at once.
+        decider = await asyncio.to_thread(self.make_decider)
+        self.runner = SessionRunner(self.bus, decider, f"{self.ctx.impl}:{self.ctx.name}")
         self.runner.follow_knowledge()
 
     def handlers(self) -> dict[str, Handlers]:
@@ -393,24 +462,49 @@ class _PlannerAgent(Agent, abc.ABC):
         return await self.runner.run(msg)
 
     def begin_drain(self) -> None:
-        self.runner.handover = True
+        self.runner.stop_sessions()
 
     async def close(self) -> None:
         self.runner.stop_following()
 
 
-def client_spec_from_options(options: Mapping[str, str]) -> ModelClientSpec:
-    """The model client an ``llm`` planner's options describe (``model=embedded`` by default)."""
+REQUEST_FORMATS = ("json_schema", "json_object_schema")
+"""The values of the ``llm`` planner's ``request_format`` option (``m2m.agents.llm.clients.RequestFormat``)."""
+
+
+def client_spec_from_options(options: Mapping[str, str], agent: str = "planner/llm") -> ModelClientSpec:
+    """The model client an ``llm`` planner's options describe (``model=embedded`` by default); a value it cannot
+    use raises :class:`AgentConfigError` naming ``agent``, the option and what is allowed. Cheap: it loads no
+    model and opens no file (:meth:`LlmPlannerAgent.check_options` runs it when a stack config is read)."""
     from m2m.agents.llm.clients import ModelClientSpec
+    from m2m.agents.llm.models import REGISTRY
 
     kind = options.get("model", "embedded")
     if kind not in ("embedded", "openai", "replay"):
-        raise AgentConfigError(f"model must be embedded, openai or replay, got {kind!r}")
+        raise AgentConfigError(f"{agent}: option model must be embedded, openai or replay, got {kind!r}",
+                               option="model")
     if kind == "replay" and "replay" not in options:
-        raise AgentConfigError("model=replay needs replay=FILE (a JSON array of recorded answers)")
+        raise AgentConfigError(f"{agent}: model=replay needs replay=FILE (a JSON array of recorded answers)",
+                               option="replay")
     if kind == "openai" and "base_url" not in options:
-        raise AgentConfigError("model=openai needs base_url=URL (and model_name=, api_key_env= as the server wants)")
+        raise AgentConfigError(f"{agent}: model=openai needs base_url=URL (and model_name=, api_key_env= as the "
+                               "server wants)", option="base_url")
+    if kind == "embedded" and "model_name" in options and options["model_name"] not in REGISTRY:
+        raise AgentConfigError(f"{agent}: option model_name of model=embedded must be one of {sorted(REGISTRY)}, "
+                               f"got {options['model_name']!r}", option="model_name")
+    if options.get("request_format", REQUEST_FORMATS[0]) not in REQUEST_FORMATS:
+        raise AgentConfigError(f"{agent}: option request_format must be one of {list(REQUEST_FORMATS)}, got "
+                               f"{options['request_format']!r}", option="request_format")
     kw: dict[str, Any] = {"kind": kind}
+    if "replay_delay" in options:
+        try:
+            delay = float(options["replay_delay"])
+        except ValueError:
+            delay = -1.0
+        if kind != "replay" or not 0 <= delay < float("inf"):
+            raise AgentConfigError(f"{agent}: replay_delay must be seconds >= 0 with model=replay, got "
+                                   f"{options['replay_delay']!r} with model={kind}", option="replay_delay")
+        kw["replay_delay_s"] = delay
     if "model_name" in options:
         kw["model"] = options["model_name"]
     for key in ("base_url", "api_key_env", "request_format"):
@@ -430,16 +524,27 @@ def replay_client(answers: list[str]) -> Any:
 
 class LlmPlannerAgent(_PlannerAgent):
     """Options: ``model`` (``embedded``, ``openai`` or ``replay``), ``model_name``, ``base_url``,
-    ``api_key_env``, ``request_format``, ``replay`` (a file of recorded answers)."""
+    ``api_key_env``, ``request_format``, ``replay`` (a file of recorded answers), ``replay_delay`` (seconds each
+    replayed answer takes, computed in a worker thread as the embedded model's are: demos and tests of progress
+    and interruption)."""
 
     known_options: ClassVar[frozenset[str]] = frozenset(
-        {"model", "model_name", "base_url", "api_key_env", "request_format", "replay"}
+        {"model", "model_name", "base_url", "api_key_env", "request_format", "replay", "replay_delay"}
     )
+
+    @classmethod
+    def check_options(cls, agent: str, options: Mapping[str, str]) -> None:
+        super().check_options(agent, options)
+        client_spec_from_options(options, agent)
+
+    def setup_detail(self) -> str:
+        spec = client_spec_from_options(dict(self.ctx.options), f"{self.ctx.role}/{self.ctx.impl}")
+        return f"loading the model {spec.model}" if spec.kind == "embedded" else ""
 
     def make_decider(self) -> Decider:
         from m2m.agents.llm.clients import make_client
 
-        spec = client_spec_from_options(dict(self.ctx.options))
+        spec = client_spec_from_options(dict(self.ctx.options), f"{self.ctx.role}/{self.ctx.impl}")
         return LlmDecider(make_client(spec), name=f"llm:{spec.kind}")
 
 

@@ -1,7 +1,10 @@
 """One base for every agent process: connect to the broker, serve the role's services, announce the agent's
 state on ``agents.status.<name>`` (retained, so a supervisor that starts later still sees it), log with the
 agent's name and incarnation, and stop gracefully on SIGTERM/SIGINT (drain: finish the requests in progress,
-take no new ones).
+take no new ones; a planner hands its sessions over at once instead, see :meth:`Agent.begin_drain`). A signal
+during :meth:`Agent.setup` (a model load) stops the agent at once. The process exits promptly even when work it
+gave up on still runs in a worker thread (a model's computation, which cannot be interrupted): it does not wait for
+that thread.
 
 ``m2m agent ROLE [--impl NAME] [--connect ENDPOINT]`` runs one agent (:func:`run_agent`). Exit codes:
 :data:`EXIT_OK` after a graceful stop, :data:`EXIT_USAGE` for a bad role, implementation or option,
@@ -15,7 +18,10 @@ import contextlib
 import importlib
 import os
 import signal
-from collections.abc import Mapping
+import sys
+import threading
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,6 +39,10 @@ EXIT_USAGE = 64
 BROKER_WAIT_S = 5.0
 DRAIN_TIMEOUT_S = 600.0
 """How long a stopping agent lets its in-progress requests run (a planning session can take minutes)."""
+THREAD_PREFIX = "m2m-agent-worker"
+"""Name prefix of an agent process's worker threads (its event loop's default executor)."""
+THREAD_EXIT_WAIT_S = 0.5
+"""How long a stopping agent process waits for its worker threads before it exits without them."""
 
 #: role → implementation name → "module:Class". The first implementation of a role is its default.
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
@@ -45,7 +55,16 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
 
 
 class AgentConfigError(ValueError):
-    """A bad role, implementation or option (exit code :data:`EXIT_USAGE`)."""
+    """A bad role, implementation or option (exit code :data:`EXIT_USAGE`); ``option`` names the option at fault
+    (``""`` when the role or implementation is)."""
+
+    def __init__(self, problem: str, option: str = "") -> None:
+        super().__init__(problem, option)  # both in args: the error pickles whole
+        self.problem = problem
+        self.option = option
+
+    def __str__(self) -> str:
+        return self.problem
 
 
 def default_impl(role: str) -> str:
@@ -65,6 +84,15 @@ def agent_class(role: str, impl: str | None) -> type[Agent]:
     cls = getattr(importlib.import_module(module), cls_name)
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise AgentConfigError(f"{impls[impl]} is not an Agent")
+    return cls
+
+
+def check_agent(role: str, impl: str | None, options: Mapping[str, str]) -> type[Agent]:
+    """The agent class of ``role``/``impl`` once ``options`` passed its :meth:`Agent.check_options`: what a stack
+    config, ``m2m swap``, the supervisor and the agent process itself check before anything starts. Raises
+    :class:`AgentConfigError` naming the agent, the option and what is allowed."""
+    cls = agent_class(role, impl)
+    cls.check_options(f"{role}/{impl or default_impl(role)}", options)
     return cls
 
 
@@ -98,13 +126,20 @@ class Agent:
     ready) and return their handlers from :meth:`handlers` (service → one handler per message type)."""
 
     known_options: ClassVar[frozenset[str]] = frozenset()
+    """The option names this implementation takes (``--option key=value``, a stack config's ``options``)."""
+
+    @classmethod
+    def check_options(cls, agent: str, options: Mapping[str, str]) -> None:
+        """Refuse options this implementation cannot run with, before any process starts: unknown names here;
+        subclasses add the checks of their values (a file's existence is not checked: it may appear later, and
+        a setup that cannot find it fails and is restarted). ``agent`` (``role/impl``) names it in the error."""
+        for name in sorted(options):
+            if name not in cls.known_options:
+                known = ", ".join(sorted(cls.known_options)) or "none"
+                raise AgentConfigError(f"{agent} does not take option {name!r}; it takes: {known}", option=name)
 
     def __init__(self, ctx: AgentContext) -> None:
-        unknown = set(ctx.options) - self.known_options
-        if unknown:
-            raise AgentConfigError(
-                f"{ctx.role}/{ctx.impl} does not take option(s) {sorted(unknown)}; known: {sorted(self.known_options)}"
-            )
+        self.check_options(f"{ctx.role}/{ctx.impl}", ctx.options)
         self.ctx = ctx
         self.bus = ctx.bus
         self.log = ctx.log or structlog.get_logger(ctx.role)
@@ -124,6 +159,10 @@ class Agent:
 
     def begin_drain(self) -> None:
         """Called on SIGTERM before the workers drain: long handlers may hand their work over (see the planner)."""
+
+    async def report_setup(self, detail: str) -> None:
+        """Announce what :meth:`setup` is doing (state ``starting`` with ``detail``, e.g. a model load)."""
+        await _announce(self, "starting", [], detail)
 
     async def close(self) -> None:
         """Release what :meth:`setup` took (after the workers drained)."""
@@ -150,7 +189,7 @@ async def serve_agent(
 ) -> int:
     """Run one agent until ``stop`` is set (or SIGTERM/SIGINT); return its exit code."""
     impl = impl or default_impl(role)
-    cls = agent_class(role, impl)
+    cls = check_agent(role, impl, options or {})  # a bad option exits EXIT_USAGE before touching the bus
     name = name or f"{role}-{os.getpid()}"
     log = structlog.get_logger(role).bind(agent=name, role=role, impl=impl, incarnation=incarnation)
     stop = stop or asyncio.Event()
@@ -166,8 +205,23 @@ async def serve_agent(
         except RequestTimeout:
             log.warning("no_broker_yet", endpoint=bus.cfg.endpoint)  # the workers keep trying to register
         await _announce(agent, "starting", [])
+        setup = asyncio.ensure_future(agent.setup())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([setup, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not setup.done():  # a signal during setup (a model load): stop without finishing it
+            setup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await setup
+            await _announce(agent, "stopped", [], "stopped during setup")
+            log.info("agent_stopped_during_setup")
+            return EXIT_OK
         try:
-            await agent.setup()
+            setup.result()
+        except AgentConfigError as exc:  # an option only setup could judge: no restart can fix it
+            log.error("agent_config_error", error=str(exc))
+            await _announce(agent, "failed", [], f"{type(exc).__name__}: {exc}")
+            return EXIT_USAGE
         except Exception as exc:
             log.exception("agent_setup_failed")
             await _announce(agent, "failed", [], f"{type(exc).__name__}: {exc}")
@@ -198,14 +252,49 @@ def run_agent(
     options: Mapping[str, str] | None = None,
     incarnation: int = 0,
 ) -> int:
-    """Blocking entry point of ``m2m agent``: the exit code for the process."""
+    """Blocking entry point of ``m2m agent``: the exit code for the process. When a worker thread still computes
+    something the agent gave up on (a cancelled model call), the process ends here with :func:`os._exit` rather
+    than wait for it."""
     try:
-        return asyncio.run(
+        code = _run_loop(
             serve_agent(role, impl, name=name, config=config, options=options, incarnation=incarnation)
         )
     except AgentConfigError as exc:
         structlog.get_logger(role).error("agent_config_error", error=str(exc))
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except Exception:
         structlog.get_logger(role).exception("agent_fatal")
-        return EXIT_FATAL
+        code = EXIT_FATAL
+    busy = [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+    if busy:
+        structlog.get_logger(role).info("agent_exit_without_threads", threads=len(busy))
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    return code
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """:func:`asyncio.run`, except that the loop's worker threads are not waited for at the end: the idle ones end
+    at once, a busy one (an abandoned model call) keeps running until the process exits (see :func:`run_agent`)."""
+    loop = asyncio.new_event_loop()
+    executor = ThreadPoolExecutor(thread_name_prefix=THREAD_PREFIX)
+    loop.set_default_executor(executor)
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            asyncio.set_event_loop(None)
+            loop.close()
+            for t in threading.enumerate():
+                if t.name.startswith(THREAD_PREFIX):
+                    t.join(THREAD_EXIT_WAIT_S)

@@ -6,14 +6,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from m2m.cli.common import add_bus_arguments, bus_config, ensure_stack
+from m2m.cli.common import (
+    OWN_STACK,
+    UsageError,
+    add_bus_arguments,
+    check_writable_folder,
+    ensure_stack,
+    failed,
+    prepare_stack,
+    usage_error,
+)
+from m2m.cli.running import EXIT_INTERRUPTED
 
 if TYPE_CHECKING:
     from m2m.agents.messages import SessionResult
     from m2m.bus.client import BusConfig
+    from m2m.cli.common import StackUse
+    from m2m.scenarios import Scenario
+    from m2m.session.progress import ProgressView
 
 PLANNERS = ("drl", "greedy")
 
@@ -31,8 +45,10 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
                    help="bus session: guided (the LLM sees the DRL knowledge; default) or unguided")
     p.add_argument("--with-advice", action="store_true", help="guided: also show the LLM the DRL's per-step advice")
     p.add_argument("--step-cap", type=int, default=None, help="maximum steps (default: the scenario's, 20)")
-    p.add_argument("--config", type=Path, default=None, help="stack config used if none runs")
-    p.add_argument("--keep-up", action="store_true", help="leave a stack this command started running")
+    p.add_argument("--config", type=Path, default=None,
+                   help="stack config of the stack this command starts (default: the packaged one)")
+    p.add_argument("--keep-up", action="store_true",
+                   help="leave the stack this command started running (m2m down --stack ID stops it)")
     p.add_argument(
         "--planner",
         choices=PLANNERS,
@@ -43,7 +59,7 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
         "--checkpoint", type=Path, default=None, help="DRL checkpoint (default: agents/drl/assets/dqn_prostate.pt)"
     )
     p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the session folder (runs/)")
-    add_bus_arguments(p)
+    add_bus_arguments(p, default=OWN_STACK)
     p.set_defaults(func=_plan)
 
     r = sub.add_parser("replay", help="re-drive a recorded session against the live agents and compare scores")
@@ -51,69 +67,181 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     r.add_argument("--session", default=None, help="session id (needed when the file holds several)")
     r.add_argument("--speed", type=float, default=0.0, help="seconds to wait before each step (demos)")
     r.add_argument("--step", action="store_true", help="wait for Enter before each step")
-    r.add_argument("--config", type=Path, default=None, help="stack config to bring up if none runs")
-    add_bus_arguments(r)
+    r.add_argument("--config", type=Path, default=None,
+                   help="stack config of the stack this command starts (default: the packaged one)")
+    add_bus_arguments(r, default=OWN_STACK)
     r.set_defaults(func=_replay)
 
 
-def _plan(args: argparse.Namespace) -> int:
-    if args.planner is not None:
-        return _plan_in_process(args)
+def _check_plan(args: argparse.Namespace) -> tuple[Scenario, int]:
+    """The scenario and the case's seed; :class:`UsageError` for anything wrong with the command line."""
     from m2m.scenarios import ScenarioError, load_scenario
 
     try:
         sc = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        raise UsageError(f"--scenario: {exc}") from None
+    try:
         seeds = sc.cohorts.get(args.cohort).seeds
-        if not 0 <= args.case < len(seeds):
-            raise ValueError(f"case index {args.case} outside cohort {args.cohort!r} of {len(seeds)} cases")
-        config = bus_config(args)
-    except (ScenarioError, KeyError, ValueError, OSError) as exc:
-        print(f"m2m plan: {exc}", file=sys.stderr)
-        return 1
-    return asyncio.run(_plan_on_bus(args, config, sc.step_cap, int(seeds[args.case])))
+    except KeyError as exc:
+        raise UsageError(f"--cohort: {exc.args[0]}") from None
+    if not 0 <= args.case < len(seeds):
+        raise UsageError(f"--case {args.case} is outside cohort {args.cohort!r} of {args.scenario} ({len(seeds)} "
+                         f"cases, 0 to {len(seeds) - 1})")
+    if args.step_cap is not None and args.step_cap < 0:
+        raise UsageError(f"--step-cap must be >= 0, got {args.step_cap}")
+    if args.with_advice and args.mode != "guided":
+        raise UsageError("--with-advice needs --mode guided (the unguided planner sees no advice)")
+    check_writable_folder(args.out, "--out")
+    if args.planner is not None:
+        given = [f"--{name.replace('_', '-')}" for name in ("stack", "connect", "config", "keep_up")
+                 if getattr(args, name)]
+        if given:
+            raise UsageError(f"--planner {args.planner} plans in this process, without a stack: "
+                             f"{', '.join(given)} do not apply")
+        if args.checkpoint is not None and not args.checkpoint.is_file():
+            raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+    return sc, int(seeds[args.case])
 
 
-async def _plan_on_bus(args: argparse.Namespace, config: BusConfig, default_cap: int, seed: int) -> int:
-    from rich.console import Console
+def _plan(args: argparse.Namespace) -> int:
+    from m2m.stack.config import StackError
 
-    from m2m.agents.messages import SessionRequest, new_session_id
+    try:
+        sc, seed = _check_plan(args)
+        if args.planner is not None:
+            return _plan_in_process(args)
+        needs = {"dose-engine", "evaluator", "planner"} | ({"drl-advisor"} if args.mode == "guided" else set())
+        use = prepare_stack(args, "plan", needs)
+    except UsageError as exc:
+        return usage_error("plan", exc)
+    except StackError as exc:  # --stack names no running stack
+        return failed("plan", exc)
+    try:
+        return asyncio.run(_plan_on_bus(args, use, sc.step_cap, seed))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # a Ctrl-C outside the session, or a second one
+        print("m2m plan: interrupted; a stack it started may still be going down (see m2m status)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+async def _plan_on_bus(args: argparse.Namespace, use: StackUse, default_cap: int, seed: int) -> int:
+    """The session on the bus with the live progress view; Ctrl-C keeps the steps done so far (see
+    :func:`_interrupted`)."""
+    from m2m.agents.messages import SessionRequest, Step, StepPhase, new_session_id
     from m2m.bus.errors import BusError
+    from m2m.cli.running import bring_up, quiet_logs, resume_after_interrupt, sigint_cancels
     from m2m.session.client import (
         print_summary,
         run_session_request,
         session_folder_name,
         step_line,
+        warm_up_folder_writing,
         write_bus_session_folder,
     )
-    from m2m.stack.config import StackError
-    from m2m.stack.control import shutdown
+    from m2m.session.progress import ProgressView, make_console
+    from m2m.stack.control import take_down
 
-    console = Console(stderr=True)
-    try:
-        transcript, started = await ensure_stack(args, config)
-    except StackError as exc:
-        print(f"m2m plan: the stack did not come up: {exc}", file=sys.stderr)
-        return 1
+    quiet_logs(args)
+    console = make_console()
     req = SessionRequest(
         session_id=new_session_id(), scenario=args.scenario, case_seed=seed, mode=args.mode,
         step_cap=default_cap if args.step_cap is None else args.step_cap, with_advice=args.with_advice,
     )
-    console.print(f"session {req.session_id}: {args.scenario} case {args.case} (seed {seed}), mode {args.mode}")
-    try:
-        result = await run_session_request(
-            config, req, lambda s, outcome: console.print(step_line(s, outcome), markup=False, highlight=False)
-        )
-    except (BusError, LookupError, ValueError) as exc:
-        print(f"m2m plan: session failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
+    t0 = time.monotonic()
+    at = [0]  # the step in progress (for the message after a Ctrl-C)
+    with sigint_cancels() as sigint, ProgressView(console) as view:
+        stack = await bring_up("plan", use, view, sigint, "no session was started", keep_up=args.keep_up)
+        if isinstance(stack, int):
+            return stack
+        config, transcript, started = stack.bus, stack.transcript, stack.started
+        if started:
+            view.line(f"stack {stack.stack_id} up in {time.monotonic() - t0:.1f} s")
+        view.line(f"session {req.session_id}: {args.scenario} case {args.case} (seed {seed}), mode {args.mode}")
+
+        def on_step(s: Step, outcome: str | None) -> None:
+            at[0] = s.step + 1
+            view.line(step_line(s, outcome))
+
+        def on_phase(p: StepPhase) -> None:
+            at[0] = p.step
+            view.phase(p)
+
+        asyncio.get_running_loop().run_in_executor(None, warm_up_folder_writing)  # for a quick folder after Ctrl-C
+        session_t0 = time.monotonic()
+        try:
+            result = await run_session_request(config, req, on_step, on_phase)
+        except asyncio.CancelledError:
+            if not sigint.count:
+                raise
+            resume_after_interrupt()
+            return await _interrupted(args, view, req.session_id, at[0], config, transcript,
+                                      started and not args.keep_up, time.monotonic() - session_t0)
+        except (BusError, LookupError, ValueError) as exc:
+            if started and not args.keep_up:
+                view.activity("taking the stack down")
+                await take_down(config, timeout=60.0)
+            return failed("plan", f"session failed: {exc}")
         if started and not args.keep_up:
-            await shutdown(config, timeout=60.0)
+            view.activity("taking the stack down")
+            await take_down(config, timeout=60.0)  # this stack only, and its processes are gone when it returns
+        view.activity("writing the session folder")
+        folder = _new_folder(args.out, session_folder_name(args.scenario, result.header.case_id, args.mode))
+        await asyncio.to_thread(write_bus_session_folder, folder, result, transcript)
     print_summary(console, result)
-    folder = args.out / session_folder_name(args.scenario, result.header.case_id, args.mode)
-    write_bus_session_folder(folder, result, transcript)
     print(f"session folder: {folder}")
     return 0
+
+
+async def _interrupted(args: argparse.Namespace, view: ProgressView, session_id: str, step: int, config: BusConfig,
+                       transcript: Path | None, stop_stack: bool, wall_s: float) -> int:
+    """After Ctrl-C: the steps done so far (the session's retained state) go to the session folder, outcome
+    ``interrupted``; a stack this command started goes down (its planner cancels the decision in flight)."""
+    from m2m.cli.running import EXIT_INTERRUPTED
+    from m2m.session.client import (
+        SESSION_TRANSCRIPT,
+        copy_session_transcript,
+        interrupted_result,
+        session_folder_name,
+        write_bus_session_folder,
+    )
+    from m2m.stack.control import take_down
+
+    view.activity("interrupted: keeping the steps done so far" + ("; taking the stack down" if stop_stack else ""))
+    result = await interrupted_result(config, session_id, wall_s)
+    where = "the stack is down" if stop_stack else "the running stack's planner finishes the session on its own"
+    folder = None
+    if result is not None:
+        folder = _new_folder(args.out, session_folder_name(args.scenario, result.header.case_id, args.mode))
+    # The plots are drawn while the stack goes down; the transcript is copied once its broker wrote the last record.
+    await asyncio.gather(
+        take_down(config, timeout=60.0) if stop_stack else asyncio.sleep(0),
+        asyncio.to_thread(write_bus_session_folder, folder, result, transcript, copy_transcript=False)
+        if folder is not None and result is not None else asyncio.sleep(0),
+    )
+    if folder is None or result is None:
+        print(f"m2m plan: interrupted at step {step} before a step was recorded: no session folder; {where}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if transcript is not None and transcript.is_file():
+        await asyncio.to_thread(copy_session_transcript, transcript, session_id, folder / SESSION_TRANSCRIPT)
+    kept = len(result.steps)
+    print(f"session folder: {folder}")
+    print(f"m2m plan: interrupted at step {step}: {kept} step{'s' * (kept != 1)} kept in {folder}; {where}",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _new_folder(parent: Path, name: str) -> Path:
+    """``parent/name``, made now (``-2``, ``-3`` … appended when another session took the name in the same second)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
 
 
 def _plan_in_process(args: argparse.Namespace) -> int:
@@ -138,36 +266,45 @@ def _plan_in_process(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from m2m.bus.errors import BusError
     from m2m.session.client import recorded_sessions
+    from m2m.stack.config import StackError
 
     try:
         sessions = recorded_sessions(args.file)
-        config = bus_config(args)
     except (OSError, BusError, ValueError) as exc:
-        print(f"m2m replay: {exc}", file=sys.stderr)
-        return 1
+        return usage_error("replay", exc)
     if args.session is not None:
         sessions = {k: v for k, v in sessions.items() if k == args.session}
     if len(sessions) != 1:
-        print(f"m2m replay: {len(sessions)} sessions in {args.file} ({', '.join(sessions) or 'none'}): "
-              "choose one with --session", file=sys.stderr)
-        return 1
-    return asyncio.run(_replay_on_bus(args, config, next(iter(sessions.values()))))
+        return usage_error("replay", f"{len(sessions)} sessions in {args.file} ({', '.join(sessions) or 'none'}): "
+                                     "choose one with --session")
+    recorded = next(iter(sessions.values()))
+    advised = recorded.header.mode == "guided" or any(p.startswith("drl") for p in recorded.planners)
+    try:
+        use = prepare_stack(args, "replay", {"dose-engine", "evaluator"} | ({"drl-advisor"} if advised else set()))
+    except UsageError as exc:
+        return usage_error("replay", exc)
+    except StackError as exc:
+        return failed("replay", exc)
+    return asyncio.run(_replay_on_bus(args, use, recorded))
 
 
-async def _replay_on_bus(args: argparse.Namespace, config: BusConfig, recorded: SessionResult) -> int:
-    from rich.console import Console
+async def _replay_on_bus(args: argparse.Namespace, use: StackUse, recorded: SessionResult) -> int:
     from rich.table import Table
 
+    from m2m.cli.running import quiet_logs
     from m2m.session.client import replay, step_line
+    from m2m.session.progress import make_console
     from m2m.stack.config import StackError
-    from m2m.stack.control import shutdown
+    from m2m.stack.control import take_down
 
-    console = Console(stderr=True)
+    quiet_logs(args)
+    console = make_console()
     try:
-        _, started = await ensure_stack(args, config)
+        stack = await ensure_stack(use)
     except StackError as exc:
-        print(f"m2m replay: the stack did not come up: {exc}", file=sys.stderr)
+        print(f"m2m replay: {exc}", file=sys.stderr)
         return 1
+    config, started = stack.bus, stack.started
 
     async def pause(step: int) -> None:
         if args.step:
@@ -182,7 +319,7 @@ async def _replay_on_bus(args: argparse.Namespace, config: BusConfig, recorded: 
         )
     finally:
         if started:
-            await shutdown(config, timeout=60.0)
+            await take_down(config, timeout=60.0)
     table = Table(title=f"replay of session {recorded.header.session_id} ({len(recorded.steps)} recorded steps)")
     for col in ("step", "recorded score", "replayed score", "match"):
         table.add_column(col)

@@ -1,7 +1,11 @@
 """``m2m up``, ``m2m status``, ``m2m swap`` and ``m2m down``: run an agent stack and talk to its supervisor.
 
-``up`` runs the supervisor in the foreground (or, with ``--detach``, in the background); the others are bus
-clients of ``supervisor.control`` and exit with 1 when no stack answers. Heavy imports stay lazy.
+``up`` runs the supervisor in the foreground (or, with ``--detach``, in the background); every stack gets an id and
+a runtime folder (:mod:`m2m.stack.registry`), and, without endpoints, sockets of its own there. The others are bus
+clients of ``supervisor.control`` and find the stack by ``--stack ID`` or ``--connect ENDPOINT``, else take the
+only running one (``status`` without either shows every running stack). Exit codes (:mod:`m2m.cli.common`): 2 for
+a bad or ambiguous command line or config, refused before anything starts or is asked; 1 when no stack answers or
+the stack fails. Heavy imports stay lazy.
 """
 
 from __future__ import annotations
@@ -11,16 +15,21 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from m2m.cli.common import add_bus_arguments, bus_config
+from m2m.cli.common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    UsageError,
+    add_bus_arguments,
+    bus_config,
+    check_writable_folder,
+    named_bus,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from m2m.agents.messages import StackStatus
     from m2m.bus.client import BusConfig
-
-EXIT_NO_STACK = 1
-EXIT_CONFIG = 2
 
 
 def _consoles() -> tuple[Console, Console]:
@@ -33,10 +42,10 @@ def _consoles() -> tuple[Console, Console]:
 
 
 def print_stack(console: Console, status: StackStatus) -> None:
-    """The agents table, the endpoint, the transcript and the run folder."""
+    """The agents table, the stack's id, its endpoints, the transcript and the run folder."""
     from rich.table import Table
 
-    table = Table(title="m2m stack")
+    table = Table(title=f"m2m stack {status.stack_id}".rstrip())
     for column in ("agent", "role", "impl", "pid", "state", "restarts", "uptime (s)"):
         table.add_column(column, justify="right" if column in {"pid", "restarts", "uptime (s)"} else "left")
     for a in status.agents:
@@ -44,52 +53,76 @@ def print_stack(console: Console, status: StackStatus) -> None:
         table.add_row(a.name, a.role, a.impl, str(a.pid), f"[{style}]{a.state}[/]", str(a.restarts),
                       f"{a.uptime_s:.1f}")
     console.print(table)
-    console.print(f"endpoint:   {status.endpoint}", markup=False, highlight=False)
-    console.print(f"transcript: {status.transcript}", markup=False, highlight=False)
-    console.print(f"logs:       {Path(status.transcript).parent}", markup=False, highlight=False)
+    lines = [("stack", status.stack_id), ("endpoint", status.endpoint), ("pub", status.pub_endpoint),
+             ("transcript", status.transcript), ("logs", str(Path(status.transcript).parent))]
+    for label, value in lines:
+        if value:
+            console.print(f"{label + ':':<11} {value}", markup=False, highlight=False)
 
 
 def _error(console: Console, text: str) -> None:
     console.print(text, style="red", markup=False, highlight=False)
 
 
-def _bus(args: argparse.Namespace, err: Console) -> BusConfig | None:
+def _bus(args: argparse.Namespace, err: Console) -> BusConfig | int:
+    """The bus of the stack the command line names or the only running one; else the exit code, reported."""
+    from m2m.stack.config import StackError
+
     try:
         return bus_config(args)
-    except (ValueError, OSError) as exc:  # CURVE options that do not go together or cannot be read
+    except UsageError as exc:  # arguments that do not go together, several stacks and none named, CURVE keys
+        _error(err, f"m2m {args.command}: error: {exc}")
+        return EXIT_USAGE
+    except StackError as exc:  # no stack runs, or none with that id
         _error(err, f"m2m {args.command}: {exc}")
-        return None
+        return EXIT_FAILED
 
 
 def _up(args: argparse.Namespace) -> int:
+    from m2m.stack import registry
     from m2m.stack.config import StackConfigError, StackError, load_stack_config
     from m2m.stack.control import start_detached
-    from m2m.stack.supervisor import FAILURE_PREFIX, Supervisor
+    from m2m.stack.supervisor import FAILURE_PREFIX, Supervisor, refuse_registered
 
     out, err = _consoles()
+    runtime = None
     try:
+        if (args.endpoint is None) != (args.pub_endpoint is None):
+            raise UsageError("--endpoint and --pub-endpoint go together (without both, the stack gets sockets of "
+                             "its own)")
         config = load_stack_config(args.config).override(
             endpoint=args.endpoint, pub_endpoint=args.pub_endpoint, transcript_dir=args.transcript_dir
         )
-    except StackConfigError as exc:
+        if args.runtime_dir is not None:  # the child of --detach: its runtime folder is made and registered
+            runtime = registry.read_entry(args.runtime_dir)
+            if runtime is None:
+                raise StackError(f"no stack registered in {args.runtime_dir}")
+        else:
+            check_writable_folder(args.run_dir or config.transcript_dir, "the transcript folder")
+            if config.endpoint is not None:
+                refuse_registered(config.endpoint)
+    except (UsageError, StackConfigError) as exc:
+        _error(err, f"m2m up: error: {exc}")
+        return EXIT_USAGE
+    except StackError as exc:
         _error(err, f"m2m up: {exc}")
-        return EXIT_CONFIG
+        return EXIT_FAILED
     if args.detach:
         try:
             status = start_detached(args.config, endpoint=args.endpoint, pub_endpoint=args.pub_endpoint,
                                     transcript_dir=args.transcript_dir)
         except StackError as exc:
             _error(err, f"m2m up: {exc}")
-            return EXIT_NO_STACK
+            return EXIT_FAILED
         print_stack(out, status)
-        out.print("the stack runs in the background; stop it with [bold]m2m down[/]")
+        out.print(f"the stack runs in the background; stop it with [bold]m2m down --stack {status.stack_id}[/]")
         return 0
 
     def ready(status: StackStatus) -> None:
         print_stack(out, status)
-        out.print("the stack is up; stop it with Ctrl-C or [bold]m2m down[/]")
+        out.print(f"the stack is up; stop it with Ctrl-C or [bold]m2m down --stack {status.stack_id}[/]")
 
-    supervisor = Supervisor(config, run_dir=args.run_dir, on_ready=ready)
+    supervisor = Supervisor(config, run_dir=args.run_dir, runtime=runtime, on_ready=ready)
     code = asyncio.run(supervisor.run())
     if supervisor.failure:
         _error(err, f"{FAILURE_PREFIX}{supervisor.failure}")
@@ -97,66 +130,120 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from m2m.stack import registry
+    from m2m.stack.config import StackError
     from m2m.stack.control import stack_status
 
     out, err = _consoles()
-    config = _bus(args, err)
-    if config is None:
-        return EXIT_CONFIG
-    status = asyncio.run(stack_status(config, timeout=args.timeout))
-    if status is None:
-        _error(err, f"no stack answers at {config.endpoint} (start one with m2m up)")
-        return EXIT_NO_STACK
-    print_stack(out, status)
+    try:
+        named = named_bus(args)
+    except UsageError as exc:
+        _error(err, f"m2m status: error: {exc}")
+        return EXIT_USAGE
+    except StackError as exc:
+        _error(err, f"m2m status: {exc}")
+        return EXIT_FAILED
+    if named is not None:
+        status = asyncio.run(stack_status(named, timeout=args.timeout))
+        if status is None:
+            _error(err, f"no stack answers at {named.endpoint} (start one with m2m up)")
+            return EXIT_FAILED
+        print_stack(out, status)
+        return 0
+    stacks = registry.running_stacks()
+    if not stacks:
+        _error(err, "no stack runs (start one with m2m up)")
+        return EXIT_FAILED
+
+    async def ask_all() -> list[StackStatus | None]:
+        from m2m.bus.client import BusConfig
+
+        return await asyncio.gather(*(
+            stack_status(BusConfig(endpoint=e.endpoint, pub_endpoint=e.pub_endpoint), timeout=args.timeout)
+            for e in stacks
+        ))
+
+    for entry, status in zip(stacks, asyncio.run(ask_all()), strict=True):
+        if status is None:
+            out.print(f"stack {entry.id}: supervisor pid {entry.pid} is starting or does not answer at "
+                      f"{entry.endpoint} (run folder {entry.run_dir or '-'})", markup=False, highlight=False)
+        else:
+            print_stack(out, status)
+    if len(stacks) > 1:
+        out.print(f"{len(stacks)} stacks run; address one with --stack ID", markup=False, highlight=False)
     return 0
 
 
 def _swap(args: argparse.Namespace) -> int:
+    from m2m.agents.runtime import AgentConfigError, check_agent, parse_options
     from m2m.stack.config import StackError
     from m2m.stack.control import swap
 
     out, err = _consoles()
+    try:  # what can be checked here is refused before the supervisor is asked
+        check_agent(args.role, args.impl, parse_options(args.option))
+    except AgentConfigError as exc:
+        _error(err, f"m2m swap: error: {exc}")
+        return EXIT_USAGE
     config = _bus(args, err)
-    if config is None:
-        return EXIT_CONFIG
+    if isinstance(config, int):
+        return config
     try:
         result = asyncio.run(swap(config, args.role, args.impl, args.option, timeout=args.timeout))
     except StackError as exc:
         _error(err, f"m2m swap: {exc}")
-        return EXIT_NO_STACK
+        return EXIT_FAILED
     out.print(f"{result.role} now runs {result.impl}: started {', '.join(result.started)}; "
               f"stopped {', '.join(result.stopped)}", markup=False, highlight=False)
     return 0
 
 
 def _down(args: argparse.Namespace) -> int:
+    from m2m.bus.client import BusConfig
+    from m2m.stack import registry
     from m2m.stack.control import shutdown
 
     out, err = _consoles()
-    config = _bus(args, err)
-    if config is None:
-        return EXIT_CONFIG
-    result = asyncio.run(shutdown(config, timeout=args.timeout))
-    if result is None:
-        _error(err, f"no stack answers at {config.endpoint}")
-        return EXIT_NO_STACK
-    out.print(f"stack down; stopped {', '.join(result.stopped) or 'no agents'}", markup=False, highlight=False)
-    return 0
+    if args.all:
+        if args.stack is not None or args.connect is not None:
+            _error(err, "m2m down: error: --all stops every running stack: give no --stack or --connect with it")
+            return EXIT_USAGE
+        targets = [BusConfig(endpoint=e.endpoint, pub_endpoint=e.pub_endpoint) for e in registry.running_stacks()]
+        if not targets:
+            _error(err, "no stack runs")
+            return EXIT_FAILED
+    else:
+        config = _bus(args, err)
+        if isinstance(config, int):
+            return config
+        targets = [config]
+    code = 0
+    for target in targets:
+        result = asyncio.run(shutdown(target, timeout=args.timeout))
+        if result is None:
+            _error(err, f"no stack answers at {target.endpoint}")
+            code = EXIT_FAILED
+            continue
+        out.print(f"stack at {target.endpoint} down; stopped {', '.join(result.stopped) or 'no agents'}",
+                  markup=False, highlight=False)
+    return code
 
 
 def add_commands(sub: Any, bench_sub: Any) -> None:
     """Add ``up``, ``status``, ``swap`` and ``down``."""
-    up = sub.add_parser("up", help="start the agent stack (broker + agents) under a supervisor")
+    up = sub.add_parser("up", help="start an agent stack (broker + agents) under a supervisor")
     up.add_argument("--config", type=Path, default=None, metavar="FILE",
                     help="stack config TOML (default: the packaged stack/stack.toml)")
     up.add_argument("--detach", action="store_true", help="run the supervisor in the background; return once ready")
-    up.add_argument("--endpoint", default=None, help="override [bus] endpoint")
-    up.add_argument("--pub-endpoint", default=None, help="override [bus] pub_endpoint")
+    up.add_argument("--endpoint", default=None,
+                    help="override [bus] endpoint (default: a socket in the stack's own runtime folder)")
+    up.add_argument("--pub-endpoint", default=None, help="override [bus] pub_endpoint (goes with --endpoint)")
     up.add_argument("--transcript-dir", type=Path, default=None, help="override [bus] transcript_dir")
     up.add_argument("--run-dir", type=Path, default=None, help=argparse.SUPPRESS)  # set by --detach for its child
+    up.add_argument("--runtime-dir", type=Path, default=None, help=argparse.SUPPRESS)  # ditto: its registered folder
     up.set_defaults(func=_up)
 
-    st = sub.add_parser("status", help="the running stack's agents, endpoint and transcript")
+    st = sub.add_parser("status", help="the running stacks' agents, endpoints and transcripts")
     add_bus_arguments(st)
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the supervisor (%(default)s)")
     st.set_defaults(func=_status)
@@ -169,7 +256,8 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     add_bus_arguments(sw)
     sw.set_defaults(func=_swap)
 
-    dn = sub.add_parser("down", help="stop the running stack (agents drain, the broker stops last)")
+    dn = sub.add_parser("down", help="stop a running stack (agents drain, the broker stops last)")
     add_bus_arguments(dn)
+    dn.add_argument("--all", action="store_true", help="stop every running stack")
     dn.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the stop (%(default)s)")
     dn.set_defaults(func=_down)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import structlog
 
-from m2m.agents.messages import KnowledgeMessage, SessionRequest, Step, new_session_id
+from m2m.agents.messages import KnowledgeMessage, SessionRequest, Step, StepPhase, new_session_id
 from m2m.bus.client import BusClient, BusConfig
 from m2m.experiment.design import ARMS, PAPER, Design, ExperimentError, Run, runs_of
 from m2m.experiment.records import (
@@ -101,6 +101,7 @@ class Progress:
     """Callbacks the command line uses to show progress (all optional)."""
 
     on_step: Callable[[Run, Step], None] = lambda run, step: None
+    on_phase: Callable[[Run, StepPhase], None] = lambda run, phase: None
     on_session_done: Callable[[Run, SessionRecord], None] = lambda run, record: None
     on_swap: Callable[[str], None] = lambda impl: None
 
@@ -151,7 +152,8 @@ async def run_experiment(
             initial_tpps=dict(run.initial_tpps),
         )
         t0 = time.perf_counter()
-        result = await run_session_request(config, req, lambda s, _outcome, run=run: progress.on_step(run, s))
+        result = await run_session_request(config, req, lambda s, _outcome, run=run: progress.on_step(run, s),
+                                           lambda p, run=run: progress.on_phase(run, p))
         record = record_of(run, result, time.perf_counter() - t0)
         if transcript is not None and transcript.is_file():
             (folder / TRANSCRIPTS_DIR).mkdir(exist_ok=True)

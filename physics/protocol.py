@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Annotated, Any, NewType
+from typing import Annotated, Any, Literal, NewType
 from typing import Protocol as TypingProtocol
 
 import msgspec
@@ -39,6 +39,23 @@ SCORE_TOLERANCE = 1e-9
 
 #: A criterion's stable key within its protocol (:attr:`Criterion.id`), e.g. ``"rectum:V70Gy"``.
 CriterionId = NewType("CriterionId", str)
+
+#: A metric's kind (see the module docstring): dose to the hottest x cm³, dose to the hottest x % of the volume, mean
+#: dose, maximum dose, volume receiving ≥ x Gy, volume receiving ≥ x % of Rx.
+MetricKind = Literal["Dcc", "D%", "Dmean", "Dmax", "VGy", "V%Rx"]
+_METRIC_GROUPS: tuple[tuple[str, MetricKind], ...] = (("dcc", "Dcc"), ("dpct", "D%"), ("vgy", "VGy"), ("vrx", "V%Rx"))
+
+
+def parse_metric(metric: str) -> tuple[MetricKind, float | None]:
+    """The kind of ``metric`` and the number in its name (cm³, %, Gy or % Rx; None for ``Dmean``/``Dmax``):
+    ``"D0.03cc"`` → ``("Dcc", 0.03)``, ``"V70Gy"`` → ``("VGy", 70.0)``. ValueError for an unknown metric."""
+    match = _METRIC.match(metric)
+    if match is None:
+        raise ValueError(f"unknown metric {metric!r} (use D<x>cc, D<x>%, Dmean, Dmax, V<x>Gy, V<x>%Rx)")
+    for group, kind in _METRIC_GROUPS:
+        if match[group] is not None:
+            return kind, float(match[group])
+    return ("Dmean", None) if metric == "Dmean" else ("Dmax", None)
 
 
 class ProtocolError(ConfigError):

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from m2m.physics.beams import beams_for
+from m2m.physics.beams import BeamSet, beams_for
 from m2m.physics.case import Case
 from m2m.physics.dij import Dij
-from m2m.physics.dij_cache import load_or_compute_dij
+from m2m.physics.dij_cache import load_or_compute_dij, resolved_structures
 from m2m.physics.optimizer import PlanResult, optimize
 from m2m.physics.phantoms import make_case
 from m2m.physics.protocol import Protocol, ScoreReport, score
@@ -28,11 +29,40 @@ from m2m.scenarios import Scenario
 
 @dataclass(frozen=True, eq=False)
 class PlanningCase:
-    """One case ready to plan: its dij (rows for the TPP and protocol structures) and identity."""
+    """One case ready to plan: its dij (rows for the TPP and protocol structures: what the optimizer and the score
+    read) and identity.
+
+    ``build_report_dij`` builds, on first use of :attr:`report_dij`, a second dij for the case's other targets and
+    OARs (none: the case has no other), whose doses are reported beside the plan's but never optimised nor scored.
+    It is a separate dij so that the planning dij stays exactly the one planned before: the dose engine's
+    radiological-depth lattice depends on the voxels computed, so adding rows would move the planning dij's values
+    by up to ~1 % of its maximum and change plans.
+    """
 
     case_id: str
     seed: int
     dij: Dij
+    build_report_dij: Callable[[], Dij | None] | None = field(default=None, repr=False)
+
+    @cached_property
+    def report_dij(self) -> Dij | None:
+        """The dij of the case's targets and OARs outside :attr:`dij` (built once; None when there are none)."""
+        if self.build_report_dij is None:
+            return None
+        dij = self.build_report_dij()
+        if dij is not None and dij.n_beamlets != self.dij.n_beamlets:
+            raise ValueError(f"case {self.case_id}: the report dij has {dij.n_beamlets} beamlets, the planning dij "
+                             f"{self.dij.n_beamlets}")
+        return dij
+
+    def report_doses(self, fluence: np.ndarray) -> dict[str, np.ndarray]:
+        """Dose (Gy per voxel) of beamlet weights ``fluence`` (a normalised plan's) on each structure of
+        :attr:`report_dij` (empty when there is none): add it to ``PlanResult.dose`` for every clinical structure."""
+        report = self.report_dij
+        if report is None:
+            return {}
+        dose = report.dose(np.asarray(fluence, dtype=np.float64))
+        return {name: dose[rows] for name, rows in report.rows.items()}
 
 
 class CaseBank:
@@ -63,13 +93,29 @@ class CaseBank:
 
 
 def phantom_bank(scenario: Scenario, seeds: Sequence[int], capacity: int = 48) -> CaseBank:
-    """Cases of ``scenario`` for phantom ``seeds``, dijs from the on-disk dij cache (computed once per case)."""
+    """Cases of ``scenario`` for phantom ``seeds``, dijs from the on-disk dij cache (computed once per case).
+
+    The planning dij has rows for the TPP and protocol structures; the report dij (built on first use, cached on
+    disk under its own key) those of every other target and OAR of the case
+    (:func:`~m2m.physics.dij_cache.resolved_structures`: not the body nor anatomical context), so a plan's DVHs can
+    show every structure that matters clinically.
+    """
     structures = tuple(dict.fromkeys((*scenario.tpp_structures, *scenario.protocol.structures)))
 
-    def build(seed: int) -> PlanningCase:
+    def case_and_beams(seed: int) -> tuple[Case, BeamSet]:
         case = make_case(scenario.site, seed)
-        beams = beams_for(case, scenario.beams.angles(), scenario.beams.bixel_mm)
-        return PlanningCase(case.case_id, seed, load_or_compute_dij(case, beams, structures))
+        return case, beams_for(case, scenario.beams.angles(), scenario.beams.bixel_mm)
+
+    def build(seed: int) -> PlanningCase:
+        case, beams = case_and_beams(seed)
+        others = tuple(n for n in resolved_structures(case, None) if n not in structures)
+
+        def build_report_dij() -> Dij | None:
+            # The phantom is made again (≈ 0.4 s, once) rather than kept: a bank of 48 cases would hold ~400 MB of
+            # grids for DVHs that training never asks for.
+            return load_or_compute_dij(*case_and_beams(seed), others) if others else None
+
+        return PlanningCase(case.case_id, seed, load_or_compute_dij(case, beams, structures), build_report_dij)
 
     return CaseBank(seeds, build, capacity)
 

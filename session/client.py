@@ -3,8 +3,10 @@
 :func:`run_session_request` asks the running stack's planner for one session (``plan.session``) and shows every step
 as it is published on ``session.<id>`` (best effort: the record itself is the reply, which carries every
 :class:`~m2m.agents.messages.Step`); :func:`write_bus_session_folder` then writes the session folder: the session's
-slice of the bus transcript (``transcript.m2mt``), DVH of the first vs the final plan, score vs step, TPP
-trajectories, ``trajectory.csv``/``.json`` and ``final.json``.
+slice of the bus transcript (``transcript.m2mt``), the one-page summary, DVH of the first vs the final plan, score
+vs step, TPP trajectories, ``trajectory.csv``/``.json`` and ``final.json`` (:mod:`m2m.session.folder`). A session
+cut short by its client (Ctrl-C) keeps what was done: :func:`interrupted_result` reads the steps so far from the
+session's retained state on ``takeover.<id>`` (outcome ``interrupted``), and the folder is written from them.
 
 :func:`replay` re-drives a recorded session: the planner's recorded decisions (the LLM's raw answers, or the DRL's
 or the rules planner's choice) are replayed in this process — the LLM's through autogen's replay model client —
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import numpy as np
 from rich.console import Console
 from rich.table import Table
@@ -29,32 +32,50 @@ from rich.table import Table
 from m2m.agents.llm.decision import DecisionOutcome, decide
 from m2m.agents.llm.situation import Situation
 from m2m.agents.messages import (
+    DOSE_PLAN,
     SESSION,
+    DosePlanRequest,
+    DosePlanResult,
+    Outcome,
     SessionRequest,
     SessionResult,
+    SessionState,
     Step,
     StepEvent,
+    StepPhase,
     new_session_id,
     session_topic,
+    takeover_topic,
 )
-from m2m.agents.planner import DrlDecider, RulesDecider, SessionRunner, replay_client
+from m2m.agents.planner import DrlDecider, RulesDecider, SessionRunner, replay_client, session_result
 from m2m.bus.client import BusClient, BusConfig
 from m2m.bus.errors import BusError, SchemaVersionError
 from m2m.bus.transcript import TranscriptWriter, filter_records, read_transcript
 from m2m.physics.protocol import SCORE_TOLERANCE
-from m2m.session.folder import trajectory_row, write_session_folder
+from m2m.session.folder import SessionLabel, trajectory_row, write_session_folder
 
 SESSION_TIMEOUT_S = 3600.0
 """A session of 20 steps on the embedded model on 2 cores takes minutes; 180-beam plans take longer."""
+SESSION_TRANSCRIPT = "transcript.m2mt"
+"""The session's slice of the bus transcript in its folder."""
+STATE_TIMEOUT_S = 5.0
+"""How long :func:`interrupted_result` waits for the broker (the retained state, the last plan's cached reply)."""
 
 
 class TranscriptVersionError(BusError):
     """A transcript recorded by an older m2m whose session records this version cannot read."""
 
 
+def failing_labels(step: Step) -> list[str]:
+    """The step's failing criteria by label (by id for records that carry no criteria)."""
+    labels = {c.id: c.label for c in step.criteria}
+    return [labels.get(f, f) for f in step.failing]
+
+
 def step_line(step: Step, outcome: str | None = None) -> str:
-    """One progress line: score, the failing criteria by id, and the decision taken (proposal, action, source)."""
-    failing = ", ".join(step.failing) or "none"
+    """One progress line: score, the failing criteria by label, and the decision taken (proposal, action,
+    source)."""
+    failing = ", ".join(failing_labels(step)) or "none"
     text = f"step {step.step:>2}  score {step.score:5.2f}/{step.max_score:g}  failing: {failing}"
     d = step.decision
     if d is None:
@@ -65,24 +86,39 @@ def step_line(step: Step, outcome: str | None = None) -> str:
 
 
 
-def write_bus_session_folder(folder: Path, result: SessionResult, transcript: Path | None) -> dict[str, Path]:
-    """The session folder from the session's reply (and the bus transcript, when the stack records one)."""
+def write_bus_session_folder(
+    folder: Path, result: SessionResult, transcript: Path | None, *, copy_transcript: bool = True
+) -> dict[str, Path]:
+    """The session folder from the session's reply (and the bus transcript, when the stack records one).
+    ``copy_transcript=False`` lists ``transcript.m2mt`` without copying it yet: the caller copies it
+    (:func:`copy_session_transcript`) once the broker has written the session's last records."""
     folder.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Path] = {}
     h = result.header
     if transcript is not None and transcript.is_file():
-        extra["transcript"] = copy_session_transcript(transcript, h.session_id, folder / "transcript.m2mt")
+        target = folder / SESSION_TRANSCRIPT
+        extra["transcript"] = (copy_session_transcript(transcript, h.session_id, target) if copy_transcript
+                               else target)
     return write_session_folder(
         folder,
-        title=f"{h.case_id} ({h.mode}, {', '.join(result.planners)})",
+        label=SessionLabel(case_id=h.case_id, scenario=h.scenario, mode=h.mode, planner=", ".join(result.planners)),
         steps=result.steps,
         outcome=result.outcome,
-        dvh_bins_gy=np.asarray(result.dvh_bins_gy),
-        initial_dvh_pct={s.name: np.asarray(s.dvh_pct) for s in result.initial_structures},
-        final_dvh_pct={s.name: np.asarray(s.dvh_pct) for s in result.final_structures},
         rx_gy=h.rx_gy,
+        dvh_bins_gy=np.asarray(result.dvh_bins_gy),
+        initial_structures=result.initial_structures,
+        final_structures=result.final_structures,
         extra_files=extra,
     )
+
+
+def warm_up_folder_writing() -> None:
+    """Import what writing a session folder needs (matplotlib: a second or more on a busy machine). Run in a thread
+    while a session runs, so that the folder of a session cut short by Ctrl-C is written at once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
 
 
 def copy_session_transcript(source: Path, session_id: str, target: Path) -> Path:
@@ -99,11 +135,15 @@ def copy_session_transcript(source: Path, session_id: str, target: Path) -> Path
 
 
 async def run_session_request(
-    config: BusConfig, req: SessionRequest, on_step: Callable[[Step, str | None], None]
+    config: BusConfig,
+    req: SessionRequest,
+    on_step: Callable[[Step, str | None], None],
+    on_phase: Callable[[StepPhase], None] | None = None,
 ) -> SessionResult:
     """Send ``req`` to ``plan.session`` and return the planner's reply. ``on_step(step, outcome)`` is called once
     per step in order: live from the published events, and after the reply for any step whose event did not
-    arrive (events are best effort; the reply is the record)."""
+    arrive (events are best effort; the reply is the record). ``on_phase`` gets each :class:`StepPhase` the
+    planner publishes (what it is doing within a step; a lost one is not made up)."""
     async with BusClient(f"plan-client-{os.getpid()}", config) as bus:
         shown: set[int] = set()
         sub = bus.subscribe(session_topic(req.session_id), snapshot=False)
@@ -111,6 +151,8 @@ async def run_session_request(
         async def follow() -> None:
             async for d in sub:
                 e = d.message
+                if isinstance(e, StepPhase) and on_phase is not None:
+                    on_phase(e)
                 if isinstance(e, StepEvent) and e.record.step not in shown and e.record.step == len(shown):
                     shown.add(e.record.step)
                     on_step(e.record, str(e.outcome) if e.outcome is not None else None)
@@ -128,6 +170,37 @@ async def run_session_request(
             if s.step not in shown:
                 on_step(s, str(result.outcome) if s is result.steps[-1] else None)
         return result
+
+
+async def interrupted_result(config: BusConfig, session_id: str, wall_s: float) -> SessionResult | None:
+    """What an interrupted session did, as a :class:`SessionResult` with outcome ``interrupted``: the steps of its
+    retained state on ``takeover.<id>`` (None before its first step was recorded, or when no broker answers). The
+    final DVHs are the last recorded step's plan, which the broker's reply cache holds under that step's idempotency
+    key (on a cache miss a dose engine plans it again, warm-started from that plan's own fluence); when no dose
+    engine answers either, the first plan's."""
+    async with BusClient(f"plan-client-{os.getpid()}", config) as bus:
+        topic = takeover_topic(session_id)
+        try:
+            async with asyncio.timeout(STATE_TIMEOUT_S):
+                state = (await bus.retained(topic)).get(topic)
+        except (TimeoutError, BusError):
+            return None
+        if not isinstance(state, SessionState) or not state.steps:
+            return None
+        last = state.steps[-1]
+        final = state.initial_structures
+        try:
+            plan: DosePlanResult = await bus.request(
+                DOSE_PLAN, DosePlanRequest(scenario=state.header.scenario, case_seed=state.header.case_seed,
+                                           tpps=dict(last.tpps), warm_start=state.fluence),
+                timeout=STATE_TIMEOUT_S, idempotency_key=f"{session_id}:{last.step}:dose", expect=DosePlanResult,
+                session=session_id,
+            )
+            final = plan.structures
+        except BusError:
+            pass
+    ended = msgspec.structs.replace(state, outcome=Outcome.INTERRUPTED, final_structures=final)
+    return session_result(ended, wall_s)
 
 
 def session_folder_name(scenario: str, case_id: str, mode: str) -> str:

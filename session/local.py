@@ -20,6 +20,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
+from m2m.agents.dose_engine import structure_doses
 from m2m.agents.drl import DEFAULT_CHECKPOINT
 from m2m.agents.drl.env import SCORE_TOLERANCE, PlanningEnv, scenario_env
 from m2m.agents.evaluator import criterion_results
@@ -27,7 +28,7 @@ from m2m.agents.messages import Decision, Outcome, Proposal, Step
 from m2m.physics.dvh import report_bins_gy
 from m2m.physics.tpp import Direction, Move
 from m2m.scenarios import load_scenario
-from m2m.session.folder import dvh_curves, write_session_folder
+from m2m.session.folder import SessionLabel, write_session_folder
 
 log = structlog.get_logger()
 
@@ -52,6 +53,12 @@ def _drl_env(scenario: str, cohort: str, case_index: int, checkpoint: Path) -> t
     env, _ = advisor.cohort_env(scenario, cohort, case_index + 1)
     # the masked greedy policy `m2m drl evaluate` measures: never a move that cannot change a TPP at its bound
     return env, advisor.lookahead_policy(env, 1)
+
+
+def _plan_doses(env: PlanningEnv) -> dict[str, np.ndarray]:
+    """Dose (Gy per voxel) of the current plan on every target and OAR of the case: the optimised and scored
+    structures, then the case's others (from its report dij; never optimised), as the dose engine reports them."""
+    return {**env.plan.dose, **env.case.report_doses(env.plan.fluence)}
 
 
 def _step(env: PlanningEnv, index: int, plan_s: float = 0.0) -> Step:
@@ -92,7 +99,7 @@ def run_session(
 
     with console.status(f"building {sc.site} case (seed {seed}) and its initial plan"):
         obs, info = env.reset(options={"case_seed": seed})
-    initial_dose = dict(env.plan.dose)
+    initial_dose = _plan_doses(env)
     steps = [_step(env, 0)]
     table = Table(title=f"{info['case_id']} · {scenario} · planner {planner}")
     for column in ("step", "score", "action", "failing criteria"):
@@ -128,13 +135,13 @@ def run_session(
     bins = report_bins_gy(sc.rx_gy)
     write_session_folder(
         folder,
-        title=f"{info['case_id']} ({planner})",
+        label=SessionLabel(case_id=info["case_id"], scenario=scenario, mode="in-process", planner=planner),
         steps=steps,
         outcome=outcome,
-        dvh_bins_gy=bins,
-        initial_dvh_pct=dvh_curves(initial_dose, bins),
-        final_dvh_pct=dvh_curves(env.plan.dose, bins),
         rx_gy=sc.rx_gy,
+        dvh_bins_gy=bins,
+        initial_structures=structure_doses(initial_dose, bins),
+        final_structures=structure_doses(_plan_doses(env), bins),
     )
     console.print(f"final score {final.score:.2f}/{env.max_score:g} after {final.step} steps ({outcome})")
     return folder

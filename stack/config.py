@@ -3,8 +3,15 @@ the transcripts go, the restart policy and the agents (role, implementation, ins
 
 :func:`load_stack_config` reads a file into a :class:`StackConfig` through :mod:`m2m.physics.config_file` (the
 structs below give the keys, types, bounds and defaults), then checks what the types cannot: known roles and
-implementations, one ``[[agent]]`` table per role, option names. Every problem is a :class:`StackConfigError`
-naming the file and the key, e.g. ``stack.toml: agent[1].instances: expected an integer ≥ 1, got 0``.
+implementations, one ``[[agent]]`` table per role, and every agent's options against what its implementation
+declares (:func:`m2m.agents.runtime.check_agent`: the names in ``known_options``, and the values it can judge
+without starting, e.g. the ``llm`` planner's ``model``). Every problem is a :class:`StackConfigError` naming the
+file and the key, e.g. ``stack.toml: agent[1].instances: expected an integer ≥ 1, got 0`` or ``stack.toml:
+agent[3].options.model: planner/llm: option model must be embedded, openai or replay, got 'foo'``, raised before
+any process starts.
+
+``[bus]`` endpoints are optional: without them (the packaged default) every stack gets its own ipc sockets in its
+runtime folder (:mod:`m2m.stack.registry`), so stacks never collide; give both to run a stack at a known address.
 """
 
 from __future__ import annotations
@@ -20,9 +27,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from m2m.agents.runtime import IMPLEMENTATIONS, default_impl
+from m2m.agents.runtime import IMPLEMENTATIONS, AgentConfigError, check_agent, default_impl
 from m2m.bus.client import BusConfig
-from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
 from m2m.physics.config_file import ConfigError, convert, expected, key_path, read_toml, toml_repr
 
 DEFAULT_CONFIG_NAME = "stack.toml"
@@ -53,11 +59,12 @@ class AgentSpec:
 
 @dataclass(frozen=True)
 class StackConfig:
-    """A whole stack: bus endpoints, run folders, restart policy and the agents to run."""
+    """A whole stack: bus endpoints, run folders, restart policy and the agents to run. ``endpoint`` and
+    ``pub_endpoint`` are both ``None`` (the stack gets its own sockets in its runtime folder) or both set."""
 
     agents: tuple[AgentSpec, ...]
-    endpoint: str = DEFAULT_ENDPOINT
-    pub_endpoint: str = DEFAULT_PUB_ENDPOINT
+    endpoint: str | None = None
+    pub_endpoint: str | None = None
     transcript_dir: Path = Path("runs/stack")
     max_restarts: int = 3
     window_s: float = 30.0
@@ -68,16 +75,33 @@ class StackConfig:
     def override(
         self, *, endpoint: str | None = None, pub_endpoint: str | None = None, transcript_dir: Path | None = None
     ) -> StackConfig:
-        """This config with the given settings replaced (``None`` keeps the config's value)."""
-        return dataclasses.replace(
+        """This config with the given settings replaced (``None`` keeps the config's value); endpoints that would
+        leave one of the two unset raise :class:`StackConfigError`."""
+        new = dataclasses.replace(
             self,
             endpoint=endpoint or self.endpoint,
             pub_endpoint=pub_endpoint or self.pub_endpoint,
             transcript_dir=transcript_dir or self.transcript_dir,
         )
+        if (new.endpoint is None) != (new.pub_endpoint is None):
+            missing = "pub_endpoint" if new.pub_endpoint is None else "endpoint"
+            raise StackConfigError("missing; give both endpoints (ROUTER and PUB), or neither", self.source,
+                                   f"bus.{missing}")
+        return new
+
+    @property
+    def isolated(self) -> bool:
+        """No endpoints given: the stack's bus is the pair of sockets in its own runtime folder."""
+        return self.endpoint is None
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return frozenset(a.role for a in self.agents)
 
     def bus_config(self) -> BusConfig:
-        """A client's view of this stack's bus."""
+        """A client's view of this stack's bus (its endpoints must be set: see :func:`m2m.stack.registry`)."""
+        if self.endpoint is None or self.pub_endpoint is None:
+            raise StackError("this stack's endpoints are not known before its runtime folder is made")
         return BusConfig(endpoint=self.endpoint, pub_endpoint=self.pub_endpoint)
 
 
@@ -89,8 +113,8 @@ _Seconds = Annotated[float, Meta(gt=0, lt=sys.float_info.max, description="a pos
 
 
 class _BusTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    endpoint: _Text = StackConfig.endpoint
-    pub_endpoint: _Text = StackConfig.pub_endpoint
+    endpoint: _Text | None = None
+    pub_endpoint: _Text | None = None
     transcript_dir: _Text = str(StackConfig.transcript_dir)
 
 
@@ -120,10 +144,15 @@ def parse_stack_config(data: Mapping[str, Any], where: str = "<stack config>") -
     agents: list[AgentSpec] = []
     for i, table in enumerate(file.agent):
         agents.append(_agent_spec(table, i, where, {a.role for a in agents}))
+    endpoint, pub_endpoint = file.bus.endpoint, file.bus.pub_endpoint
+    if (endpoint is None) != (pub_endpoint is None):
+        missing = "bus.pub_endpoint" if pub_endpoint is None else "bus.endpoint"
+        raise StackConfigError("missing; give both endpoints, or neither (the stack then gets its own sockets in "
+                               "its runtime folder)", where, missing)
     return StackConfig(
         agents=tuple(agents),
-        endpoint=file.bus.endpoint.strip(),
-        pub_endpoint=file.bus.pub_endpoint.strip(),
+        endpoint=None if endpoint is None else endpoint.strip(),
+        pub_endpoint=None if pub_endpoint is None else pub_endpoint.strip(),
         transcript_dir=Path(file.bus.transcript_dir.strip()),
         max_restarts=file.restart.max_restarts,
         window_s=file.restart.window_s,
@@ -150,6 +179,11 @@ def _agent_spec(table: _AgentTable, index: int, where: str, seen_roles: set[str]
         if "=" in name or not name.strip():
             raise StackConfigError("option names must be non-empty and contain no '='", where,
                                    key_path("agent", index, "options", name))
+    try:
+        check_agent(role, impl, table.options)
+    except AgentConfigError as exc:
+        key = key_path("agent", index, "options", exc.option) if exc.option else key_path("agent", index, "impl")
+        raise StackConfigError(exc.problem, where, key) from None
     return AgentSpec(role=role, impl=impl, instances=table.instances, options=dict(table.options))
 
 

@@ -1,12 +1,14 @@
 """The clients of a running stack: :func:`stack_status`, :func:`swap`, :func:`shutdown` (``m2m status/swap/down``)
 and :func:`start_detached` (``m2m up --detach``, and the commands that bring a stack up when none runs).
 
-They speak to the supervisor's ``supervisor.control`` service (:mod:`m2m.stack.supervisor`).
+They speak to the supervisor's ``supervisor.control`` service (:mod:`m2m.stack.supervisor`). Which stack: a
+:class:`~m2m.bus.client.BusConfig` (its endpoints); :mod:`m2m.stack.registry` finds a running stack's by id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,8 +27,10 @@ from m2m.agents.messages import (
     SwapRequest,
     SwapResult,
 )
+from m2m.agents.runtime import AgentConfigError, check_agent, parse_options
 from m2m.bus.client import BusClient, BusConfig
 from m2m.bus.errors import RemoteError
+from m2m.stack import registry
 from m2m.stack.config import StackConfig, StackError, load_stack_config
 from m2m.stack.supervisor import (
     BROKER_STOP_TIMEOUT_S,
@@ -35,6 +39,7 @@ from m2m.stack.supervisor import (
     NO_ANSWER,
     SUPERVISOR_LOG_NAME,
     new_run_dir,
+    refuse_registered,
 )
 
 log = structlog.get_logger("m2m.stack")
@@ -57,7 +62,7 @@ async def stack_status(config: BusConfig, timeout: float = 5.0) -> StackStatus |
 async def shutdown(config: BusConfig, timeout: float = 60.0) -> DownResult | None:
     """Take the stack down. Returns its :class:`DownResult` once the supervisor has stopped answering (its
     agents are stopped; the broker goes a moment later) or ``timeout`` seconds passed; ``None`` when no stack
-    answered."""
+    answered. :func:`take_down` also waits for the exit of a stack this process started."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     async with _client("down", config) as bus:
@@ -75,6 +80,30 @@ async def shutdown(config: BusConfig, timeout: float = 60.0) -> DownResult | Non
     return result
 
 
+async def take_down(config: BusConfig, timeout: float = 60.0) -> DownResult | None:
+    """:func:`shutdown`, then, for a stack this process started (:func:`start_detached`), wait until its
+    supervisor has exited (SIGTERM, then SIGKILL, when it does not): its broker and agents are gone and its runtime
+    folder removed when this returns, so no process of it outlives the command that started it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    result = await shutdown(config, timeout)
+    proc = _DETACHED.pop(config.endpoint, None)
+    if proc is not None:
+        await asyncio.to_thread(_reap, proc, max(deadline - loop.time(), 0.0) + BROKER_STOP_TIMEOUT_S)
+    return result
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for a detached supervisor to exit; SIGTERM (an orderly down), then SIGKILL, when it does not."""
+    for step in (proc.terminate, proc.kill):
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            step()
+    proc.wait()
+
+
 async def swap(
     config: BusConfig,
     role: str,
@@ -84,9 +113,14 @@ async def swap(
     timeout: float = 900.0,
 ) -> SwapResult:
     """Replace every ``role`` instance of the running stack by ``impl`` with ``options`` (a mapping or
-    ``key=value`` strings). Raises :class:`StackError` when no stack answers or the swap fails (the old
-    instances then keep running)."""
+    ``key=value`` strings). Raises :class:`StackError` when the role, implementation or options are refused (here,
+    before the supervisor is asked: :func:`m2m.agents.runtime.check_agent`), no stack answers or the swap fails
+    (the old instances then keep running)."""
     items = [f"{k}={v}" for k, v in options.items()] if isinstance(options, Mapping) else list(options)
+    try:
+        check_agent(role, impl, parse_options(items))
+    except AgentConfigError as exc:
+        raise StackError(f"swap of {role} to {impl} refused: {exc}") from None
     if await stack_status(config, timeout=min(timeout, 5.0)) is None:
         raise StackError(f"no stack answers at {config.endpoint}")
     async with _client("swap", config) as bus:
@@ -102,8 +136,9 @@ async def swap(
     return result
 
 
-_DETACHED: list[subprocess.Popen[bytes]] = []
-"""Detached supervisors started by this process: kept so that Python neither warns about nor reaps them."""
+_DETACHED: dict[str, subprocess.Popen[bytes]] = {}
+"""Detached supervisors started by this process, by endpoint: kept so that Python neither warns about nor reaps
+them, and so that :func:`shutdown` waits for their exit."""
 
 
 def start_detached(
@@ -114,38 +149,48 @@ def start_detached(
     transcript_dir: Path | None = None,
 ) -> StackStatus:
     """Start a stack in the background (``m2m up --detach``): a supervisor process in its own session, its log
-    in ``<run folder>/supervisor.log`` and its pid in ``supervisor.pid``. Blocks until the stack answers and
-    returns its status; raises :class:`StackError` with the reason when the stack does not come up (a
-    supervisor that is still starting is then stopped), :class:`~m2m.stack.config.StackConfigError` (a
-    subclass) for a bad config. Call it from synchronous code (``asyncio.to_thread`` from a coroutine): it runs
-    its own event loop."""
+    in ``<run folder>/supervisor.log`` and its pid in ``supervisor.pid``. Without endpoints (neither given here
+    nor in the config) the stack gets its own: the sockets of a new runtime folder (:mod:`m2m.stack.registry`),
+    registered before the supervisor starts, so that it is found by its id at once. Blocks until the stack
+    answers and returns its status (``stack_id``, ``endpoint`` and ``pub_endpoint`` say where it is); raises
+    :class:`StackError` with the reason when the stack does not come up (a supervisor that is still starting is
+    then stopped) or another stack is registered at the given endpoint,
+    :class:`~m2m.stack.config.StackConfigError` (a subclass) for a bad config. Call it from synchronous code
+    (``asyncio.to_thread`` from a coroutine): it runs its own event loop."""
     config = load_stack_config(config_path).override(
         endpoint=endpoint, pub_endpoint=pub_endpoint, transcript_dir=transcript_dir
     )
-    run_dir = new_run_dir(config.transcript_dir)
-    argv = [sys.executable, "-m", "m2m.cli.main", "up", "--run-dir", str(run_dir),
-            "--endpoint", config.endpoint, "--pub-endpoint", config.pub_endpoint]
-    if config_path is not None:
-        argv += ["--config", str(Path(config_path).resolve())]
-    log_path = run_dir / SUPERVISOR_LOG_NAME
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    _DETACHED.append(proc)
-    log.info("supervisor_detached", pid=proc.pid, run_dir=str(run_dir))
+    if config.endpoint is not None:
+        refuse_registered(config.endpoint)
+    entry = registry.allocate(config.endpoint, config.pub_endpoint, config=config.source)
+    config = dataclasses.replace(config, endpoint=entry.endpoint, pub_endpoint=entry.pub_endpoint)
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        return asyncio.run(_await_detached(proc, config, run_dir, log_path))
+        run_dir = new_run_dir(config.transcript_dir)
+        argv = [sys.executable, "-m", "m2m.cli.main", "up", "--run-dir", str(run_dir), "--runtime-dir", entry.dir]
+        if config_path is not None:
+            argv += ["--config", str(Path(config_path).resolve())]
+        log_path = run_dir / SUPERVISOR_LOG_NAME
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        entry = registry.claim(entry, proc.pid, run_dir=str(run_dir))
+        log.info("supervisor_detached", pid=proc.pid, stack=entry.id, run_dir=str(run_dir))
+        status = asyncio.run(_await_detached(proc, config, run_dir, log_path))
     except BaseException:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.terminate()  # an orderly down of whatever already started
             try:
                 proc.wait(timeout=config.stop_timeout_s + BROKER_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        registry.remove(entry)  # the supervisor removes it as it stops; not when it never ran
         raise
+    _DETACHED[entry.endpoint] = proc
+    return status
 
 
 async def _await_detached(

@@ -3,6 +3,11 @@ it running and answers ``supervisor.control`` (:data:`~m2m.agents.messages.CONTR
 
 * **Stack config** (:mod:`m2m.stack.config`; the packaged default is ``stack/stack.toml``): the bus endpoints,
   where the transcripts go, the restart policy and the agents (role, implementation, instances, options).
+* **Its own runtime folder** (:mod:`m2m.stack.registry`): every stack gets a stack id and ``<runtime root>/<id>/``
+  with its ``stack.json`` (id, endpoints, this supervisor's pid, run folder) and, when the config gives no
+  ``[bus]`` endpoints, its ipc sockets; so stacks never share a bus by accident, and ``m2m status/swap/down``
+  find them by id. The supervisor removes the folder when it stops. A stack with explicit endpoints refuses to
+  start where another stack is registered or a broker answers.
 * **Start**: the broker first (``m2m broker --transcript <transcript_dir>/<UTC stamp>/bus.m2mt``), then every
   agent (``m2m agent ROLE --name ROLE-N --incarnation K``); the stack is up when every agent announced ``ready``
   on ``agents.status.<name>``. Each child's stdout/stderr go to ``<run folder>/<name>.log``; each child has its
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -52,10 +58,11 @@ from m2m.agents.messages import (
     SwapResult,
     status_topic,
 )
-from m2m.agents.runtime import EXIT_USAGE, IMPLEMENTATIONS, AgentConfigError, parse_options
+from m2m.agents.runtime import EXIT_USAGE, AgentConfigError, check_agent, parse_options
 from m2m.bus.client import BusClient, BusConfig
 from m2m.bus.errors import RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
 from m2m.bus.worker import RequestContext
+from m2m.stack import registry
 from m2m.stack.config import StackConfig, StackError
 
 log = structlog.get_logger("m2m.supervisor")
@@ -150,17 +157,21 @@ def _last_log_line(path: Path, limit: int = 300) -> str:
 class Supervisor:
     """Runs one stack until it is told to go down (:meth:`request_down`, SIGTERM/SIGINT, a DownRequest) or a
     child exhausts its restarts. ``on_ready`` is called with the first :class:`StackStatus` once every agent is
-    ready; ``run_dir`` (created when ``None``) receives the transcript and the logs."""
+    ready; ``run_dir`` (created when ``None``) receives the transcript and the logs; ``runtime`` is the stack's
+    registered runtime folder (``start_detached`` makes it before it starts the supervisor; made here when
+    ``None``), whose endpoints replace the config's."""
 
     def __init__(
         self,
         config: StackConfig,
         *,
         run_dir: Path | None = None,
+        runtime: registry.StackEntry | None = None,
         on_ready: Callable[[StackStatus], None] | None = None,
     ) -> None:
         self.config = config
         self.run_dir = run_dir
+        self.runtime = runtime
         self.on_ready = on_ready
         self.failure: str | None = None
         self.log = log.bind(endpoint=config.endpoint)
@@ -219,12 +230,21 @@ class Supervisor:
         self.request_down()
 
     async def _start(self) -> None:
+        own = self.runtime.id if self.runtime else None
+        if self.config.endpoint is not None:
+            refuse_registered(self.config.endpoint, own)
+        if self.runtime is None:
+            self.runtime = registry.allocate(self.config.endpoint, self.config.pub_endpoint, config=self.config.source)
+        self.config = dataclasses.replace(self.config, endpoint=self.runtime.endpoint,
+                                          pub_endpoint=self.runtime.pub_endpoint)
         cfg = self.config
         if self.run_dir is None:
             self.run_dir = new_run_dir(cfg.transcript_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / PID_FILE_NAME).write_text(f"{os.getpid()}\n")
-        self.log = self.log.bind(run_dir=str(self.run_dir))
+        self.runtime = registry.claim(self.runtime, os.getpid(), run_dir=str(self.run_dir),
+                                      config=cfg.source or self.runtime.config)
+        self.log = self.log.bind(stack=self.runtime.id, endpoint=cfg.endpoint, run_dir=str(self.run_dir))
         await _refuse_running_bus(cfg.bus_config())
         self._broker = _Child(BROKER_NAME, BROKER_NAME, "", {}, self.run_dir / f"{BROKER_NAME}.log")
         await self._start_child(self._broker)
@@ -242,7 +262,8 @@ class Supervisor:
             {StatusRequest: self._on_status_request, SwapRequest: self._on_swap, DownRequest: self._on_down},
             capacity=8,  # status and down must be answered while a swap waits for its agents
         )
-        self.log.info("stack_ready", agents=list(self._agents), transcript=str(self.transcript))
+        self.log.info("stack_ready", agents=list(self._agents), transcript=str(self.transcript),
+                      runtime=self.runtime.dir)
 
     async def _wait_for_broker(self, bus: BusClient) -> None:
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
@@ -275,6 +296,8 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.run_dir is not None:
             (self.run_dir / PID_FILE_NAME).unlink(missing_ok=True)
+        if self.runtime is not None:
+            registry.remove(self.runtime)  # its sockets, and the entry that made it findable
         self.log.info("stack_stopped", failure=self.failure)
 
     # -------------------------------------------------------------------------------------- children
@@ -290,6 +313,7 @@ class Supervisor:
 
     def _argv(self, c: _Child) -> list[str]:
         cfg = self.config
+        assert cfg.endpoint is not None and cfg.pub_endpoint is not None, "set from the runtime folder in _start"
         cli = [sys.executable, "-m", "m2m.cli.main"]
         if c.role == BROKER_NAME:
             return [*cli, "broker", "--endpoint", cfg.endpoint, "--pub-endpoint", cfg.pub_endpoint,
@@ -444,7 +468,9 @@ class Supervisor:
             )
             for c in self._agents.values()
         ]
-        return StackStatus(endpoint=self.config.endpoint, transcript=str(self.transcript), agents=agents)
+        return StackStatus(endpoint=self.config.endpoint or "", transcript=str(self.transcript), agents=agents,
+                           stack_id=self.runtime.id if self.runtime else "",
+                           pub_endpoint=self.config.pub_endpoint or "")
 
     async def _on_status_request(self, msg: StatusRequest, ctx: RequestContext) -> StackStatus:
         return self.status()
@@ -480,12 +506,9 @@ class Supervisor:
             if not old:
                 roles = sorted({c.role for c in self._agents.values()})
                 raise StackError(f"this stack runs no {msg.role!r} agents; its roles: {roles}")
-            impls = IMPLEMENTATIONS[msg.role]
-            if msg.impl not in impls:
-                raise StackError(f"role {msg.role!r} has no implementation {msg.impl!r}; expected one of "
-                                 f"{sorted(impls)}")
-            try:
+            try:  # refused here, before a process starts: a bad option would only make it exit
                 options = parse_options(msg.options)
+                check_agent(msg.role, msg.impl, options)
             except AgentConfigError as exc:
                 raise StackError(str(exc)) from None
             new = [self._new_agent(msg.role, msg.impl, options, probation=True) for _ in old]
@@ -510,6 +533,14 @@ class Supervisor:
             return result
 
 
+def refuse_registered(endpoint: str, own: str | None = None) -> None:
+    """:class:`StackError` when a running stack other than ``own`` is registered at ``endpoint``."""
+    for other in registry.running_stacks():
+        if other.endpoint == endpoint and other.id != own:
+            raise StackError(f"stack {other.id} already runs at {endpoint}: stop it first (m2m down --stack "
+                             f"{other.id}), or leave the endpoints out to get a stack of its own")
+
+
 async def _refuse_running_bus(config: BusConfig) -> None:
     """A second broker on an ipc endpoint would silently take the socket over: refuse to start one."""
     endpoint = config.endpoint
@@ -521,4 +552,5 @@ async def _refuse_running_bus(config: BusConfig) -> None:
             await probe.wait_for_broker(0.5)
         except RequestTimeout:
             return
-    raise StackError(f"a broker already answers at {endpoint}: stop that stack first (m2m down --connect {endpoint})")
+    raise StackError(f"a broker already answers at {endpoint}: stop that stack first (m2m down --connect {endpoint}), "
+                     "or leave the endpoints out to get a stack of its own")

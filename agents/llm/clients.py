@@ -15,14 +15,18 @@
   selectable: ``"json_schema"`` (OpenAI, vLLM: ``response_format={"type": "json_schema", …}``, strict) or
   ``"json_object_schema"`` (``llama_cpp.server``, which takes ``{"type": "json_object", "schema": …}`` and ignores
   the ``json_schema`` form).
-* ``replay``: autogen-ext's ``ReplayChatCompletionClient`` fed with recorded answers (session replay, tests).
+* ``replay``: autogen-ext's ``ReplayChatCompletionClient`` fed with recorded answers (session replay, tests);
+  ``replay_delay_s`` makes each answer take that long, spent in a worker thread as the embedded model spends its
+  time (so cancelling a decision behaves as it does with the real model: the await returns, the thread runs on).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +59,8 @@ class ModelClientSpec:
     ``base_url`` and ``api_key_env`` (the name of the environment variable holding the key; when unset the client
     sends the fixed key "unused", because local servers check none but the OpenAI client requires one) for openai;
     ``request_format`` selects its structured-output request.
-    ``replay_path`` (a JSON array of answers, each a string or an object) or ``replay_answers`` for replay.
+    ``replay_path`` (a JSON array of answers, each a string or an object) or ``replay_answers`` for replay, and
+    ``replay_delay_s`` (seconds per answer, spent in a worker thread).
     ``n_ctx`` (tokens), ``threads`` (CPU threads), ``reuse_prefix`` and ``model_dir`` (default: the models cache)
     for embedded; ``seed``, ``temperature`` and ``max_tokens`` (answer cap, tokens) for embedded and openai.
     """
@@ -67,6 +72,7 @@ class ModelClientSpec:
     request_format: RequestFormat = "json_schema"
     replay_path: Path | None = None
     replay_answers: tuple[str, ...] = ()
+    replay_delay_s: float = 0.0
     n_ctx: int = 4096
     seed: int = 0
     temperature: float = 0.0
@@ -205,5 +211,16 @@ def make_client(spec: ModelClientSpec) -> ChatCompletionClient:
         from autogen_ext.models.replay import ReplayChatCompletionClient
 
         answers = load_replay(spec.replay_path) if spec.replay_path is not None else spec.replay_answers
-        return ReplayChatCompletionClient(list(answers), model_info=PLANNER_MODEL_INFO)
+        if spec.replay_delay_s <= 0:
+            return ReplayChatCompletionClient(list(answers), model_info=PLANNER_MODEL_INFO)
+        delay = spec.replay_delay_s
+
+        class SlowReplayClient(ReplayChatCompletionClient):
+            """Each answer takes ``replay_delay_s`` of a worker thread's time first (a stand-in for a model)."""
+
+            async def create(self, *args: Any, **kwargs: Any) -> CreateResult:
+                await asyncio.get_running_loop().run_in_executor(None, time.sleep, delay)
+                return await super().create(*args, **kwargs)
+
+        return SlowReplayClient(list(answers), model_info=PLANNER_MODEL_INFO)
     raise ValueError(f"unknown client kind {spec.kind!r}")

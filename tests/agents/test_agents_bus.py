@@ -270,12 +270,14 @@ def _m2m(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_agent_exit_codes_for_bad_options_and_failed_setup(tmp_path: Path) -> None:
-    endpoint = f"ipc://{tmp_path}/none"
-    bad_option = _m2m("agent", "evaluator", "--option", "speed=11", "--connect", endpoint)
+    bus = ["--connect", f"ipc://{tmp_path}/none", "--pub-connect", f"ipc://{tmp_path}/none-pub"]
+    bad_option = _m2m("agent", "evaluator", "--option", "speed=11", *bus)
     assert bad_option.returncode == EXIT_USAGE and "speed" in bad_option.stdout + bad_option.stderr
-    bad_impl = _m2m("agent", "planner", "--impl", "oracle", "--connect", endpoint)
+    bad_impl = _m2m("agent", "planner", "--impl", "oracle", *bus)
     assert bad_impl.returncode == EXIT_USAGE and "oracle" in bad_impl.stdout + bad_impl.stderr
-    no_ckpt = _m2m("agent", "drl-advisor", "--option", f"checkpoint={tmp_path}/none.pt", "--connect", endpoint)
+    bad_value = _m2m("agent", "planner", "--impl", "llm", "--option", "model=foo", *bus)  # refused before it connects
+    assert bad_value.returncode == EXIT_USAGE and "option model must be" in bad_value.stdout + bad_value.stderr
+    no_ckpt = _m2m("agent", "drl-advisor", "--option", f"checkpoint={tmp_path}/none.pt", *bus)
     assert no_ckpt.returncode == EXIT_FATAL and "none.pt" in no_ckpt.stdout + no_ckpt.stderr
 
 

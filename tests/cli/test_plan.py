@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from support.procs import processes_mentioning
 
 from m2m.session.client import recorded_sessions
 from m2m.stack.config import load_stack_config
@@ -43,20 +44,6 @@ def _m2m(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
                           timeout=timeout)
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that contain ``text``."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            zombie = ") Z " in (proc / "stat").read_text()
-        except OSError:
-            continue
-        if text in cmdline and not zombie:
-            found.append(cmdline)
-    return found
-
-
 def test_plan_brings_the_stack_up_and_down_and_replay_matches() -> None:
     d = Path(tempfile.mkdtemp(prefix="m2mcli", dir="/tmp"))
     try:
@@ -77,7 +64,7 @@ def test_plan_brings_the_stack_up_and_down_and_replay_matches() -> None:
         assert len(sessions) == 1 and len(next(iter(sessions.values())).steps) == len(trajectory)
         # The stack this command started is gone again: no process refers to its folder.
         assert list((d / "stack").glob("*/bus.m2mt")), "the stack recorded its transcript"
-        assert not _processes_mentioning(str(d))
+        assert not processes_mentioning(str(d))
         status = _m2m("status", *bus)
         assert status.returncode == 1 and "no stack answers" in status.stdout + status.stderr
 
@@ -89,5 +76,6 @@ def test_plan_brings_the_stack_up_and_down_and_replay_matches() -> None:
 
 
 def test_plan_rejects_a_case_outside_the_cohort_before_starting_anything(tmp_path: Path) -> None:
-    done = _m2m("plan", "--case", "100000", "--connect", f"ipc://{tmp_path}/none", timeout=60)
-    assert done.returncode == 1 and "outside cohort" in done.stderr
+    done = _m2m("plan", "--case", "100000", "--connect", f"ipc://{tmp_path}/none", "--pub-connect",
+                f"ipc://{tmp_path}/pub", timeout=60)
+    assert done.returncode == 2 and "outside cohort" in done.stderr  # a usage error, as argparse's

@@ -49,10 +49,10 @@ def test_drl_planner_never_repeats_a_no_op_at_a_bound(tmp_path, monkeypatch):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     code = main(["plan", "--planner", "drl", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)])
-    assert code == 1
-    assert "no DRL checkpoint" in capsys.readouterr().err
+    assert code == 2  # a bad command line (README: exit codes), refused before anything runs
+    assert "--checkpoint" in (err := capsys.readouterr().err) and "none.pt: no such file" in err
 
 
 def test_case_outside_cohort_is_rejected(tmp_path, capsys):
-    assert main(["plan", "--case", "100000", "--out", str(tmp_path)]) == 1
+    assert main(["plan", "--case", "100000", "--out", str(tmp_path)]) == 2
     assert "outside cohort" in capsys.readouterr().err

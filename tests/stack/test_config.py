@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from m2m.bus import protocol as P
 from m2m.stack.config import StackConfigError, StackError, load_stack_config
 
 
@@ -18,7 +17,8 @@ def test_default_stack_config() -> None:
         ("drl-advisor", "dqn", 1, {}),
         ("planner", "llm", 1, {"model": "embedded"}),
     ]
-    assert (cfg.endpoint, cfg.pub_endpoint) == (P.DEFAULT_ENDPOINT, P.DEFAULT_PUB_ENDPOINT)
+    # no endpoints: every stack started from it gets sockets of its own (m2m.stack.registry)
+    assert (cfg.endpoint, cfg.pub_endpoint, cfg.isolated) == (None, None, True)
     assert cfg.transcript_dir == Path("runs/stack")
     assert (cfg.max_restarts, cfg.window_s, cfg.ready_timeout_s, cfg.stop_timeout_s) == (3, 30.0, 300.0, 60.0)
     assert cfg.source.endswith("stack/stack.toml")
@@ -33,7 +33,7 @@ def test_left_out_keys_take_the_defaults(tmp_path: Path) -> None:
         ("planner", "rules", 3),
     ]
     assert (cfg.endpoint, cfg.transcript_dir, cfg.max_restarts, cfg.stop_timeout_s) == (
-        P.DEFAULT_ENDPOINT, Path("runs/stack"), 3, 60.0)
+        None, Path("runs/stack"), 3, 60.0)
     assert cfg.source == str(path)
 
 
@@ -72,6 +72,21 @@ EVALUATOR = '[[agent]]\nrole = "evaluator"\n'
         (EVALUATOR + EVALUATOR, "agent[1].role", '"evaluator" appears in two [[agent]] tables; use instances instead'),
         ('[[agent]]\nrole = "drl-advisor"\noptions = { "a=b" = "c" }\n', 'agent[0].options."a=b"',
          "option names must be non-empty and contain no '='"),
+        ('[bus]\nendpoint = "ipc:///tmp/x"\n' + EVALUATOR, "bus.pub_endpoint",
+         "missing; give both endpoints, or neither (the stack then gets its own sockets in its runtime folder)"),
+        # options, checked against what the implementation declares, before anything starts
+        (EVALUATOR + 'options = { bogus = "1" }\n', "agent[0].options.bogus",
+         "evaluator/protocol does not take option 'bogus'; it takes: none"),
+        ('[[agent]]\nrole = "planner"\nimpl = "rules"\noptions = { model = "embedded" }\n', "agent[0].options.model",
+         "planner/rules does not take option 'model'; it takes: none"),
+        ('[[agent]]\nrole = "planner"\nimpl = "llm"\noptions = { model = "foo" }\n', "agent[0].options.model",
+         "planner/llm: option model must be embedded, openai or replay, got 'foo'"),
+        ('[[agent]]\nrole = "planner"\noptions = { model = "openai" }\n', "agent[0].options.base_url",
+         "planner/llm: model=openai needs base_url=URL (and model_name=, api_key_env= as the server wants)"),
+        ('[[agent]]\nrole = "planner"\noptions = { model_name = "gpt-9" }\n', "agent[0].options.model_name",
+         "planner/llm: option model_name of model=embedded must be one of "),
+        ('[[agent]]\nrole = "dose-engine"\noptions = { cases_in_memory = "0" }\n', "agent[0].options.cases_in_memory",
+         "dose-engine/pencil-beam: option cases_in_memory must be an integer >= 1, got '0'"),
     ],
 )
 def test_a_bad_config_names_the_file_the_key_and_what_was_expected(
@@ -81,6 +96,9 @@ def test_a_bad_config_names_the_file_the_key_and_what_was_expected(
     path.write_text(text)
     with pytest.raises(StackConfigError) as info:
         load_stack_config(path)
+    if problem.endswith("one of "):  # the list that follows is the model registry's
+        assert info.value.problem.startswith(problem)
+        problem = info.value.problem
     assert (info.value.path, info.value.key, info.value.problem) == (str(path), key, problem)
     assert str(info.value) == f"{path}: {key}: {problem}"
     assert isinstance(info.value, StackError) and isinstance(info.value, ValueError)

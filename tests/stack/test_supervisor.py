@@ -111,6 +111,7 @@ def stack_dir() -> Iterator[Path]:
 def stack(stack_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
     """Two dose engines and an evaluator under a detached supervisor."""
     monkeypatch.setenv("M2M_CACHE_DIR", str(stack_dir / "cache"))  # the agents inherit it
+    monkeypatch.setenv("M2M_RUNTIME_DIR", str(stack_dir / "rt"))  # the stack registry (m2m.stack.registry)
     path = write_config(stack_dir, STANDARD_AGENTS)
     st = Stack(stack_dir, path, BusConfig(endpoint=f"ipc://{stack_dir}/bus", pub_endpoint=f"ipc://{stack_dir}/pub"))
     try:
@@ -175,8 +176,9 @@ def test_up_detached_reports_every_agent_ready(stack: Stack, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert all(a.name in out for a in status.agents) and status.transcript in out
 
-    # a second stack on the same endpoint is refused (an ipc bind would silently take the socket over)
-    with pytest.raises(StackError, match="already answers"):
+    # a second stack on the same endpoint is refused (an ipc bind would silently take the socket over): the
+    # registry knows the stack there, before anything starts
+    with pytest.raises(StackError, match=f"stack {status.stack_id} already runs at {stack.bus.endpoint}"):
         start_detached(stack.config)
     assert {a.pid for a in stack.refresh().agents} == pids
 
@@ -330,3 +332,59 @@ def test_restart_intensity_stops_the_stack(stack_dir: Path, procs: Procs) -> Non
     assert advisor_log.count('"event": "agent_setup_failed"') == 2 and '"incarnation": 1' in advisor_log
     assert '"agent_stopped"' in (run_dir / "evaluator-1.log").read_text()  # the healthy agent was stopped too
     assert not (run_dir / PID_FILE_NAME).exists()
+
+
+def test_an_agent_exiting_with_a_usage_error_stops_the_stack_at_once(
+    stack_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad option that got past the config check (a config built in code) makes the agent exit with EXIT_USAGE
+    before it connects; the supervisor reports it at once instead of restarting it max_restarts times."""
+    from m2m.stack.config import AgentSpec, StackConfig
+    from m2m.stack.supervisor import Supervisor
+
+    monkeypatch.setenv("M2M_RUNTIME_DIR", str(stack_dir / "rt"))
+    config = StackConfig(
+        agents=(AgentSpec("evaluator", "protocol"), AgentSpec("planner", "llm", options={"model": "foo"})),
+        transcript_dir=stack_dir / "runs", max_restarts=3, window_s=120, ready_timeout_s=60, stop_timeout_s=20,
+    )
+    supervisor = Supervisor(config)
+    assert asyncio.run(supervisor.run()) == 1
+    failure = supervisor.failure or ""
+    assert failure.startswith("planner-1 (exit code 64") and "restart cannot fix" in failure
+    assert "planner/llm: option model must be embedded, openai or replay, got 'foo'" in failure  # from its log
+    assert supervisor.run_dir is not None
+    planner_log = (supervisor.run_dir / "planner-1.log").read_text()
+    assert planner_log.count("option model must be") == 1  # it ran once: no restart
+    assert '"agent_stopped"' in (supervisor.run_dir / "evaluator-1.log").read_text()
+    assert list((stack_dir / "rt").iterdir()) == []  # its runtime folder (sockets, stack.json) is gone
+
+
+def test_stacks_without_endpoints_get_their_own_and_one_with_taken_endpoints_is_refused(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Next to a running stack: a second stack of the default kind (no [bus] endpoints) comes up on sockets of its
+    own; one asking for the running stack's endpoints is refused before it starts anything."""
+    from m2m.stack import registry
+
+    assert stack.status is not None and stack.status.stack_id
+    entry = registry.find_stack(stack.status.stack_id)
+    assert (entry.endpoint, entry.isolated, entry.pid) == (stack.bus.endpoint, False, stack.supervisor_pid)
+    own = stack.dir / "own.toml"
+    own.write_text(f'[bus]\ntranscript_dir = "{stack.dir}/own"\n\n[[agent]]\nrole = "evaluator"\n')
+    second = start_detached(own)
+    second_bus = BusConfig(endpoint=second.endpoint, pub_endpoint=second.pub_endpoint)
+    try:
+        assert second.stack_id != stack.status.stack_id and second.endpoint != stack.bus.endpoint
+        assert registry.find_stack(second.stack_id).isolated
+        assert second.endpoint == f"ipc://{registry.runtime_root()}/{second.stack_id}/bus"
+        assert {e.id for e in registry.running_stacks()} >= {stack.status.stack_id, second.stack_id}
+        with pytest.raises(StackError, match=f"stack {stack.status.stack_id} already runs at"):
+            start_detached(own, endpoint=stack.bus.endpoint, pub_endpoint=stack.bus.pub_endpoint)
+        # each stack answers for itself
+        assert [a.role for a in stack.refresh().agents] == ["dose-engine", "dose-engine", "evaluator"]
+        second_status = asyncio.run(stack_status(second_bus))
+        assert second_status is not None and [a.role for a in second_status.agents] == ["evaluator"]
+    finally:
+        stop_stack(second_bus, int((Path(second.transcript).parent / PID_FILE_NAME).read_text()))
+    assert not Path(registry.runtime_root(), second.stack_id).exists()
+    assert asyncio.run(stack_status(stack.bus, timeout=5)) is not None  # the first stack still runs

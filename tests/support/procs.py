@@ -105,6 +105,20 @@ def reap(pid: int, timeout: float) -> int | None:
         time.sleep(0.05)
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live (not zombie) processes that contain ``text``: what a test checks is gone."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            zombie = ") Z " in (proc / "stat").read_text()
+        except OSError:
+            continue
+        if text in cmdline and not zombie:
+            found.append(cmdline)
+    return found
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and every descendant, by id (children first collected, so none escapes as an orphan)."""
     todo, seen = [pid], []
