@@ -322,8 +322,9 @@ class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 class SessionState(Message):
     """Everything a planner taking over a session resumes from, retained on ``takeover.<id>`` after each step:
-    the steps so far, the next TPPs and the last fluence (warm start), the remembered history and the first
-    plan's DVHs (for the record). ``outcome`` is set once the session ended."""
+    the steps so far, the next TPPs and the last fluence (warm start), the remembered history, and the DVHs of the
+    first plan and of the last recorded step's plan (``final_structures``: the record of a session cut short has
+    them at hand). ``outcome`` is set once the session ended."""
 
     schema = "m2m.plan.session-state"
     header: SessionHeader
@@ -334,9 +335,9 @@ class SessionState(Message):
     history: list[HistoryEntry]
     dvh_bins_gy: np.ndarray
     initial_structures: list[StructureDose]
+    final_structures: list[StructureDose]
     planners: list[str]
     outcome: Outcome | None = None
-    final_structures: list[StructureDose] = msgspec.field(default_factory=list)
 
 
 class SessionResult(Message):

@@ -349,7 +349,8 @@ class SessionRunner:
                                        planner=self.planner_name, rx_gy=plan.rx_gy)
                 state = SessionState(header=header, steps=[], initial_score=evaluation.total, next_tpps={},
                                      fluence=None, history=[], dvh_bins_gy=plan.dvh_bins_gy,
-                                     initial_structures=plan.structures, planners=[self.planner_name])
+                                     initial_structures=plan.structures, final_structures=plan.structures,
+                                     planners=[self.planner_name])
             record = Step(step=step, score=evaluation.total, max_score=evaluation.max_score, tpps=dict(plan.tpps),
                           failing=list(evaluation.failing), criteria=list(evaluation.criteria), plan_s=plan_s)
             at_max = evaluation.total >= evaluation.max_score - SCORE_TOLERANCE
@@ -380,7 +381,8 @@ class SessionRunner:
             next_tpps = guarded.move.apply(TppSet.from_dict(dict(plan.tpps), sc.oar_names)).as_dict()
             history = [*state.history, HistoryEntry(step=step, move=guarded.move, score=evaluation.total)]
             state = msgspec.structs.replace(state, steps=[*state.steps, record], next_tpps=next_tpps,
-                                            fluence=plan.fluence, history=history[-HISTORY_STEPS:])
+                                            fluence=plan.fluence, history=history[-HISTORY_STEPS:],
+                                            final_structures=plan.structures)
             await self._publish(state, record, None)
             log.info("session_step", session=sid, step=step, score=evaluation.total, action=str(guarded.move),
                      source=guarded.source, vetoes=len(guarded.vetoes))

@@ -32,10 +32,7 @@ from rich.table import Table
 from m2m.agents.llm.decision import DecisionOutcome, decide
 from m2m.agents.llm.situation import Situation
 from m2m.agents.messages import (
-    DOSE_PLAN,
     SESSION,
-    DosePlanRequest,
-    DosePlanResult,
     Outcome,
     SessionRequest,
     SessionResult,
@@ -52,14 +49,14 @@ from m2m.bus.client import BusClient, BusConfig
 from m2m.bus.errors import BusError, SchemaVersionError
 from m2m.bus.transcript import TranscriptWriter, filter_records, read_transcript
 from m2m.physics.protocol import SCORE_TOLERANCE
-from m2m.session.folder import SessionLabel, trajectory_row, write_session_folder
+from m2m.session.folder import SessionLabel, decision_words, write_session_folder
 
 SESSION_TIMEOUT_S = 3600.0
 """A session of 20 steps on the embedded model on 2 cores takes minutes; 180-beam plans take longer."""
 SESSION_TRANSCRIPT = "transcript.m2mt"
 """The session's slice of the bus transcript in its folder."""
 STATE_TIMEOUT_S = 5.0
-"""How long :func:`interrupted_result` waits for the broker (the retained state, the last plan's cached reply)."""
+"""How long :func:`interrupted_result` waits for the broker's retained session state."""
 
 
 class TranscriptVersionError(BusError):
@@ -77,12 +74,11 @@ def step_line(step: Step, outcome: str | None = None) -> str:
     source)."""
     failing = ", ".join(failing_labels(step)) or "none"
     text = f"step {step.step:>2}  score {step.score:5.2f}/{step.max_score:g}  failing: {failing}"
-    d = step.decision
-    if d is None:
+    if step.decision is None:
         return f"{text}  → {outcome}" if outcome else text
-    _, _, _, _, proposal, action, source, vetoes, _, decision_s, _ = trajectory_row(step)
-    veto = f"  vetoed [{vetoes.replace(';', '; ')}]" if vetoes else ""
-    return f"{text}  → {action} ({source}; proposed {proposal}){veto}  [{decision_s} s decision]"
+    w = decision_words(step.decision)
+    veto = f"  vetoed [{'; '.join(w.vetoes)}]" if w.vetoes else ""
+    return f"{text}  → {w.action} ({w.source}; proposed {w.proposal}){veto}  [{w.decision_s} s decision]"
 
 
 
@@ -174,10 +170,8 @@ async def run_session_request(
 
 async def interrupted_result(config: BusConfig, session_id: str, wall_s: float) -> SessionResult | None:
     """What an interrupted session did, as a :class:`SessionResult` with outcome ``interrupted``: the steps of its
-    retained state on ``takeover.<id>`` (None before its first step was recorded, or when no broker answers). The
-    final DVHs are the last recorded step's plan, which the broker's reply cache holds under that step's idempotency
-    key (on a cache miss a dose engine plans it again, warm-started from that plan's own fluence); when no dose
-    engine answers either, the first plan's."""
+    retained state on ``takeover.<id>``, with the last recorded step's DVHs (None before its first step was
+    recorded, or when no broker answers)."""
     async with BusClient(f"plan-client-{os.getpid()}", config) as bus:
         topic = takeover_topic(session_id)
         try:
@@ -185,22 +179,9 @@ async def interrupted_result(config: BusConfig, session_id: str, wall_s: float) 
                 state = (await bus.retained(topic)).get(topic)
         except (TimeoutError, BusError):
             return None
-        if not isinstance(state, SessionState) or not state.steps:
-            return None
-        last = state.steps[-1]
-        final = state.initial_structures
-        try:
-            plan: DosePlanResult = await bus.request(
-                DOSE_PLAN, DosePlanRequest(scenario=state.header.scenario, case_seed=state.header.case_seed,
-                                           tpps=dict(last.tpps), warm_start=state.fluence),
-                timeout=STATE_TIMEOUT_S, idempotency_key=f"{session_id}:{last.step}:dose", expect=DosePlanResult,
-                session=session_id,
-            )
-            final = plan.structures
-        except BusError:
-            pass
-    ended = msgspec.structs.replace(state, outcome=Outcome.INTERRUPTED, final_structures=final)
-    return session_result(ended, wall_s)
+    if not isinstance(state, SessionState) or not state.steps:
+        return None
+    return session_result(msgspec.structs.replace(state, outcome=Outcome.INTERRUPTED), wall_s)
 
 
 def session_folder_name(scenario: str, case_id: str, mode: str) -> str:
@@ -213,11 +194,13 @@ def print_summary(console: Console, result: SessionResult) -> None:
     for col in ("step", "score", "failing", "proposed", "taken", "source", "vetoes", "decision s"):
         table.add_column(col)
     for s in result.steps:
-        cells = trajectory_row(s)
-        last = s is result.steps[-1]
-        table.add_row(cells[0], f"{s.score:.2f}", str(len(s.failing)), cells[4],
-                      str(result.outcome) if last and s.decision is None else cells[5], cells[6],
-                      cells[7].replace(";", "; "), cells[9])
+        if s.decision is None:
+            ended = str(result.outcome) if s is result.steps[-1] else ""
+            table.add_row(str(s.step), f"{s.score:.2f}", str(len(s.failing)), "", ended, "", "", "")
+            continue
+        w = decision_words(s.decision)
+        table.add_row(str(s.step), f"{s.score:.2f}", str(len(s.failing)), w.proposal, w.action, w.source,
+                      "; ".join(w.vetoes), w.decision_s)
     console.print(table)
     console.print(
         f"final score {result.final_score:.2f}/{result.max_score:g} after {result.n_steps} steps "

@@ -39,13 +39,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import numpy as np
 from numpy.typing import ArrayLike
 
-from m2m.agents.messages import CriterionResult, Outcome, Step, StructureDose
+from m2m.agents.messages import CriterionResult, Decision, Outcome, Step, StructureDose
 from m2m.physics.protocol import CriterionId, parse_metric
 from m2m.physics.tpp import PARAMETERS, PTV, ROLES, Direction, role_of, split_name
 
@@ -481,18 +481,36 @@ def _plot_summary(path: Path, label: SessionLabel, outcome: Outcome, steps: Sequ
 
 
 # ------------------------------------------------------------------------------------------------ trajectory
+class DecisionWords(NamedTuple):
+    """A decision as people read it: the cells of ``trajectory.csv``, the progress line and the summary table."""
+
+    proposal: str
+    action: str
+    source: str
+    vetoes: tuple[str, ...]
+    rationale: str
+    decision_s: str
+
+
+def decision_words(d: Decision) -> DecisionWords:
+    """The words of decision ``d`` (the rationale is its own proposal's; without a valid answer, the error)."""
+    return DecisionWords(
+        proposal="invalid answer" if d.proposal is None else str(d.proposal.move or d.proposal.action),
+        action=str(d.action) if d.action is not None else "stop",
+        source=d.source,
+        vetoes=tuple(v.reason for v in d.vetoes),
+        rationale=d.proposal.rationale if d.proposal is not None else d.error,
+        decision_s=f"{d.decision_s:.2f}",
+    )
+
+
 def trajectory_row(s: Step) -> list[str]:
     """The ``trajectory.csv`` cells of one step before its TPP values (see :data:`CSV_COLUMNS`)."""
-    d = s.decision
-    if d is None:
+    if s.decision is None:
         decision = [""] * 6
     else:
-        proposal = "invalid answer" if d.proposal is None else str(d.proposal.move or d.proposal.action)
-        decision = [
-            proposal, str(d.action) if d.action is not None else "stop", d.source,
-            ";".join(v.reason for v in d.vetoes), d.proposal.rationale if d.proposal is not None else d.error,
-            f"{d.decision_s:.2f}",
-        ]
+        w = decision_words(s.decision)
+        decision = [w.proposal, w.action, w.source, ";".join(w.vetoes), w.rationale, w.decision_s]
     return [str(s.step), f"{s.score:.4f}", f"{s.max_score:g}", ";".join(s.failing), *decision, f"{s.plan_s:.2f}"]
 
 
