@@ -297,12 +297,11 @@ class SessionRunner:
 
     async def _phase(self, sid: str, step: int, phase: PhaseName, evaluation: Evaluation | None = None) -> None:
         """Publish the phase a step enters (progress only: a failed publish is logged, never fatal)."""
-        labels = {c.id: c.label for c in evaluation.criteria} if evaluation is not None else {}
         msg = StepPhase(
             session_id=sid, step=step, phase=phase, started_at=time.time(), decider=self.decider.name,
             score=evaluation.total if evaluation is not None else None,
             max_score=evaluation.max_score if evaluation is not None else None,
-            failing=[labels.get(f, f) for f in evaluation.failing] if evaluation is not None else [],
+            failing=[c.label for c in evaluation.criteria if not c.passed] if evaluation is not None else [],
         )
         if self.on_phase is not None:
             self.on_phase(msg)

@@ -177,13 +177,14 @@ async def _plan_on_bus(args: argparse.Namespace, use: StackUse, default_cap: int
             return await _interrupted(args, view, req.session_id, at[0], config, transcript,
                                       started and not args.keep_up, time.monotonic() - session_t0)
         except (BusError, LookupError, ValueError) as exc:
-            if started and not args.keep_up:
-                view.activity("taking the stack down")
-                await take_down(config, timeout=60.0)
-            return failed("plan", f"session failed: {exc}")
+            failure: Exception | None = exc
+        else:
+            failure = None
         if started and not args.keep_up:
             view.activity("taking the stack down")
             await take_down(config, timeout=60.0)  # this stack only, and its processes are gone when it returns
+        if failure is not None:
+            return failed("plan", f"session failed: {failure}")
         view.activity("writing the session folder")
         folder = _new_folder(args.out, session_folder_name(args.scenario, result.header.case_id, args.mode))
         await asyncio.to_thread(write_bus_session_folder, folder, result, transcript)
