@@ -12,23 +12,18 @@ from m2m.bus.worker import Handlers, RequestContext
 from m2m.physics.protocol import Protocol, ScoreReport, load_protocol, score_values
 
 
-def criterion_results(report: ScoreReport) -> list[CriterionResult]:
-    """Each criterion of a :class:`ScoreReport` as it travels (and is recorded) in a :class:`Step`."""
-    return [
-        CriterionResult(
-            id=i.criterion.id, label=i.criterion.label, structure=i.criterion.structure, metric=i.criterion.metric,
-            unit=i.criterion.unit, value=i.value, limit=i.criterion.limit, zero=i.criterion.zero, points=i.points,
-            passed=i.passed,
-        )
-        for i in report.items
-    ]
-
-
 def evaluation_message(report: ScoreReport) -> Evaluation:
-    """A :class:`ScoreReport` as the bus message."""
+    """A :class:`ScoreReport` as the bus message (its criteria are what a :class:`Step` records)."""
     return Evaluation(
         protocol=report.protocol,
-        criteria=criterion_results(report),
+        criteria=[
+            CriterionResult(
+                id=i.criterion.id, label=i.criterion.label, structure=i.criterion.structure,
+                metric=i.criterion.metric, unit=i.criterion.unit, value=i.value, limit=i.criterion.limit,
+                zero=i.criterion.zero, points=i.points, passed=i.passed,
+            )
+            for i in report.items
+        ],
         total=report.total,
         max_score=report.max_score,
         failing=[i.criterion.id for i in report.items if not i.passed],

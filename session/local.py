@@ -23,7 +23,7 @@ from rich.table import Table
 from m2m.agents.dose_engine import structure_doses
 from m2m.agents.drl import DEFAULT_CHECKPOINT
 from m2m.agents.drl.env import SCORE_TOLERANCE, PlanningEnv, scenario_env
-from m2m.agents.evaluator import criterion_results
+from m2m.agents.evaluator import evaluation_message
 from m2m.agents.messages import Decision, Outcome, Proposal, Step
 from m2m.physics.dvh import report_bins_gy
 from m2m.physics.tpp import Direction, Move
@@ -63,10 +63,9 @@ def _plan_doses(env: PlanningEnv) -> dict[str, np.ndarray]:
 
 def _step(env: PlanningEnv, index: int, plan_s: float = 0.0) -> Step:
     """The current plan of ``env`` as step ``index`` of the session record."""
-    report = env.report
-    return Step(step=index, score=report.total, max_score=report.max_score, tpps=env.tpps.as_dict(),
-                failing=[i.criterion.id for i in report.items if not i.passed], criteria=criterion_results(report),
-                plan_s=plan_s)
+    scored = evaluation_message(env.report)  # as the evaluator agent scores a plan on the bus
+    return Step(step=index, score=scored.total, max_score=scored.max_score, tpps=env.tpps.as_dict(),
+                failing=scored.failing, criteria=scored.criteria, plan_s=plan_s)
 
 
 def run_session(

@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.procs import Procs, running
+from support.procs import Procs, run_m2m, running
 
 from m2m.agents.llm.guard import NEAR_LIMIT_FRACTION
 from m2m.agents.messages import (
@@ -265,19 +263,16 @@ def test_malformed_requests_get_typed_errors_and_kill_no_agent(services: Procs) 
         services.kill("planner-drl3")
 
 
-def _m2m(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "m2m.cli.main", *args], capture_output=True, text=True, timeout=120)
-
-
 def test_agent_exit_codes_for_bad_options_and_failed_setup(tmp_path: Path) -> None:
     bus = ["--connect", f"ipc://{tmp_path}/none", "--pub-connect", f"ipc://{tmp_path}/none-pub"]
-    bad_option = _m2m("agent", "evaluator", "--option", "speed=11", *bus)
+    bad_option = run_m2m("agent", "evaluator", "--option", "speed=11", *bus)
     assert bad_option.returncode == EXIT_USAGE and "speed" in bad_option.stdout + bad_option.stderr
-    bad_impl = _m2m("agent", "planner", "--impl", "oracle", *bus)
+    bad_impl = run_m2m("agent", "planner", "--impl", "oracle", *bus)
     assert bad_impl.returncode == EXIT_USAGE and "oracle" in bad_impl.stdout + bad_impl.stderr
-    bad_value = _m2m("agent", "planner", "--impl", "llm", "--option", "model=foo", *bus)  # refused before it connects
+    # refused before it connects
+    bad_value = run_m2m("agent", "planner", "--impl", "llm", "--option", "model=foo", *bus)
     assert bad_value.returncode == EXIT_USAGE and "option model must be" in bad_value.stdout + bad_value.stderr
-    no_ckpt = _m2m("agent", "drl-advisor", "--option", f"checkpoint={tmp_path}/none.pt", *bus)
+    no_ckpt = run_m2m("agent", "drl-advisor", "--option", f"checkpoint={tmp_path}/none.pt", *bus)
     assert no_ckpt.returncode == EXIT_FATAL and "none.pt" in no_ckpt.stdout + no_ckpt.stderr
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.procs import kill_tree, processes_mentioning
+from support.procs import kill_tree, processes_mentioning, run_m2m
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -118,8 +118,7 @@ def test_plan_joins_the_stack_it_is_told_about_and_leaves_it_running() -> None:
     env = {**os.environ, "M2M_RUNTIME_DIR": str(runtime), "PYTHONUNBUFFERED": "1"}
 
     def m2m(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "m2m.cli.main", *args], capture_output=True, text=True,
-                              env=env, timeout=600)
+        return run_m2m(*args, env=env)
 
     try:
         up = m2m("up", "--detach", "--config", str(config))

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from support.procs import processes_mentioning
+from support.procs import processes_mentioning, run_m2m
 
 from m2m.session.client import recorded_sessions
 from m2m.stack.config import load_stack_config
@@ -39,11 +37,6 @@ impl = "drl"
 """
 
 
-def _m2m(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "m2m.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_plan_brings_the_stack_up_and_down_and_replay_matches() -> None:
     d = Path(tempfile.mkdtemp(prefix="m2mcli", dir="/tmp"))
     try:
@@ -51,7 +44,7 @@ def test_plan_brings_the_stack_up_and_down_and_replay_matches() -> None:
         config.write_text(STACK.format(d=d))
         bus = ["--connect", f"ipc://{d}/bus", "--pub-connect", f"ipc://{d}/pub"]
         assert load_stack_config(config).endpoint == f"ipc://{d}/bus"
-        done = _m2m("plan", "--scenario", "prostate-basic", "--case", "0", "--mode", "guided", "--step-cap", "4",
+        done = run_m2m("plan", "--scenario", "prostate-basic", "--case", "0", "--mode", "guided", "--step-cap", "4",
                     "--config", str(config), "--out", str(d / "runs"), *bus)
         assert done.returncode == 0, done.stderr[-3000:]
         folder = Path(done.stdout.strip().splitlines()[-1].removeprefix("session folder: "))
@@ -65,10 +58,10 @@ def test_plan_brings_the_stack_up_and_down_and_replay_matches() -> None:
         # The stack this command started is gone again: no process refers to its folder.
         assert list((d / "stack").glob("*/bus.m2mt")), "the stack recorded its transcript"
         assert not processes_mentioning(str(d))
-        status = _m2m("status", *bus)
+        status = run_m2m("status", *bus)
         assert status.returncode == 1 and "no stack answers" in status.stdout + status.stderr
 
-        replayed = _m2m("replay", str(folder / "transcript.m2mt"), "--config", str(config), *bus)
+        replayed = run_m2m("replay", str(folder / "transcript.m2mt"), "--config", str(config), *bus)
         assert replayed.returncode == 0, replayed.stderr[-3000:]
         assert f"{len(trajectory)}/{len(trajectory)} steps with the recorded score" in replayed.stdout
     finally:
@@ -76,6 +69,6 @@ def test_plan_brings_the_stack_up_and_down_and_replay_matches() -> None:
 
 
 def test_plan_rejects_a_case_outside_the_cohort_before_starting_anything(tmp_path: Path) -> None:
-    done = _m2m("plan", "--case", "100000", "--connect", f"ipc://{tmp_path}/none", "--pub-connect",
+    done = run_m2m("plan", "--case", "100000", "--connect", f"ipc://{tmp_path}/none", "--pub-connect",
                 f"ipc://{tmp_path}/pub", timeout=60)
     assert done.returncode == 2 and "outside cohort" in done.stderr  # a usage error, as argparse's

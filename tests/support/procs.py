@@ -105,6 +105,12 @@ def reap(pid: int, timeout: float) -> int | None:
         time.sleep(0.05)
 
 
+def run_m2m(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """One ``m2m`` command line run to its end in a subprocess, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "m2m.cli.main", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of live (not zombie) processes that contain ``text``: what a test checks is gone."""
     found = []
