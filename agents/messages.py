@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import uuid
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import msgspec
 import numpy as np
 
-from m2m.agents.llm.guard import ActionSource, Veto
+from m2m.agents.llm.answer import Change, DecisionForm, changes_words
+from m2m.agents.llm.guard import OWN_SOURCES, ActionSource, Veto
 from m2m.agents.llm.situation import Mode
 from m2m.bus.messages import Message
 from m2m.physics.protocol import CriterionId
-from m2m.physics.tpp import Move
+from m2m.physics.tpp import Direction, Move
 
 DOSE_PLAN = "dose.plan"
 EVALUATE = "plan.evaluate"
@@ -210,20 +211,39 @@ class SessionRequest(Message):
     initial_tpps: dict[str, float] | None = None
 
 
+#: A new value of one TPP on the wire: :class:`~m2m.agents.llm.answer.Change` (``tpp`` from ``before`` to ``after``,
+#: ``clamped`` into its valid range, the knowledge ``target`` chosen), the one type the planner, the guard and the
+#: records share.
+ValueChange: TypeAlias = Change
+
+
 class Proposal(msgspec.Struct, frozen=True, kw_only=True):
-    """The planner's own answer at a step, before the guard: ``change`` by ``move`` or ``stop`` (``move`` None),
-    with its ``rationale``."""
+    """The planner's own answer at a step, before the guard: ``change`` or ``stop``, with its ``rationale``.
+    A change is ``move`` (one published step, the ``step`` form) or ``changes`` (new values of one to three TPPs,
+    the ``values`` and ``quantile`` forms; the values of a quantile answer are the knowledge's). ``form``: the
+    decision form it was asked in (:data:`~m2m.agents.llm.decision.DecisionForm`)."""
 
     action: Literal["change", "stop"]
     move: Move | None = None
     rationale: str = ""
+    changes: list[ValueChange] = msgspec.field(default_factory=list)
+    form: DecisionForm = "step"
+
+    def words(self) -> str:
+        """``"raise t_ptv"``, ``"t_ptv 1.1->1 (p50)"`` or ``"stop"``."""
+        if self.action == "stop":
+            return "stop"
+        return str(self.move) if self.move is not None else changes_words(self.changes) or "change (nothing)"
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
-    """The decision taken from a step. ``proposal`` is the planner's own (None: no valid answer, ``error`` says
-    why); ``action`` the move made after the guard (None: the session stopped), ``source`` who chose it and
-    ``vetoes`` what the guard refused. ``answers`` are the model's raw texts (a replay feeds them back);
-    ``retries`` the re-asks after an invalid answer; ``decision_s`` its wall time (s)."""
+    """The decision taken from a step. ``proposal`` is the planner's own first answer (None: no valid answer,
+    ``error`` says why); ``retry`` its second answer after the guard refused the first and told it why (None: no
+    feedback retry). ``action`` the published step made after the guard, or ``changes`` the TPP values set (both
+    empty: the session stopped; a step also fills ``changes`` with its one new value), ``source`` who chose it and
+    ``vetoes`` what the guard refused (of both answers). ``answers`` are the model's raw texts (a replay feeds them
+    back); ``retries`` the re-asks after an invalid answer; ``decision_s`` its wall time (s); ``form`` the decision
+    form asked."""
 
     proposal: Proposal | None
     action: Move | None
@@ -234,6 +254,33 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     error: str = ""
     answers: list[str] = msgspec.field(default_factory=list)
     decision_s: float = 0.0
+    retry: Proposal | None = None
+    changes: list[ValueChange] = msgspec.field(default_factory=list)
+    form: DecisionForm = "step"
+    """The decision form the planner was asked in (a replay asks in it again)."""
+
+    @property
+    def stopped(self) -> bool:
+        """No TPP changed: the session stopped here."""
+        return self.action is None and not self.changes
+
+    @property
+    def owned(self) -> bool:
+        """The action taken is the planner's own answer (first or after the feedback retry), unchanged or only
+        clamped into range."""
+        return self.source in OWN_SOURCES
+
+    def moves(self) -> list[Move]:
+        """The action as one :class:`Move` per changed TPP (its direction): a step, or one per value change."""
+        if self.action is not None:
+            return [self.action]
+        return [Move(c.tpp, Direction(c.direction or 1)) for c in self.changes]
+
+    def action_words(self) -> str:
+        """``"raise t_ptv"``, ``"t_ptv 1.1->1 (p50), v_ptv 0.05->0.17"`` or ``"stop"``."""
+        if self.action is not None:
+            return str(self.action)
+        return changes_words(self.changes) if self.changes else "stop"
 
 
 class Step(msgspec.Struct, frozen=True, kw_only=True):
@@ -255,7 +302,8 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def action(self) -> Move | None:
-        """The move made from this step (None at the last step or when the session stopped)."""
+        """The published step made from this step (None at the last step, when the session stopped or when TPP
+        values were set instead: see :attr:`Decision.changes`)."""
         return self.decision.action if self.decision is not None else None
 
 
@@ -313,11 +361,16 @@ class StepPhase(Message):
 
 
 class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """A past step as the planner remembers it: the move made from it and the score it had."""
+    """A past step as the planner remembers it: the action made from it (``move``, a published step, or the TPP
+    value ``changes``) and the score it had."""
 
     step: int
-    move: Move
+    move: Move | None
     score: float
+    changes: list[ValueChange] = msgspec.field(default_factory=list)
+
+    def words(self) -> str:
+        return str(self.move) if self.move is not None else changes_words(self.changes)
 
 
 class SessionState(Message):

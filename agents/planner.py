@@ -43,9 +43,10 @@ import msgspec
 import structlog
 
 from m2m.agents.drl.knowledge import TppKnowledge, decode_knowledge, relabel_knowledge
-from m2m.agents.llm.decision import DecisionOutcome, TppDecision, decide
-from m2m.agents.llm.guard import GuardResult, guard, rule_vetoes, tightening_moves
-from m2m.agents.llm.situation import AdviceView, CriterionView, Situation, StepView
+from m2m.agents.llm.answer import FORMS, Answer, Change, DecisionForm
+from m2m.agents.llm.decision import DecisionOutcome, decide
+from m2m.agents.llm.guard import GuardResult, guard, refusal, rule_vetoes, stalled_move, tightening_moves
+from m2m.agents.llm.situation import AdviceView, CriterionView, Mode, Situation, StepView, knowledge_value
 from m2m.agents.messages import (
     ADVISE,
     DOSE_PLAN,
@@ -70,6 +71,7 @@ from m2m.agents.messages import (
     Step,
     StepEvent,
     StepPhase,
+    ValueChange,
     knowledge_topic,
     session_topic,
     takeover_topic,
@@ -79,7 +81,7 @@ from m2m.bus.client import BusClient
 from m2m.bus.errors import BusError, WorkerLost
 from m2m.bus.worker import Handlers, RequestContext
 from m2m.physics.protocol import SCORE_TOLERANCE
-from m2m.physics.tpp import Direction, TppSet
+from m2m.physics.tpp import Direction, Move, TppSet, clamp_value
 from m2m.scenarios import Scenario, load_scenario
 
 if TYPE_CHECKING:
@@ -94,6 +96,11 @@ DOSE_TIMEOUT_S = 600.0
 ADVISE_TIMEOUT_S = 30.0
 KNOWLEDGE_WAIT_S = 30.0
 ADVICE_K = 5
+DEFAULT_FORM: DecisionForm = "quantile"
+"""The ``llm`` planner's default decision form (``decision`` option); in the unguided mode, which has no knowledge
+to choose from, a ``quantile`` planner asks in the ``values`` form (:func:`m2m.agents.llm.decision.form_for`)."""
+MEDIAN = "p50"
+"""The knowledge point the ``knowledge`` baseline sets every TPP to."""
 
 
 class HandOver(WorkerLost):
@@ -101,24 +108,37 @@ class HandOver(WorkerLost):
 
 
 class Decider(Protocol):
-    """Who proposes the next step."""
+    """Who proposes the next step. ``needs_advice``: it reads the DRL's advice in either mode; ``needs_knowledge``:
+    it reads the knowledge in either mode (the guard still follows the session's mode)."""
 
     name: str
     needs_advice: bool
+    needs_knowledge: bool
 
-    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome: ...
+    async def decide(self, situation: Situation, mode: Mode, with_advice: bool,
+                     refuse: Callable[[Answer], str] | None) -> DecisionOutcome: ...
+
+
+def _own(answer: Answer, started: float) -> DecisionOutcome:
+    """A rule-made (not model-made) decision outcome for ``answer``."""
+    return DecisionOutcome(raw=answer, valid=True, retries=0, error="", latency_s=time.perf_counter() - started,
+                           prompt="", form=answer.form)
 
 
 @dataclass
 class LlmDecider:
-    """The LLM proposes (through :func:`m2m.agents.llm.decision.decide`)."""
+    """The LLM proposes (through :func:`m2m.agents.llm.decision.decide`) in decision ``form``; a proposal the guard
+    refuses gets one feedback turn."""
 
     client: Any
+    form: DecisionForm = DEFAULT_FORM
     name: str = "llm"
     needs_advice: bool = False
+    needs_knowledge: bool = False
 
-    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome:
-        return await decide(self.client, situation, mode, with_advice=with_advice)
+    async def decide(self, situation: Situation, mode: Mode, with_advice: bool,
+                     refuse: Callable[[Answer], str] | None) -> DecisionOutcome:
+        return await decide(self.client, situation, mode, with_advice=with_advice, form=self.form, refuse=refuse)
 
 
 @dataclass
@@ -127,16 +147,16 @@ class DrlDecider:
 
     name: str = "drl"
     needs_advice: bool = True
+    needs_knowledge: bool = False
 
-    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome:
+    async def decide(self, situation: Situation, mode: Mode, with_advice: bool,
+                     refuse: Callable[[Answer], str] | None) -> DecisionOutcome:
         started = time.perf_counter()
         if not situation.advice:
             return DecisionOutcome(raw=None, valid=False, retries=0, error="no DRL advice", latency_s=0.0, prompt="")
         best = situation.advice[0]
-        raw = TppDecision(action="change", tpp=best.tpp, direction=Direction(best.direction).word,
-                          rationale=f"DRL top action (p={best.probability:.2f})")
-        return DecisionOutcome(raw=raw, valid=True, retries=0, error="", latency_s=time.perf_counter() - started,
-                               prompt="")
+        move = Move(best.tpp, Direction(best.direction))
+        return _own(Answer.of_move(situation.tpps, move, f"DRL top action (p={best.probability:.2f})"), started)
 
 
 @dataclass
@@ -148,25 +168,46 @@ class RulesDecider:
 
     name: str = "rules"
     needs_advice: bool = False
+    needs_knowledge: bool = False
 
-    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome:
+    async def decide(self, situation: Situation, mode: Mode, with_advice: bool,
+                     refuse: Callable[[Answer], str] | None) -> DecisionOutcome:
         started = time.perf_counter()
-        last = situation.history[-1] if situation.history else None
-        stalled = last.move if last is not None and situation.score <= last.score + SCORE_TOLERANCE else None
+        stalled = stalled_move(situation)
         moves = [m for m in tightening_moves(situation) if not rule_vetoes(situation, *m, "unguided", ())]
-        chosen = next((m for m in moves if stalled is None or m != (stalled.tpp, stalled.direction)),
-                      moves[0] if moves else None)
+        chosen = next((m for m in moves if m != stalled), moves[0] if moves else None)
         if chosen is None:
-            raw = TppDecision(action="stop", tpp="", direction="none", rationale="no tightening move is in range")
-        else:
-            escalated = chosen != moves[0]
-            raw = TppDecision(
-                action="change", tpp=chosen[0], direction=Direction(chosen[1]).word,
-                rationale="tighten for the worst failing criterion"
-                + ("; the previous step did not raise the score" if escalated else ""),
+            return _own(Answer.of_stop("step", "no tightening move is in range"), started)
+        escalated = chosen != moves[0]
+        rationale = ("tighten for the worst failing criterion"
+                     + ("; the previous step did not raise the score" if escalated else ""))
+        return _own(Answer.of_move(situation.tpps, Move(chosen[0], Direction(chosen[1])), rationale), started)
+
+
+@dataclass
+class KnowledgeDecider:
+    """The ``knowledge`` baseline, no LLM: at the first step of a session set every TPP to the knowledge's median
+    for its role (through the role map), then continue as :class:`RulesDecider`. It shows what the knowledge alone
+    does, so that what the LLM adds over it can be measured."""
+
+    name: str = "knowledge"
+    needs_advice: bool = False
+    needs_knowledge: bool = True
+    rules: RulesDecider = field(default_factory=RulesDecider)
+
+    async def decide(self, situation: Situation, mode: Mode, with_advice: bool,
+                     refuse: Callable[[Answer], str] | None) -> DecisionOutcome:
+        started = time.perf_counter()
+        if not situation.history and not situation.at_max:
+            changes = tuple(
+                Change(tpp, situation.tpps[tpp], after, target=MEDIAN)
+                for tpp in situation.tpps
+                if (value := knowledge_value(situation, tpp, MEDIAN)) is not None
+                and Change(tpp, situation.tpps[tpp], after := clamp_value(tpp, value)).direction != 0
             )
-        return DecisionOutcome(raw=raw, valid=True, retries=0, error="", latency_s=time.perf_counter() - started,
-                               prompt="")
+            if changes:
+                return _own(Answer("quantile", False, changes, None, "every TPP to the knowledge median"), started)
+        return await self.rules.decide(situation, mode, with_advice, refuse)
 
 
 def situation_from(
@@ -200,7 +241,8 @@ def situation_from(
             # the scored structures only: the dose engine also reports the case's other OARs (for the DVHs)
             for s in plan.structures if s.name in scenario.protocol.structures
         },
-        history=tuple(StepView(step=h.step, move=h.move, score=h.score) for h in history[-HISTORY_STEPS:]),
+        history=tuple(StepView(step=h.step, move=h.move, score=h.score, words=h.words())
+                      for h in history[-HISTORY_STEPS:]),
         knowledge=knowledge,
         knowledge_site=knowledge_site,
         advice=tuple(AdviceView(tpp=a.move.tpp, direction=int(a.move.direction), probability=a.probability)
@@ -357,7 +399,7 @@ class SessionRunner:
                 outcome = Outcome.MAXIMUM_SCORE if at_max else Outcome.STEP_CAP
                 return await self._finish(state, record, plan, outcome, started)
             knowledge, knowledge_site = None, None
-            if req.mode == "guided":
+            if req.mode == "guided" or self.decider.needs_knowledge:
                 knowledge_site, learned = await self._knowledge_for(sc.site)
                 knowledge = relabel_knowledge(learned, sc.roles)
             advice = None
@@ -371,19 +413,26 @@ class SessionRunner:
             situation = situation_from(sc, step, req.step_cap, plan, evaluation, state.history, knowledge, advice,
                                        knowledge_site)
             await self._phase(sid, step, "deciding", evaluation)
-            outcome_ = await self.decider.decide(situation, req.mode, req.with_advice and req.mode == "guided")
-            guarded: GuardResult = guard(situation, outcome_.raw, req.mode, sc.oar_names)
+            mode = req.mode
+
+            def refuse(answer: Answer, situation: Situation = situation, mode: Mode = mode) -> str:
+                return refusal(situation, answer, mode, sc.oar_names)
+
+            outcome_ = await self.decider.decide(situation, mode, req.with_advice and mode == "guided", refuse)
+            guarded: GuardResult = guard(situation, outcome_.raw, mode, sc.oar_names, first=outcome_.first)
             decision = decision_record(outcome_, guarded)
             record = msgspec.structs.replace(record, decision=decision)
-            if guarded.move is None:  # no admissible move at all (every TPP at the bound it would move to)
+            if guarded.stop:  # no admissible move at all (every TPP at the bound it would move to)
                 return await self._finish(state, record, plan, Outcome.NO_ADMISSIBLE_ACTION, started)
-            next_tpps = guarded.move.apply(TppSet.from_dict(dict(plan.tpps), sc.oar_names)).as_dict()
-            history = [*state.history, HistoryEntry(step=step, move=guarded.move, score=evaluation.total)]
+            next_tpps = dict(plan.tpps) | {c.tpp: c.after for c in guarded.changes}
+            TppSet.from_dict(next_tpps, sc.oar_names)  # every value in its valid range (raises TppRangeError)
+            history = [*state.history, HistoryEntry(step=step, move=guarded.move, score=evaluation.total,
+                                                    changes=decision.changes)]
             state = msgspec.structs.replace(state, steps=[*state.steps, record], next_tpps=next_tpps,
                                             fluence=plan.fluence, history=history[-HISTORY_STEPS:],
                                             final_structures=plan.structures)
             await self._publish(state, record, None)
-            log.info("session_step", session=sid, step=step, score=evaluation.total, action=str(guarded.move),
+            log.info("session_step", session=sid, step=step, score=evaluation.total, action=guarded.words(),
                      source=guarded.source, vetoes=len(guarded.vetoes))
             step, tpps, warm = step + 1, next_tpps, plan.fluence
             if self.handover:
@@ -426,14 +475,24 @@ def session_result(state: SessionState, wall_s: float) -> SessionResult:
     )
 
 
+def _proposal(answer: Answer | None) -> Proposal | None:
+    if answer is None:
+        return None
+    return Proposal(action="stop" if answer.stop else "change", move=answer.move, rationale=answer.rationale,
+                    changes=_value_changes(answer.changes), form=answer.form)
+
+
+def _value_changes(changes: tuple[Change, ...]) -> list[ValueChange]:
+    return list(changes)
+
+
 def decision_record(outcome: DecisionOutcome, guarded: GuardResult) -> Decision:
     """The :class:`Decision` of one step from what the decider answered and what the guard made of it."""
-    raw = outcome.raw
-    proposal = None if raw is None else Proposal(action=raw.action, move=raw.move, rationale=raw.rationale)
     return Decision(
-        proposal=proposal, action=guarded.move, source=guarded.source, vetoes=list(guarded.vetoes),
+        proposal=_proposal(outcome.proposal), retry=_proposal(outcome.retry), action=guarded.move,
+        changes=_value_changes(guarded.changes), source=guarded.source, vetoes=list(guarded.vetoes),
         valid=outcome.valid, retries=outcome.retries, error=outcome.error, answers=list(outcome.answers),
-        decision_s=outcome.latency_s,
+        decision_s=outcome.latency_s, form=outcome.form,
     )
 
 
@@ -516,6 +575,16 @@ def client_spec_from_options(options: Mapping[str, str], agent: str = "planner/l
     return ModelClientSpec(**kw)
 
 
+def decision_form(options: Mapping[str, str], agent: str = "planner/llm") -> DecisionForm:
+    """The ``llm`` planner's ``decision`` option (default :data:`DEFAULT_FORM`); another value raises
+    :class:`AgentConfigError` naming ``agent``, the option and the forms."""
+    form = options.get("decision", DEFAULT_FORM)
+    if form not in FORMS:
+        raise AgentConfigError(f"{agent}: option decision must be one of {', '.join(FORMS)}, got {form!r}",
+                               option="decision")
+    return form
+
+
 def replay_client(answers: list[str]) -> Any:
     """autogen's replay model client answering with ``answers`` in order (recorded raw LLM texts)."""
     from m2m.agents.llm.clients import ModelClientSpec, make_client
@@ -524,29 +593,37 @@ def replay_client(answers: list[str]) -> Any:
 
 
 class LlmPlannerAgent(_PlannerAgent):
-    """Options: ``model`` (``embedded``, ``openai`` or ``replay``), ``model_name``, ``base_url``,
+    """Options: ``decision`` (the decision form: ``step``, ``values`` or ``quantile``, default
+    :data:`DEFAULT_FORM`), ``model`` (``embedded``, ``openai`` or ``replay``), ``model_name``, ``base_url``,
     ``api_key_env``, ``request_format``, ``replay`` (a file of recorded answers), ``replay_delay`` (seconds each
     replayed answer takes, computed in a worker thread as the embedded model's are: demos and tests of progress
     and interruption)."""
 
     known_options: ClassVar[frozenset[str]] = frozenset(
-        {"model", "model_name", "base_url", "api_key_env", "request_format", "replay", "replay_delay"}
+        {"model", "model_name", "base_url", "api_key_env", "request_format", "replay", "replay_delay", "decision"}
     )
 
     @classmethod
     def check_options(cls, agent: str, options: Mapping[str, str]) -> None:
         super().check_options(agent, options)
         client_spec_from_options(options, agent)
+        decision_form(options, agent)
 
     def setup_detail(self) -> str:
         spec = client_spec_from_options(dict(self.ctx.options), f"{self.ctx.role}/{self.ctx.impl}")
-        return f"loading the model {spec.model}" if spec.kind == "embedded" else ""
+        return (f"loading the model {spec.model} and reading the planner's instructions" if spec.kind == "embedded"
+                else "")
 
     def make_decider(self) -> Decider:
-        from m2m.agents.llm.clients import make_client
+        from m2m.agents.llm.clients import make_client, warm_up
 
         spec = client_spec_from_options(dict(self.ctx.options), f"{self.ctx.role}/{self.ctx.impl}")
-        return LlmDecider(make_client(spec), name=f"llm:{spec.kind}")
+        form = decision_form(dict(self.ctx.options), f"{self.ctx.role}/{self.ctx.impl}")
+        client = make_client(spec)
+        seconds = warm_up(client)  # the system text's KV cache, ready before the first decision
+        if seconds:
+            log.info("llm_prefix_warmed", seconds=round(seconds, 2))
+        return LlmDecider(client, form=form, name=f"llm:{spec.kind}")
 
 
 class DrlPlannerAgent(_PlannerAgent):
@@ -561,3 +638,10 @@ class RulesPlannerAgent(_PlannerAgent):
 
     def make_decider(self) -> Decider:
         return RulesDecider()
+
+
+class KnowledgePlannerAgent(_PlannerAgent):
+    """The knowledge baseline (:class:`KnowledgeDecider`): every TPP to the knowledge median, then the rules."""
+
+    def make_decider(self) -> Decider:
+        return KnowledgeDecider()

@@ -50,7 +50,8 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "evaluator": {"protocol": "m2m.agents.evaluator:Evaluator"},
     "drl-advisor": {"dqn": "m2m.agents.drl_advisor:DrlAdvisorAgent"},
     "planner": {"llm": "m2m.agents.planner:LlmPlannerAgent", "drl": "m2m.agents.planner:DrlPlannerAgent",
-                "rules": "m2m.agents.planner:RulesPlannerAgent"},
+                "rules": "m2m.agents.planner:RulesPlannerAgent",
+                "knowledge": "m2m.agents.planner:KnowledgePlannerAgent"},
 }
 
 

@@ -32,6 +32,7 @@ ARMS: dict[str, Arm] = {
     "unguided": Arm("unguided", "llm", "unguided"),
     "drl": Arm("drl", "drl", "unguided"),
     "rules": Arm("rules", "rules", "unguided"),
+    "knowledge": Arm("knowledge", "knowledge", "unguided"),
 }
 
 

@@ -7,7 +7,8 @@
   would push greedy decoding off the JSON it must repeat), serialises requests (one llama.cpp context serves one
   request at a time) and the prefix-reuse switch. Prefix reuse: llama.cpp keeps the KV cache of the longest token
   prefix shared with the previous request, and every decision starts with the same
-  :data:`~m2m.agents.llm.situation.SYSTEM_PROMPT`, so after the first decision only the user prompt is evaluated
+  :data:`~m2m.agents.llm.situation.SYSTEM_PROMPT` (one text for every form and mode), so only the user prompt is
+  evaluated — from the first decision on, since a planner fills that cache while it loads the model (:func:`warm_up`)
   (a ``LlamaRAMCache`` would add a state copy per request and only help prompts that alternate between different
   prefixes, which the planner's never do); ``reuse_prefix=False`` clears the context before each request (for
   measurements).
@@ -124,6 +125,15 @@ def _embedded(spec: ModelClientSpec) -> ChatCompletionClient:
                     return complete(**request)
 
             self.llm.create_chat_completion = serialised  # type: ignore[method-assign,assignment]
+            self._serialised = serialised
+
+        def warm(self, system_text: str) -> float:
+            """Evaluate ``system_text`` as the system message once now (seconds taken), so that the KV cache of
+            that prefix is ready for the first decision: a planner does it while loading its model."""
+            started = time.perf_counter()
+            self._serialised(messages=[{"role": "system", "content": system_text}, {"role": "user", "content": "."}],
+                             max_tokens=1, temperature=0.0)
+            return time.perf_counter() - started
 
         async def create(
             self,
@@ -191,6 +201,16 @@ def _openai(spec: ModelClientSpec) -> ChatCompletionClient:
         seed=spec.seed,
         max_tokens=spec.max_tokens,
     )
+
+
+def warm_up(client: ChatCompletionClient) -> float:
+    """Fill an embedded client's KV cache with the planner's fixed system text
+    (:data:`~m2m.agents.llm.situation.SYSTEM_PROMPT`; seconds taken, 0 for other clients, whose cache, if any, is
+    the server's)."""
+    from m2m.agents.llm.situation import SYSTEM_PROMPT
+
+    warm = getattr(client, "warm", None)
+    return float(warm(SYSTEM_PROMPT)) if callable(warm) else 0.0
 
 
 def load_replay(path: Path) -> tuple[str, ...]:

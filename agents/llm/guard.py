@@ -1,14 +1,19 @@
 """The guard between the LLM's proposal and the plan: rules every step must pass, and the action taken instead.
 
+A proposal is an :class:`~m2m.agents.llm.answer.Answer`: a published step of one TPP (``step`` form) or new values
+of one to three TPPs (``values`` and ``quantile`` forms; out-of-range values were already clamped and flagged). Every
+changed TPP is judged by the direction it moves; a multi-TPP answer is taken whole or not at all.
+
 Rules in both modes:
 
-* the TPP must exist and the step must change its value inside the valid range (a step at a bound is a no-op);
+* the TPP must exist and the change must be real: a step at a bound is a no-op (``no_op_at_bound``), a value within
+  0.5 % of the current one is no change (``no_change``);
 * ``stop`` only at the maximum score (every criterion passes);
-* no valid decision at all (``None``) → the safe action.
+* no valid decision at all (``None``) → the replacement below.
 
 Rules added in the guided mode:
 
-* no step may LOOSEN a structure that has an at-risk criterion: one that fails, or passes with less room than
+* no change may LOOSEN a structure that has an at-risk criterion: one that fails, or passes with less room than
   :data:`NEAR_LIMIT_FRACTION` of its limit-to-zero span (the protocol's scoring span, e.g. 5 percentage points for
   rectum V70Gy ≤ 25 %, 3 % Rx for the PTV hot spot);
 * no step may move a TPP further outside the DRL knowledge's 5–95 % support of successful final values (on log10
@@ -18,16 +23,22 @@ Rules added in the guided mode:
   experiment's liver setting 1, lowering t_stomach to 0.37, below the prostate rectum's 5 % quantile 0.52, was vetoed
   for 18 steps while the unguided planner reached 4/4 with it in 2).
 
-A vetoed proposal is replaced, in the guided mode, by the DRL's best admissible advice among the moves that tighten
-a failing criterion's structure (:func:`tightening_moves`: advice that moves something else, e.g. loosens a passing
-OAR while the PTV hot spot fails, is passed over), otherwise, and always in the unguided mode, by the SAFE ACTION:
-tighten the structure of the worst failing criterion (fewest points, then largest overshoot relative to its span)
-with the first admissible of
+A vetoed LLM proposal first gets ONE feedback turn (:func:`refusal` says why, in the same conversation; see
+:func:`m2m.agents.llm.decision.decide`); a retry that passes is taken (source ``retry``, the LLM's own step). The
+``quantile`` form's choices are computed by the same rules beforehand (:func:`quantile_menu`), so a quantile answer
+is admissible by construction and the guard's work there is the multi-TPP whole-or-nothing check.
+
+A proposal still vetoed is replaced, in the guided mode, by the DRL's best admissible advice among the moves that
+tighten a failing criterion's structure (:func:`tightening_moves`: advice that moves something else, e.g. loosens a
+passing OAR while the PTV hot spot fails, is passed over), otherwise, and always in the unguided mode, by the SAFE
+ACTION: tighten the structure of the worst failing criterion (fewest points, then largest overshoot relative to its
+span) with the first admissible of
 
 * an OAR: raise ``lambda_<oar>``, lower ``t_<oar>``, raise ``v_<oar>``;
 * the PTV hot spot: lower ``t_ptv``, raise ``v_ptv``, raise ``lambda_ptv`` (last: it loosens every OAR);
 
-(for a failing lower limit, the same list reversed in direction: the structure needs more dose). At the maximum score
+(for a failing lower limit, the same list reversed in direction: the structure needs more dose), escalating: the move
+the last step made without raising the score is tried last (:func:`stalled_move`). At the maximum score
 the safe action, and the replacement of any vetoed proposal, is ``stop``. When nothing in those lists is admissible
 under the mode's rules, the range rule alone decides; when even that leaves nothing, the guard stops (direction 0)
 with a veto that says so, the only stop below the maximum.
@@ -44,34 +55,34 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from m2m.agents.llm.decision import TppDecision
+from m2m.agents.llm.answer import Answer, Change, changes_words
 from m2m.agents.llm.situation import (
     SUPPORT_QUANTILES,
-    CriterionView,
     Mode,
     Situation,
+    at_risk,
     change_words,
-    criterion_span,
+    knowledge_points,
     stepped_value,
     worst_failing,
 )
-from m2m.physics.tpp import PARAMETERS, Direction, Move, role_of, split_name, tightening_steps
+from m2m.physics.protocol import SCORE_TOLERANCE
+from m2m.physics.tpp import PARAMETERS, Direction, Move, clamp_value, role_of, split_name, tightening_steps
 
 if TYPE_CHECKING:
     from m2m.agents.drl.knowledge import TppKnowledge
 
-#: A criterion passing with less room than this fraction of its limit-to-zero span counts as at risk. Not calibrated:
-#: 10 % of rectum V70Gy's 5-point span would be 0.5 percentage points, less than one loosening step (t ×1.25, lambda
-#: ×0.6) usually moves such a point, so twice that.
-NEAR_LIMIT_FRACTION = 0.2
 
 #: Who chose the action taken at a step: the planner's own ``proposal`` (the LLM's, the DRL planner's or the rules
-#: planner's, unchanged), the DRL's advice replacing a vetoed proposal (``drl_advice``), or the ``safe`` action.
-ActionSource = Literal["proposal", "drl_advice", "safe"]
+#: planner's, unchanged or only clamped into range), its second answer after the guard refused the first and said why
+#: (``retry``), the DRL's advice replacing a vetoed proposal (``drl_advice``), or the ``safe`` action.
+ActionSource = Literal["proposal", "retry", "drl_advice", "safe"]
+#: The sources that count as the planner's own action (its "ownership" of the step).
+OWN_SOURCES: tuple[ActionSource, ...] = ("proposal", "retry")
 #: Why the guard refused a proposal (see the module docstring for each rule).
 VetoReason = Literal[
-    "unknown_tpp", "no_op_at_bound", "loosens_at_risk", "outside_knowledge", "invalid_decision", "early_stop",
-    "no_admissible_action",
+    "unknown_tpp", "no_op_at_bound", "no_change", "loosens_at_risk", "outside_knowledge", "invalid_decision",
+    "early_stop", "no_admissible_action",
 ]
 
 
@@ -85,30 +96,29 @@ class Veto:
 
 @dataclass(frozen=True)
 class GuardResult:
-    """The action actually taken (``move``; None: stop), the vetoes raised against the proposal, and where the
-    action came from."""
+    """The action actually taken — ``changes`` (new TPP values; empty: stop), with ``move`` when it is one published
+    step — the vetoes raised against the proposal(s), and where the action came from."""
 
     move: Move | None
     vetoes: tuple[Veto, ...]
     source: ActionSource
+    changes: tuple[Change, ...] = ()
 
     @property
     def stop(self) -> bool:
-        return self.move is None
+        return not self.changes
+
+    def words(self) -> str:
+        if self.stop:
+            return "stop"
+        return str(self.move) if self.move is not None else changes_words(self.changes)
 
 
-def _taken(tpp: str, direction: int, vetoes: Iterable[Veto], source: ActionSource) -> GuardResult:
-    return GuardResult(Move(tpp, Direction(direction)) if direction else None, tuple(vetoes), source)
-
-
-def span(situation: Situation, criterion: CriterionView) -> float:
-    """The limit-to-zero span of ``criterion`` in its unit (:func:`~m2m.agents.llm.situation.criterion_span`)."""
-    return criterion_span(situation.scenario.protocol, criterion)
-
-
-def at_risk(situation: Situation, criterion: CriterionView) -> bool:
-    """Fails, or passes with less room than :data:`NEAR_LIMIT_FRACTION` of its span."""
-    return not criterion.passed or criterion.room < NEAR_LIMIT_FRACTION * span(situation, criterion)
+def _taken(situation: Situation, tpp: str, direction: int, vetoes: Iterable[Veto], source: ActionSource) -> GuardResult:
+    if not direction:
+        return GuardResult(None, tuple(vetoes), source)
+    answer = Answer.of_move(situation.tpps, Move(tpp, Direction(direction)))
+    return GuardResult(answer.move, tuple(vetoes), source, answer.changes)
 
 
 def effects(tpp: str, direction: int, oar_names: Iterable[str]) -> dict[str, int]:
@@ -137,18 +147,21 @@ def enforced_knowledge(situation: Situation) -> TppKnowledge | None:
     return knowledge
 
 
-def rule_vetoes(situation: Situation, tpp: str, direction: int, mode: Mode, oar_names: Sequence[str]) -> list[Veto]:
-    """Every rule a change of ``tpp`` in ``direction`` breaks in ``situation`` under ``mode`` (empty: admissible)."""
+def value_vetoes(situation: Situation, tpp: str, new: float, mode: Mode, oar_names: Sequence[str]) -> list[Veto]:
+    """Every rule that setting ``tpp`` to ``new`` (already inside its valid range) breaks in ``situation`` under
+    ``mode`` (empty: admissible): it must be a TPP of the scenario and a real change (more than
+    :data:`~m2m.agents.llm.decision.SAME_VALUE_RTOL`); guided, it must not loosen an at-risk structure nor move the
+    TPP further outside the knowledge's support."""
     if tpp not in situation.tpps:
         return [Veto("unknown_tpp", f"{tpp!r} is not a TPP of {situation.scenario.name}")]
     value = situation.tpps[tpp]
-    new = stepped_value(tpp, value, direction)
-    if new == value:
-        return [Veto("no_op_at_bound", f"{tpp}={value:g} is at its {'upper' if direction > 0 else 'lower'} bound")]
+    direction = Change(tpp, value, new).direction
+    if direction == 0:
+        return [Veto("no_change", f"{tpp} is already {value:.3g}")]
     if mode != "guided":
         return []
     vetoes: list[Veto] = []
-    words = change_words(tpp, direction)
+    words = f"{change_words(tpp, direction)} ({value:.3g}->{new:.3g})"
     moved = effects(tpp, direction, oar_names)
     for c in situation.criteria:
         need = 1 if c.upper else -1  # an upper limit needs the structure tightened, a lower limit loosened
@@ -161,12 +174,86 @@ def rule_vetoes(situation: Situation, tpp: str, direction: int, mode: Mode, oar_
         log_scale = stats.scale == "log10"
         before, after = (math.log10(x) if log_scale else x for x in (value, new))
         low, high = (stats.quantiles[q] for q in SUPPORT_QUANTILES)
-        if _support_distance(after, low, high) > _support_distance(before, low, high):
+        tolerance = 1e-9 * max(abs(low), abs(high), 1.0)  # a knowledge point itself is inside
+        if _support_distance(after, low, high) > _support_distance(before, low, high) + tolerance:
             shown = (10.0**low, 10.0**high) if log_scale else (low, high)
             vetoes.append(Veto("outside_knowledge",
                                f"{words} moves {tpp} further outside the DRL's {'-'.join(SUPPORT_QUANTILES)} % range "
                                f"{shown[0]:.3g}-{shown[1]:.3g} (now {value:.3g})"))
     return vetoes
+
+
+def rule_vetoes(situation: Situation, tpp: str, direction: int, mode: Mode, oar_names: Sequence[str]) -> list[Veto]:
+    """Every rule one published step of ``tpp`` in ``direction`` breaks in ``situation`` under ``mode`` (empty:
+    admissible): :func:`value_vetoes` of the stepped value, and no step at the bound it would move past."""
+    if tpp not in situation.tpps:
+        return [Veto("unknown_tpp", f"{tpp!r} is not a TPP of {situation.scenario.name}")]
+    value = situation.tpps[tpp]
+    new = stepped_value(tpp, value, direction)
+    if new == value:
+        return [Veto("no_op_at_bound", f"{tpp}={value:g} is at its {'upper' if direction > 0 else 'lower'} bound")]
+    return value_vetoes(situation, tpp, new, mode, oar_names)
+
+
+def answer_vetoes(situation: Situation, answer: Answer | None, mode: Mode, oar_names: Sequence[str]) -> list[Veto]:
+    """Every rule ``answer`` breaks (empty: it is taken as it is): no answer, a stop below the maximum, or any of
+    its changes vetoed (a multi-TPP answer is taken whole or not at all)."""
+    if answer is None:
+        return [Veto("invalid_decision", "no valid decision from the LLM")]
+    if answer.stop:
+        if situation.at_max:
+            return []
+        failing = sum(1 for c in situation.criteria if not c.passed)
+        return [Veto("early_stop", f"stop at score {situation.score:.2f} of {situation.max_score:g} "
+                                   f"with {failing} failing criteria")]
+    if not answer.changes:
+        return [Veto("invalid_decision", "a change that changes nothing")]
+    if answer.move is not None:
+        return rule_vetoes(situation, answer.move.tpp, int(answer.move.direction), mode, oar_names)
+    vetoes: list[Veto] = []
+    for c in answer.changes:
+        vetoes += value_vetoes(situation, c.tpp, c.after, mode, oar_names)
+    return vetoes
+
+
+def refusal(situation: Situation, answer: Answer, mode: Mode, oar_names: Sequence[str]) -> str:
+    """Why the guard refuses ``answer``, in words for the model's feedback turn ("" when it does not)."""
+    return "; ".join(v.detail for v in answer_vetoes(situation, answer, mode, oar_names))
+
+
+#: A quantile answer's choices: per TPP, ``(target, value)`` pairs, nearest to the current value first.
+Menu = dict[str, list[tuple[str, float]]]
+#: At most this many choices per TPP (the nearest): each costs ~5 prompt tokens, and with two failing structures
+#: five per TPP took the knowledge block to 316 tokens; the knowledge's far tails are rarely the right jump.
+MENU_CHOICES = 3
+
+
+def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) -> Menu:
+    """The knowledge points a ``quantile`` answer may choose (:func:`~m2m.agents.llm.situation.knowledge_points`):
+    per TPP, those that move it in the direction that helps the structure of a failing criterion (tighten it, or for a
+    failing lower limit loosen it) and that pass every rule of ``mode`` (:func:`value_vetoes`), the
+    :data:`MENU_CHOICES` nearest. Empty at the maximum score. The prompt lists them and the answer schema offers only them, so the model chooses which TPPs to move and
+    how far into the solution space, and the guard's rules are known to it before it answers."""
+    now = situation.tpps
+    need: dict[str, int] = {}
+    for c in worst_failing(situation):
+        need.setdefault(c.structure, 1 if c.upper else -1)
+    menu: Menu = {}
+    for tpp, points in knowledge_points(situation).items():
+        options: list[tuple[str, float]] = []
+        for target, value in points.items():
+            new = clamp_value(tpp, value)
+            direction = Change(tpp, now[tpp], new).direction
+            if direction == 0:
+                continue
+            moved = effects(tpp, direction, oar_names)
+            if not any(moved.get(structure) == n for structure, n in need.items()):
+                continue
+            if not value_vetoes(situation, tpp, new, mode, oar_names):
+                options.append((target, new))
+        if options:
+            menu[tpp] = sorted(options, key=lambda o: abs(o[1] - now[tpp]))[:MENU_CHOICES]
+    return menu
 
 
 def tightening_moves(situation: Situation) -> list[tuple[str, int]]:
@@ -175,11 +262,23 @@ def tightening_moves(situation: Situation) -> list[tuple[str, int]]:
     return [m for c in worst_failing(situation) for m in tightening_steps(c.structure, 1 if c.upper else -1)]
 
 
+def stalled_move(situation: Situation) -> tuple[str, int] | None:
+    """The last step's published move when it did not raise the score (a planner should not repeat it), else None."""
+    last = situation.history[-1] if situation.history else None
+    if last is None or last.move is None or situation.score > last.score + SCORE_TOLERANCE:
+        return None
+    return last.move.tpp, int(last.move.direction)
+
+
 def safe_action(situation: Situation, mode: Mode, oar_names: Sequence[str]) -> tuple[str, int]:
-    """The documented safe action (module doc): ``("", 0)`` at the maximum score or when nothing is admissible."""
+    """The documented safe action (module doc): ``("", 0)`` at the maximum score or when nothing is admissible.
+    It escalates: the move the last step made without raising the score comes last."""
     if situation.at_max:
         return "", 0
     ordered = tightening_moves(situation)
+    stalled = stalled_move(situation)
+    if stalled in ordered:
+        ordered = [m for m in ordered if m != stalled] + [stalled]
     for rules in (mode, "unguided"):
         for tpp, direction in ordered:
             if not rule_vetoes(situation, tpp, direction, rules, oar_names):
@@ -187,29 +286,33 @@ def safe_action(situation: Situation, mode: Mode, oar_names: Sequence[str]) -> t
     return "", 0
 
 
-def guard(situation: Situation, decision: TppDecision | None, mode: Mode, oar_names: Sequence[str]) -> GuardResult:
-    """The action to take for ``decision`` in ``situation`` (see the module docstring for every rule)."""
-    if decision is None:
-        vetoes = [Veto("invalid_decision", "no valid decision from the LLM")]
-    elif decision.action == "stop":
-        if situation.at_max:
-            return GuardResult(None, (), "proposal")
-        failing = sum(1 for c in situation.criteria if not c.passed)
-        vetoes = [Veto("early_stop", f"stop at score {situation.score:.2f} of {situation.max_score:g} "
-                                     f"with {failing} failing criteria")]
-    else:
-        direction = decision.signed_direction
-        vetoes = ([Veto("invalid_decision", "a change without a direction")] if direction == 0
-                  else rule_vetoes(situation, decision.tpp, direction, mode, oar_names))
-        if not vetoes:
-            return _taken(decision.tpp, direction, (), "proposal")
+def guard(
+    situation: Situation,
+    answer: Answer | None,
+    mode: Mode,
+    oar_names: Sequence[str],
+    *,
+    first: Answer | None = None,
+) -> GuardResult:
+    """The action to take for the planner's ``answer`` in ``situation`` (see the module docstring for every rule).
+
+    ``first``: the answer the guard refused before the planner's feedback turn (``answer`` is then the retry;
+    taken, its source is ``retry``; the vetoes of both are recorded)."""
+    retried = first is not None
+    earlier = answer_vetoes(situation, first, mode, oar_names) if retried else []
+    repeated = retried and answer is first  # the feedback turn gave no new valid answer
+    vetoes = [] if repeated else answer_vetoes(situation, answer, mode, oar_names)
+    if answer is not None and not repeated and not vetoes:
+        source: ActionSource = "retry" if retried else "proposal"
+        return GuardResult(answer.move, tuple(earlier), source, answer.changes)
+    vetoes = earlier + vetoes
     if mode == "guided" and not situation.at_max:
         helpful = set(tightening_moves(situation))
         for advice in situation.advice:
             move = (advice.tpp, advice.direction)
             if move in helpful and not rule_vetoes(situation, *move, mode, oar_names):
-                return _taken(advice.tpp, advice.direction, vetoes, "drl_advice")
+                return _taken(situation, advice.tpp, advice.direction, vetoes, "drl_advice")
     tpp, direction = safe_action(situation, mode, oar_names)
     if direction == 0 and not situation.at_max:
         vetoes.append(Veto("no_admissible_action", "no step passes the range rule: stopping"))
-    return _taken(tpp, direction, vetoes, "safe")
+    return _taken(situation, tpp, direction, vetoes, "safe")

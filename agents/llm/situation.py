@@ -13,11 +13,24 @@ names its own unit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, Direction, Move, Role, clamp_value, spec_of, split_name
+from m2m.agents.llm.answer import stepped_value
+from m2m.physics.tpp import (
+    PARAMETERS,
+    PARAMS,
+    PTV,
+    Direction,
+    Move,
+    Role,
+    ValidRange,
+    spec_of,
+    split_name,
+)
 
 if TYPE_CHECKING:
     from m2m.agents.drl.knowledge import TppKnowledge
@@ -61,31 +74,67 @@ def _tightening_text(role: Role) -> str:
     return f"{', '.join(moves[:-1])} or {moves[-1]}" + (f" ({'; '.join(side)})" if side else "")
 
 
-#: The fixed instructions. What each parameter is, its step factors and which direction tightens come from the
-#: parameter table (:data:`m2m.physics.tpp.PARAMETERS`), the knowledge support from :data:`SUPPORT_QUANTILES`.
-SYSTEM_PROMPT = "\n".join([
-    "You tune the treatment planning parameters (TPPs) of a radiotherapy plan optimizer, one step per turn, "
-    "to reach the maximum protocol score.",
-    f"Each structure s (ptv = the target; the others are organs at risk, OARs) has {_COUNT_WORDS[len(PARAMETERS)]} "
-    "TPPs:",
-    *(f"- {p.name}_s: {p.description}" for p in PARAMETERS.values()),
-    f"A step multiplies one TPP: raise ({_factor_list(Direction.RAISE)}) or lower ({_factor_list(Direction.LOWER)}), "
-    "clipped to its valid range.",
-    f"To lower an OAR's dose (tighten it): {_tightening_text('oar')}.",
-    f"To lower the PTV hot spot: {_tightening_text('ptv')}.",
-    "The opposite moves loosen a structure and free dose for the others. PTV coverage is fixed by normalisation.",
-    "Rules:",
-    "1. If every criterion passes, reply stop.",
-    "2. Otherwise tighten the structure of the worst failing criterion.",
-    "3. Never loosen a structure whose criterion fails or is near its limit.",
-    "4. A TPP at a bound cannot move further that way.",
-    "DRL knowledge, if given, tells where a DRL planner's successful plans ended (keep TPPs inside its "
-    f"{'-'.join(SUPPORT_QUANTILES)} % ranges) and which TPPs it moves first; DRL advice is a hint for this plan, "
-    "not an order.",
-    "Reply with one JSON object only:",
-    '{"action": "change", "tpp": "<TPP name>", "direction": "raise" or "lower", "rationale": "<short reason>"}',
-    'or {"action": "stop", "tpp": "", "direction": "none", "rationale": "<short reason>"}',
-])
+def _ranges_text() -> str:
+    """Each parameter's valid range (:data:`m2m.physics.tpp.PARAMETERS`), one entry per parameter unless the PTV's
+    differs from the OARs': ``"t_ptv [1,1.2], other t (0,1], lambda (0,1e+05], …"``."""
+    def text(r: ValidRange) -> str:
+        return f"{'[' if r.low_inclusive else '('}{r.low:g},{r.high:g}]"
+
+    parts: list[str] = []
+    for p in PARAMETERS.values():
+        ptv, oar = p.ptv.valid, p.oar.valid
+        parts += ([f"{p.name} {text(oar)}"] if ptv == oar
+                  else [f"{p.name}_{PTV} {text(ptv)}", f"other {p.name} {text(oar)}"])
+    return ", ".join(parts)
+
+
+#: Each decision form's answer, as the system text shows it (the JSON schema enforces it; these lines tell the
+#: model what the fields mean).
+REPLY_FORMATS: dict[str, str] = {
+    "step": '{"action": "change", "tpp": "<TPP name>", "direction": "raise" or "lower", "rationale": "<short>"}; '
+            'a step multiplies one TPP: raise (RAISE) or lower (LOWER), clipped to its valid range',
+    "values": '{"action": "change", "changes": {"<TPP name>": <new value>, ...}, "rationale": "<short>"} with 1-3 '
+              "TPPs; small changes do little (a useful change of t is 10-40 %, of lambda a factor 2-10)",
+    "quantile": '{"action": "change", "changes": {"<TPP name>": "<one of its choices: p5, p25, p50, p75, p95>", '
+                '...}, "rationale": "<short>"} with 1-3 TPPs, each moved to that point of the DRL knowledge',
+}
+
+
+def system_prompt() -> str:
+    """The fixed instructions, one text for every decision form and both modes (the user prompt names the form to
+    answer in), so a local model keeps its KV cache across every decision of a planner process, whichever session,
+    mode or form. What each parameter is, its step factors, valid ranges and which direction tightens come from
+    the parameter table (:data:`m2m.physics.tpp.PARAMETERS`), the knowledge support from
+    :data:`SUPPORT_QUANTILES`."""
+    return "\n".join([
+        "You tune the treatment planning parameters (TPPs) of a radiotherapy plan optimizer to reach the maximum "
+        "protocol score in as few turns as possible.",
+        f"Each structure s (ptv = the target; the others are organs at risk, OARs) has "
+        f"{_COUNT_WORDS[len(PARAMETERS)]} TPPs:",
+        *(f"- {p.name}_s: {p.description}" for p in PARAMETERS.values()),
+        f"Valid ranges: {_ranges_text()}.",
+        f"To lower an OAR's dose (tighten it): {_tightening_text('oar')}.",
+        f"To lower the PTV hot spot: {_tightening_text('ptv')}.",
+        "The opposite moves loosen a structure and free dose for the others. PTV coverage is fixed by normalisation.",
+        "Rules:",
+        "1. If every criterion passes, reply stop.",
+        "2. Otherwise tighten the structure of the worst failing criterion.",
+        "3. Never loosen a structure whose criterion fails or is near its limit.",
+        "4. A TPP at a bound cannot move further that way; if a change did not raise the score, go further or change "
+        "another TPP of that structure.",
+        "DRL knowledge, if given, tells where a DRL planner's successful plans ended (keep TPPs inside its "
+        f"{'-'.join(SUPPORT_QUANTILES)} % ranges) and which TPPs it moves first; DRL advice is a hint for this plan, "
+        "not an order.",
+        "Reply with one JSON object only, in the form the question names:",
+        *(f"- {form} form: " + text.replace("RAISE", _factor_list(Direction.RAISE)).replace(
+            "LOWER", _factor_list(Direction.LOWER)) for form, text in REPLY_FORMATS.items()),
+        '- to stop, in any form: {"action": "stop", "tpp": "", "direction": "none", ...} (step) or '
+        '{"action": "stop", "changes": {}, ...}',
+    ])
+
+
+#: The fixed instructions (:func:`system_prompt`).
+SYSTEM_PROMPT = system_prompt()
 
 
 @dataclass(frozen=True)
@@ -116,11 +165,17 @@ class CriterionView:
 
 @dataclass(frozen=True)
 class StepView:
-    """One past step: the ``move`` made from it and the ``score`` it had."""
+    """One past step: the ``action`` made from it (a published ``move`` and/or its words, e.g.
+    ``"t_ptv 1.1->1 (p50)"``) and the ``score`` it had."""
 
     step: int
-    move: Move
+    move: Move | None
     score: float
+    words: str = ""
+
+    @property
+    def action(self) -> str:
+        return self.words or str(self.move)
 
 
 @dataclass(frozen=True)
@@ -174,11 +229,28 @@ class Situation:
         return k
 
 
+#: A criterion passing with less room than this fraction of its limit-to-zero span counts as at risk. Not calibrated:
+#: 10 % of rectum V70Gy's 5-point span would be 0.5 percentage points, less than one loosening step (t ×1.25, lambda
+#: ×0.6) usually moves such a point, so twice that.
+NEAR_LIMIT_FRACTION = 0.2
+
+
 def criterion_span(protocol: Protocol, criterion: CriterionView) -> float:
     """The limit-to-zero span ``|zero - limit|`` of ``criterion`` (its unit) in ``protocol``, or
     :data:`FALLBACK_SPAN_FRACTION` of its limit when the protocol has no criterion with that label."""
     known = next((abs(c.zero - c.limit) for c in protocol.criteria if c.label == criterion.label), None)
     return known if known is not None else FALLBACK_SPAN_FRACTION * max(abs(criterion.limit), 1e-9)
+
+
+def span(situation: Situation, criterion: CriterionView) -> float:
+    """The limit-to-zero span of ``criterion`` in its unit (:func:`criterion_span`)."""
+    return criterion_span(situation.scenario.protocol, criterion)
+
+
+def at_risk(situation: Situation, criterion: CriterionView) -> bool:
+    """Fails, or passes with less room than :data:`NEAR_LIMIT_FRACTION` of its span (the guard never loosens its
+    structure; the prompt names it)."""
+    return not criterion.passed or criterion.room < NEAR_LIMIT_FRACTION * span(situation, criterion)
 
 
 def worst_failing(situation: Situation) -> list[CriterionView]:
@@ -187,12 +259,6 @@ def worst_failing(situation: Situation) -> list[CriterionView]:
         (c for c in situation.criteria if not c.passed),
         key=lambda c: (c.points, c.room / criterion_span(situation.scenario.protocol, c)),
     )
-
-
-def stepped_value(name: str, value: float, direction: int) -> float:
-    """``value`` of TPP ``name`` after one raise (+1) or lower (−1) step, clipped to its range (as
-    :func:`m2m.physics.tpp.step` does); equal to ``value`` when the step is a no-op at a bound."""
-    return clamp_value(name, value * spec_of(name).factor(direction))
 
 
 def change_words(tpp: str, direction: int) -> str:
@@ -217,62 +283,113 @@ def _bound_note(name: str, value: float) -> str:
 
 
 def _criterion_line(c: CriterionView) -> str:
-    state = f"pass, margin {_num(c.room)}" if c.passed else f"FAIL, over by {_num(-c.room)}, {c.points:.2f} pt"
-    return f"- {c.label}: {_num(c.value)} {c.unit} ({state})"
+    state = f"FAIL {c.points:.2f} pt" if not c.passed else "near limit"
+    return f"- {c.label}: {_num(c.value)} ({state})"
 
 
-def _state_lines(s: Situation) -> list[str]:
+def _tpp_lines(s: Situation, names: list[str]) -> list[str]:
+    """``names`` grouped by structure, one line each: ``"- t_ptv=1.04 at max, lambda_ptv=3, v_ptv=0.12"``."""
+    by_structure: dict[str, list[str]] = {}
+    for name in names:
+        value = s.tpps[name]
+        by_structure.setdefault(split_name(name)[1], []).append(f"{name}={_num(value, 3)}{_bound_note(name, value)}")
+    return [f"- {', '.join(items)}" for items in by_structure.values()]
+
+
+def _state_lines(s: Situation, form: str = "step") -> list[str]:
+    """The plan state: score, a DVH summary (max and mean dose of each scored structure), the failing and near-limit
+    criteria (the others only counted), the TPPs (left to the knowledge table in the guided quantile form) and the
+    last steps."""
+    shown = [c for c in s.criteria if at_risk(s, c)]
     lines = [
         f"Scenario {s.scenario.name}, step {s.step} of {s.step_cap}. Score {s.score:.2f} of {s.max_score:g}.",
-        "Dose (% Rx): " + "; ".join(
-            f"{name} max {_num(d['dmax_pct_rx'])} mean {_num(d['dmean_pct_rx'])} D95 {_num(d['d95_pct_rx'])}"
-            for name, d in s.dose_summary.items()
+        "Dose % Rx (max/mean): " + ", ".join(
+            f"{name} {_num(d['dmax_pct_rx'], 3)}/{_num(d['dmean_pct_rx'], 3)}" for name, d in s.dose_summary.items()
         ),
-        "Criteria:",
-        *(_criterion_line(c) for c in s.criteria),
-        "TPPs (value, valid range):",
+        f"Criteria failing or near their limit ({len(s.criteria) - len(shown)} others pass with room):",
+        *(_criterion_line(c) for c in shown),
     ]
-    by_structure: dict[str, list[str]] = {}
-    for name, value in s.tpps.items():
-        by_structure.setdefault(split_name(name)[1], []).append(
-            f"{name}={_num(value, 3)} {_range_text(name)}{_bound_note(name, value)}"
-        )
-    lines += [f"- {'; '.join(items)}" for items in by_structure.values()]
+    in_table = set(knowledge_points(s)) if form == "quantile" else set()
+    rest = [n for n in s.tpps if n not in in_table]
+    if rest:
+        lines.append("TPPs:" if not in_table else "TPPs the knowledge does not cover:")
+        lines += _tpp_lines(s, rest)
     if s.history:
         lines.append("Last steps: " + "; ".join(
-            f"{h.step}: {h.move} -> score {h.score:.2f}" for h in s.history[-HISTORY_SHOWN:]
+            f"{h.step}: {h.action} -> score {h.score:.2f}" for h in s.history[-HISTORY_SHOWN:]
         ))
     return lines
 
 
-def _closing_line(s: Situation) -> str:
+def _closing_line(s: Situation, form: str = "step") -> str:
     # Last, where a small model reads it just before answering: which criterion decides the move, or that none does.
     failing = worst_failing(s)
     if not failing:
-        return "Every criterion passes. Next step?"
-    others = f"; also failing: {', '.join(c.label for c in failing[1:])}" if len(failing) > 1 else ""
-    return f"Worst failing: {failing[0].label} ({failing[0].points:.2f} pt){others}. Next step?"
+        return f"Every criterion passes. Next step ({form} form)?"
+    return f"Worst failing: {failing[0].label}. Next step ({form} form)?"
 
 
-def _knowledge_lines(s: Situation) -> list[str]:
+def knowledge_points(s: Situation) -> dict[str, dict[str, float]]:
+    """Per TPP label of the usable knowledge, its quantiles as TPP values: ``{"t_rectum": {"p5": 0.53, …}}``
+    (log10 statistics turned back into weights); empty without usable knowledge."""
     k = s.usable_knowledge()
     if k is None:
+        return {}
+    return {stats.label: {f"p{q}": 10.0 ** v if stats.scale == "log10" else v for q, v in stats.quantiles.items()}
+            for stats in k.tpps if stats.count > 0}
+
+
+def knowledge_value(s: Situation, tpp: str, target: str) -> float | None:
+    """The knowledge's value of ``tpp`` at quantile ``target`` (``"p50"``, …), None when it has none."""
+    return knowledge_points(s).get(tpp, {}).get(target)
+
+
+def _where(now: float, points: Mapping[str, float]) -> str:
+    """Where ``now`` sits among the quantile ``points`` (ascending): ``"<p5"``, ``"p25-p50"``, ``"=p50"``, …"""
+    names = list(points)
+    for name in names:
+        if math.isclose(now, points[name], rel_tol=0.02):
+            return f"={name}"
+    if now < points[names[0]]:
+        return f"<{names[0]}"
+    for lo, hi in itertools.pairwise(names):
+        if now < points[hi]:
+            return f"{lo}-{hi}"
+    return f">{names[-1]}"
+
+
+def _knowledge_lines(s: Situation, form: str = "step",
+                     menu: Mapping[str, Sequence[tuple[str, float]]] | None = None) -> list[str]:
+    """The guided block. ``quantile`` form: each TPP with where it sits among the knowledge's quantiles and, for
+    the TPPs in ``menu``, the points the answer may choose (the guard's :func:`~m2m.agents.llm.guard.quantile_menu`);
+    other forms: each TPP's median and 5-95 % range. Then the DRL's priority order."""
+    k = s.usable_knowledge()
+    points = knowledge_points(s)
+    if k is None or not points:
         return []
-    low, high = SUPPORT_QUANTILES
-    lines = [f"DRL knowledge (final TPPs of {k.provenance.n_at_max} plans at max score; median, {low}-{high} % range):"]
-    for stats in k.tpps:
-        if stats.count == 0:
-            continue
-        q = {p: 10.0 ** v if stats.scale == "log10" else v for p, v in stats.quantiles.items()}
-        now = s.tpps[stats.label]
-        where = " now below" if now < q[low] else " now above" if now > q[high] else ""
-        digits = 2 if stats.scale == "log10" else 3  # weights matter by their order of magnitude only
-        lines.append(f"- {stats.label}: {_num(q['50'], digits)} ({_num(q[low], digits)}-{_num(q[high], digits)})"
-                     f"{where}")
+    low, high = (f"p{q}" for q in SUPPORT_QUANTILES)
+    if form == "quantile":
+        lines = [f"DRL knowledge of {k.provenance.n_at_max} plans at max: each TPP among "
+                 f"{'/'.join(next(iter(points.values())))}; choices help a failing criterion"]
+    else:
+        lines = [f"DRL knowledge (TPPs of {k.provenance.n_at_max} successful plans; median, {low}-{high} range):"]
+    by_structure: dict[str, list[str]] = {}
+    for name, q in points.items():
+        now, structure = s.tpps[name], split_name(name)[1]
+        digits = 2 if PARAMETERS[split_name(name)[0]].log_scale else 3  # weights matter by their magnitude only
+        if form != "quantile":
+            where = " now below" if now < q[low] else " now above" if now > q[high] else ""
+            item = f"{name} {_num(q['p50'], digits)} ({_num(q[low], digits)}-{_num(q[high], digits)}){where}"
+        elif menu and name in menu:
+            choices = " ".join(f"{p}={_num(v, 2)}" for p, v in menu[name])
+            item = f"{name}={_num(now, digits)}, choices: {choices}"
+        else:
+            item = f"{name} {_where(now, q)}"
+        by_structure.setdefault(structure, []).append(item)
+    lines += [f"- {'; '.join(items)}" for items in by_structure.values()]
     by_role = {f"{p}_{r}": f"{p}_{st}" for r, st in k.roles.items() for p in PARAMS}
     # The priority order only, without directions: a listed "raise X 22 %" is copied by small models whatever the plan.
-    lines.append("DRL priority (TPPs it moves first, over all plans): "
-                 + ", ".join(by_role.get(p, p) for p in k.priority[:PRIORITIES_SHOWN]))
+    lines.append("DRL priority: " + ", ".join(by_role.get(p, p) for p in k.priority[:PRIORITIES_SHOWN]))
     return lines
 
 
@@ -283,16 +400,20 @@ def _advice_lines(s: Situation) -> list[str]:
                                            for a in s.advice)]
 
 
-def render(situation: Situation, mode: Mode, *, with_advice: bool) -> str:
-    """The user prompt for one decision (see the module docstring); ``with_advice`` only matters when guided.
+def render(situation: Situation, mode: Mode, *, with_advice: bool, form: str = "step",
+           menu: Mapping[str, Sequence[tuple[str, float]]] | None = None) -> str:
+    """The user prompt for one decision in decision ``form`` (see the module docstring); ``with_advice`` only
+    matters when guided.
 
     The guided block (knowledge, then advice) sits between the plan state and the closing line (the worst failing
-    criterion and the question), so removing it gives the unguided prompt exactly.
+    criterion and the question). In the ``step`` and ``values`` forms removing it gives the unguided prompt
+    exactly; in the ``quantile`` form the knowledge table also carries the current TPP values, which the plan
+    state then leaves out (each TPP once: prompt tokens are decision time on a CPU).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     guided: list[str] = []
     if mode == "guided":
-        guided = _knowledge_lines(situation) + (_advice_lines(situation) if with_advice else [])
-    return "\n".join([*_state_lines(situation), *guided, _closing_line(situation)])
-
+        guided = _knowledge_lines(situation, form, menu) + (_advice_lines(situation) if with_advice else [])
+    state = _state_lines(situation, form if mode == "guided" else "step")
+    return "\n".join([*state, *guided, _closing_line(situation, form)])

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from support.procs import Procs, run_m2m, running
 
-from m2m.agents.llm.guard import NEAR_LIMIT_FRACTION
+from m2m.agents.drl import DEFAULT_KNOWLEDGE
+from m2m.agents.drl.knowledge import load_knowledge, relabel_knowledge
+from m2m.agents.llm.situation import NEAR_LIMIT_FRACTION
 from m2m.agents.messages import (
     ADVISE,
     DOSE_PLAN,
@@ -81,14 +83,16 @@ def _session(p: Procs, mode: str, seed: int, cap: int, on_step=lambda s, outcome
 
 
 def _check_trajectory(result: SessionResult) -> None:
-    """Steps are contiguous from 0, each step but the last made a move, the move is the guarded action applied to
-    that step's TPPs, and the next step was planned with exactly those TPPs."""
+    """Steps are contiguous from 0, each step but the last changed TPPs, a published step's changes are the step
+    applied to that step's TPPs, and the next step was planned with exactly the changed TPPs."""
     steps = result.steps
     assert [s.step for s in steps] == list(range(len(steps))) and result.n_steps == len(steps) - 1
-    assert steps[-1].action is None and all(s.action is not None for s in steps[:-1])
+    assert steps[-1].decision is None
     for s, nxt in itertools.pairwise(steps):
-        assert s.action is not None
-        assert nxt.tpps == pytest.approx(s.action.apply(TppSet.from_dict(s.tpps, OARS)).as_dict())
+        assert s.decision is not None and not s.decision.stopped
+        assert nxt.tpps == pytest.approx(s.tpps | {c.tpp: c.after for c in s.decision.changes})
+        if s.action is not None:
+            assert nxt.tpps == pytest.approx(s.action.apply(TppSet.from_dict(s.tpps, OARS)).as_dict())
     assert result.final_score == steps[-1].score and result.initial_score == steps[0].score
 
 
@@ -100,7 +104,7 @@ def test_guided_and_unguided_sessions_with_the_replay_client(services: Procs, tm
     # by the guard in guided mode whenever a rectum criterion fails or is near its limit.
     loosen = {"action": "change", "tpp": "lambda_rectum", "direction": "lower", "rationale": "spare the PTV"}
     answers = _answers(tmp_path, [loosen] * 12)
-    services.agent("planner", "planner-replay", "model=replay", f"replay={answers}", impl="llm")
+    services.agent("planner", "planner-replay", "model=replay", f"replay={answers}", "decision=step", impl="llm")
     services.wait_ready("planner-replay")
     try:
         results = {mode: _session(services, mode, SEEDS[0], cap=3) for mode in ("unguided", "guided")}
@@ -133,6 +137,50 @@ def test_guided_and_unguided_sessions_with_the_replay_client(services: Procs, tm
             assert d.source in ("drl_advice", "safe") and d.action != LOOSEN, f"step {s.step}"
         else:  # an admitted proposal is taken as proposed, and loosening an at-risk rectum is never admitted
             assert (d.source, d.action) == ("proposal", LOOSEN) and not rectum_at_risk(s), f"step {s.step}"
+
+
+def test_value_proposals_on_the_bus_get_one_feedback_turn_and_count_as_owned(services: Procs, tmp_path: Path) -> None:
+    # The case starts with the PTV hot spot failing. The replayed LLM first raises t_ptv to its maximum (loosens the
+    # failing hot spot), then, told why that was refused, sets it to 1.0: the guard refuses the first and takes the
+    # second, which counts as the LLM's own step.
+    loosen = {"action": "change", "changes": {"t_ptv": 1.5}, "rationale": "spare the OARs"}
+    tighten = {"action": "change", "changes": {"t_ptv": 1.0}, "rationale": "hot spot"}
+    answers = _answers(tmp_path, [loosen, tighten] * 6)
+    services.agent("planner", "planner-values", "model=replay", f"replay={answers}", "decision=values", impl="llm")
+    services.wait_ready("planner-values")
+    try:
+        result = _session(services, "guided", SEEDS[0], cap=1)
+    finally:
+        services.kill("planner-values")
+    _check_trajectory(result)
+    assert any(c.label.startswith("ptv") and not c.passed for c in result.steps[0].criteria)
+    first = result.steps[0].decision
+    assert first is not None and first.proposal is not None and first.proposal.form == "values"
+    # 1.5 is outside t_ptv's valid range [1, 1.2]: clamped to 1.2 and flagged
+    assert [(c.tpp, c.after, c.clamped) for c in first.proposal.changes] == [("t_ptv", 1.2, True)]
+    assert first.vetoes[0].reason == "loosens_at_risk" and "ptv" in first.vetoes[0].detail
+    assert first.retry is not None and first.source == "retry" and first.owned
+    assert [(c.tpp, c.after) for c in first.changes] == [("t_ptv", 1.0)] and first.action is None
+    assert result.steps[1].tpps["t_ptv"] == 1.0 and len(first.answers) == 2
+
+
+def test_knowledge_baseline_sets_every_tpp_to_the_median_in_one_step(services: Procs) -> None:
+    services.agent("planner", "planner-knowledge", impl="knowledge")
+    services.wait_ready("planner-knowledge")
+    try:
+        result = _session(services, "unguided", SEEDS[1], cap=3)
+    finally:
+        services.kill("planner-knowledge")
+    _check_trajectory(result)
+    first = result.steps[0].decision
+    assert first is not None and first.source == "proposal" and first.proposal is not None
+    assert first.proposal.form == "quantile" and {c.target for c in first.changes} == {"p50"}
+    knowledge = relabel_knowledge(load_knowledge(DEFAULT_KNOWLEDGE), load_scenario(SCENARIO).roles)
+    medians = {t.label: (10 ** t.quantiles["50"] if t.scale == "log10" else t.quantiles["50"])
+               for t in knowledge.tpps}
+    assert result.steps[1].tpps == pytest.approx({**result.steps[0].tpps, **medians})
+    later = [s.decision for s in result.steps[1:-1]]
+    assert all(d is not None and d.action is not None for d in later)  # then the rules planner's steps
 
 
 def test_dose_engine_killed_mid_session_loses_no_step(own_stack: Procs) -> None:
@@ -295,10 +343,11 @@ def test_guided_session_with_the_embedded_model(services: Procs) -> None:
     _check_trajectory(result)
     first = result.steps[0].decision
     assert result.n_steps == 1 and result.header.planner == "llm:planner-embedded" and first is not None
-    assert first.valid and first.proposal is not None and first.proposal.move is not None
-    assert first.proposal.move.tpp in result.steps[0].tpps
-    answer = json.loads(first.answers[-1])  # the model's own text is JSON of the decision schema
-    assert (answer["tpp"], answer["direction"]) == (first.proposal.move.tpp, first.proposal.move.direction.word)
+    assert first.valid and first.proposal is not None and first.proposal.changes
+    assert first.proposal.form in ("quantile", "values")  # the default form, or values when no point helps
+    assert all(c.tpp in result.steps[0].tpps for c in first.proposal.changes)
+    answer = json.loads(first.answers[0])  # the model's own text is JSON of the decision schema
+    assert [c["tpp"] for c in answer["changes"]] == [c.tpp for c in first.proposal.changes]
 
 
 def test_agent_joins_a_curve_broker_over_tcp_with_its_keys(tmp_path: Path, procs: Procs) -> None:

@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 import pytest
 from support.procs import Procs, wait_until
 
+from m2m.agents.llm.answer import Answer
 from m2m.agents.llm.bench import bench_cases
 from m2m.agents.llm.clients import ModelClientSpec, gemma_turns, load_replay, make_client
-from m2m.agents.llm.decision import TppDecision, decide, decision_type
+from m2m.agents.llm.decision import TppDecision, decide, decision_type, to_answer
 from m2m.agents.llm.models import DEFAULT_MODEL, ensure_model, is_installed
 
 SITUATION = next(c.situation for c in bench_cases() if c.name == "prostate/rectum-v70-fails")
@@ -29,7 +30,7 @@ def test_replay_from_a_file(tmp_path):
     path.write_text(json.dumps([ANSWER, "not json"]))
     assert load_replay(path) == (json.dumps(ANSWER), "not json")
     outcome = asyncio.run(decide(make_client(ModelClientSpec("replay", replay_path=path)), SITUATION, "unguided"))
-    assert outcome.valid and outcome.raw == TppDecision(**ANSWER)
+    assert outcome.valid and outcome.raw == to_answer(TppDecision(**ANSWER), SITUATION)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="array"):
         load_replay(tmp_path / "bad.json")
@@ -86,7 +87,7 @@ def test_openai_request_formats_reach_the_server(recorder, request_format, monke
     spec = ModelClientSpec("openai", model="planner", base_url=recorder, api_key_env="M2M_TEST_KEY",
                            request_format=request_format)  # type: ignore[arg-type]
     outcome = asyncio.run(decide(make_client(spec), SITUATION, "unguided"))
-    assert outcome.valid and outcome.raw == TppDecision(**ANSWER)
+    assert outcome.valid and outcome.raw == to_answer(TppDecision(**ANSWER), SITUATION)
     (body,) = _Recorder.bodies
     assert body["temperature"] == 0 and body["seed"] == 0 and body["max_tokens"] == 128
     schema = decision_type(tuple(SITUATION.tpps)).model_json_schema()
@@ -126,8 +127,33 @@ def test_embedded_default_model_gives_a_valid_decision():
         asyncio.run(client.close())
     _schema_conforming(outcome)
     assert outcome.valid, outcome.error
-    assert isinstance(outcome.raw, TppDecision)
-    assert outcome.raw.action == "stop" or outcome.raw.tpp in SITUATION.tpps
+    assert isinstance(outcome.raw, Answer)
+    assert outcome.raw.stop or all(c.tpp in SITUATION.tpps for c in outcome.raw.changes)
+
+
+@pytest.mark.slow
+def test_embedded_default_model_answers_in_the_default_quantile_form_from_the_menu():
+    """The planner's default form, guided, on the shipped knowledge: the answer is one of the menu's points."""
+    import dataclasses
+
+    from m2m.agents.drl import DEFAULT_KNOWLEDGE
+    from m2m.agents.drl.knowledge import load_knowledge
+    from m2m.agents.llm.guard import quantile_menu
+    from m2m.agents.planner import DEFAULT_FORM
+
+    pytest.importorskip("llama_cpp")
+    if not is_installed(DEFAULT_MODEL):
+        pytest.skip("the llm extra is not installed")
+    guided = dataclasses.replace(SITUATION, knowledge=load_knowledge(DEFAULT_KNOWLEDGE), knowledge_site="prostate")
+    menu = quantile_menu(guided, "guided", guided.scenario.oar_names)
+    client = make_client(ModelClientSpec("embedded"))
+    try:
+        outcome = asyncio.run(decide(client, guided, "guided", form=DEFAULT_FORM))
+    finally:
+        asyncio.run(client.close())
+    assert outcome.valid and outcome.form == "quantile", outcome.error
+    assert outcome.raw is not None and not outcome.raw.stop  # rectum V70Gy fails
+    assert all(c.target in dict(menu[c.tpp]) for c in outcome.raw.changes)
 
 
 @pytest.mark.slow
@@ -185,4 +211,4 @@ def test_llama_cpp_server_through_the_openai_client(procs: Procs):
     outcome = asyncio.run(decide(make_client(spec), SITUATION, "unguided"))
     _schema_conforming(outcome)
     assert outcome.valid, outcome.error
-    assert isinstance(outcome.raw, TppDecision)
+    assert isinstance(outcome.raw, Answer)

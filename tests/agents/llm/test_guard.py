@@ -9,22 +9,39 @@ import msgspec
 import pytest
 
 from m2m.agents.drl.knowledge import Provenance, TppKnowledge, TppStats
+from m2m.agents.llm.answer import Answer, Change
 from m2m.agents.llm.bench import LIVER_PASS, LIVER_TPPS, PROSTATE_PASS, PROSTATE_TPPS, situation_from_values
-from m2m.agents.llm.decision import TppDecision
+from m2m.agents.llm.decision import TppDecision, to_answer
 from m2m.agents.llm.guard import (
-    NEAR_LIMIT_FRACTION,
     GuardResult,
-    at_risk,
     effects,
     enforced_knowledge,
-    guard,
+    quantile_menu,
     rule_vetoes,
     safe_action,
-    span,
+    value_vetoes,
 )
-from m2m.agents.llm.situation import CriterionView, Situation
+from m2m.agents.llm.guard import guard as judge
+from m2m.agents.llm.situation import NEAR_LIMIT_FRACTION, CriterionView, Situation, StepView, at_risk, span
+from m2m.physics.tpp import Direction, Move
 
 OARS = ("bladder", "rectum")
+
+
+def as_answer(decision: TppDecision, s: Situation) -> Answer:
+    """The step-form answer ``decision`` stands for; an unknown TPP or a change without a direction is kept as the
+    malformed answer it is (decide() would have re-asked), so the guard's own checks are exercised."""
+    if decision.action == "change" and decision.tpp not in s.tpps:
+        assert decision.move is not None
+        return Answer("step", False, (Change(decision.tpp, 1.0, 2.0),), decision.move)
+    if decision.action == "change" and decision.direction == "none":
+        return Answer("step", False, ())
+    return to_answer(decision, s)
+
+
+def guard(s: Situation, decision: TppDecision | Answer | None, mode: str, oars: tuple[str, ...]) -> GuardResult:
+    answer = as_answer(decision, s) if isinstance(decision, TppDecision) else decision
+    return judge(s, answer, mode, oars)  # type: ignore[arg-type]
 
 
 def taken(result: GuardResult) -> tuple[str, int]:
@@ -272,3 +289,61 @@ def test_packaged_knowledge_loads():
     assert path.is_file(), f"{path} is not shipped (m2m drl knowledge --out writes it)"
     s = dataclasses.replace(prostate(), knowledge=load_knowledge(path))
     assert s.usable_knowledge() is not None
+
+
+def test_a_value_change_is_judged_by_its_direction_and_a_non_change_is_refused():
+    s = prostate(RECTUM_FAILS)
+    assert [v.reason for v in value_vetoes(s, "t_rectum", PROSTATE_TPPS["t_rectum"], "unguided", OARS)] == [
+        "no_change"]
+    assert not value_vetoes(s, "t_rectum", 0.5, "guided", OARS)  # tightens the failing rectum
+    loosen = value_vetoes(s, "t_rectum", 0.95, "guided", OARS)
+    assert [v.reason for v in loosen] == ["loosens_at_risk"] and "0.8->0.95" in loosen[0].detail
+    assert not value_vetoes(s, "t_rectum", 0.95, "unguided", OARS)  # unguided: validity only
+
+
+def test_a_multi_tpp_answer_is_taken_whole_or_not_at_all():
+    s = prostate(RECTUM_FAILS)
+    good = Answer("values", False, (Change("t_rectum", 0.8, 0.5), Change("lambda_rectum", 1.5, 6.0)))
+    result = judge(s, good, "guided", OARS)
+    assert result.source == "proposal" and result.changes == good.changes and result.move is None
+    mixed = Answer("values", False, (Change("t_rectum", 0.8, 0.5), Change("t_bladder", 0.85, 0.85)))
+    refused = judge(s, mixed, "guided", OARS)
+    assert refused.source != "proposal" and refused.vetoes[0].reason == "no_change"
+
+
+def test_the_retry_is_the_source_when_the_feedback_turn_fixed_the_answer():
+    s = prostate(RECTUM_FAILS)
+    first = Answer("values", False, (Change("t_rectum", 0.8, 0.95),))
+    retry = Answer("values", False, (Change("t_rectum", 0.8, 0.5),))
+    result = judge(s, retry, "guided", OARS, first=first)
+    assert result.source == "retry" and result.changes == retry.changes
+    assert [v.reason for v in result.vetoes] == ["loosens_at_risk"]  # the first answer's refusal is kept
+    # no valid second answer (decide() hands the first back): replaced, the refusal recorded once
+    again = judge(s, first, "guided", OARS, first=first)
+    assert again.source in ("drl_advice", "safe") and [v.reason for v in again.vetoes] == ["loosens_at_risk"]
+
+
+def test_quantile_menu_holds_only_admissible_points_that_help_a_failing_structure():
+    k = knowledge({"t_rectum": (0.5, 0.95, "linear"), "lambda_rectum": (-1.0, 1.5, "log10"),
+                   "t_bladder": (0.5, 0.95, "linear"), "lambda_ptv": (-1.0, 1.0, "log10")})
+    s = dataclasses.replace(prostate(RECTUM_FAILS), knowledge=k, knowledge_site="prostate")
+    menu = quantile_menu(s, "guided", OARS)
+    assert "t_bladder" not in menu  # moving it cannot help the failing rectum
+    assert all(after < s.tpps["t_rectum"] for _, after in menu["t_rectum"])  # lower t tightens
+    assert all(after > s.tpps["lambda_rectum"] for _, after in menu["lambda_rectum"])
+    assert all(after < s.tpps["lambda_ptv"] for _, after in menu["lambda_ptv"])  # lower lambda_ptv: every OAR
+    for tpp, options in menu.items():
+        distances = [abs(after - s.tpps[tpp]) for _, after in options]
+        assert distances == sorted(distances)  # nearest first
+        assert all(not value_vetoes(s, tpp, after, "guided", OARS) for _, after in options)
+    assert quantile_menu(dataclasses.replace(prostate(), knowledge=k, knowledge_site="prostate"), "guided",
+                         OARS) == {}  # at the maximum nothing helps
+
+
+def test_safe_action_escalates_past_a_move_that_did_not_raise_the_score():
+    s = prostate(RECTUM_FAILS)
+    assert safe_action(s, "unguided", OARS) == ("lambda_rectum", 1)
+    stalled = dataclasses.replace(s, history=(StepView(2, Move("lambda_rectum", Direction.RAISE), s.score + 0.5),))
+    assert safe_action(stalled, "unguided", OARS) == ("t_rectum", -1)
+    rising = dataclasses.replace(s, history=(StepView(2, Move("lambda_rectum", Direction.RAISE), s.score - 0.5),))
+    assert safe_action(rising, "unguided", OARS) == ("lambda_rectum", 1)

@@ -1,4 +1,5 @@
-"""The prompt: what each mode renders, and that the modes differ only by the guided block."""
+"""The prompt: what each mode and decision form renders, and that the step/values modes differ only by the guided
+block."""
 
 from __future__ import annotations
 
@@ -46,11 +47,11 @@ def situation():
 def test_unguided_renders_the_plan_state(situation):
     text = render(situation, "unguided", with_advice=False)
     assert "step 5 of 20" in text and "Score 8.28 of 9" in text
-    assert "rectum V70Gy ≤ 25 %: 28.6 % (FAIL, over by 3.6, 0.28 pt)" in text
-    assert "rectum V60Gy ≤ 50 %: 27 % (pass, margin 23)" in text
-    assert "t_rectum=1 (0,1] at max" in text  # a raise would be a no-op
-    assert "lambda_ptv=3 (0,1e5]" in text and "t_ptv=1.04 [1,1.2]" in text
-    assert "ptv max 104.6 mean 101.8 D95 100" in text
+    assert "- rectum V70Gy ≤ 25 %: 28.6 (FAIL 0.28 pt)" in text
+    assert "(8 others pass with room)" in text and "rectum V60Gy" not in text  # passing with room: counted only
+    assert "t_rectum=1 at max" in text  # a raise would be a no-op
+    assert "- t_ptv=1.04, lambda_ptv=3, v_ptv=0.12" in text
+    assert "Dose % Rx (max/mean): ptv 105/102," in text
     # Only the last HISTORY_SHOWN steps.
     assert text.count("-> score") == HISTORY_SHOWN
     assert "7.10" not in text and "8.20" in text
@@ -62,11 +63,11 @@ def test_guided_adds_only_the_knowledge_and_advice_block(situation):
     guided = render(situation, "guided", with_advice=True).splitlines()
     block = guided[len(unguided) - 1 : -1]
     assert guided[: len(unguided) - 1] == unguided[:-1]
-    assert guided[-1] == unguided[-1] == "Worst failing: rectum V70Gy ≤ 25 % (0.28 pt). Next step?"
-    assert block[0].startswith("DRL knowledge (final TPPs of 37 plans")
-    assert "- t_rectum: 0.816 (0.47-0.969) now above" in block
-    assert "- lambda_rectum: 2 (0.1-32) now above" in block  # log10 quantiles shown as values
-    assert "DRL priority (TPPs it moves first, over all plans): t_bladder, t_ptv" in block
+    assert guided[-1] == unguided[-1] == "Worst failing: rectum V70Gy ≤ 25 %. Next step (step form)?"
+    assert block[0].startswith("DRL knowledge (TPPs of 37 successful plans")
+    # log10 quantiles shown as values
+    assert "- t_rectum 0.816 (0.47-0.969) now above; lambda_rectum 2 (0.1-32) now above" in block
+    assert "DRL priority: t_bladder, t_ptv" in block
     assert not any("raise t_bladder" in line for line in block)  # no habits with directions to copy
     assert block[-1] == "DRL advice now: raise lambda_rectum (p=0.62); lower t_rectum (p=0.20)"
     without_advice = render(situation, "guided", with_advice=False).splitlines()
@@ -86,14 +87,33 @@ def test_knowledge_of_another_site_is_not_rendered():
     assert "DRL knowledge" not in guided
     unguided = render(liver, "unguided", with_advice=False).splitlines()
     assert guided.splitlines() == [*unguided[:-1], "DRL advice now: lower t_ptv (p=0.50)", unguided[-1]]
-    assert unguided[-1] == "Every criterion passes. Next step?"
+    assert unguided[-1] == "Every criterion passes. Next step (step form)?"
 
 
 def test_closing_line_names_the_worst_failing_criterion_first():
     s = situation_from_values("prostate-basic", 1, {**PROSTATE_PASS, "bladder V75Gy": 25.5, "rectum V70Gy": 31.0},
                               PROSTATE_TPPS)
     last = render(s, "unguided", with_advice=False).splitlines()[-1]
-    assert last == "Worst failing: rectum V70Gy ≤ 25 % (0.00 pt); also failing: bladder V75Gy ≤ 25 %. Next step?"
+    assert last == "Worst failing: rectum V70Gy ≤ 25 %. Next step (step form)?"
+
+
+def test_quantile_form_renders_each_tpp_once_with_where_it_sits_and_the_menu(situation):
+    menu = {"t_rectum": [("p95", 0.969), ("p50", 0.816)]}
+    text = render(situation, "guided", with_advice=False, form="quantile", menu=menu)
+    lines = text.splitlines()
+    # TPPs the knowledge covers appear only in its table, with their position among the quantiles
+    assert "- t_rectum=1, choices: p95=0.97 p50=0.82; lambda_rectum >p95" in lines
+    assert "TPPs the knowledge does not cover:" in lines and "- v_rectum=0.5" in lines
+    assert sum("t_rectum=" in line for line in lines) == 1
+    # the unguided prompt of the same form is the step form's plan state (there is no knowledge to choose from)
+    assert render(situation, "unguided", with_advice=False, form="quantile").splitlines()[:-1] == render(
+        situation, "unguided", with_advice=False).splitlines()[:-1]
+
+
+def test_where_a_value_sits_among_the_quantiles():
+    q = {"p5": 0.5, "p25": 0.7, "p50": 0.8, "p75": 0.9, "p95": 0.97}
+    assert [situation_module._where(x, q) for x in (0.3, 0.5, 0.6, 0.85, 0.971, 1.0)] == [
+        "<p5", "=p5", "p5-p25", "p50-p75", "=p95", ">p95"]
 
 
 def test_render_rejects_an_unknown_mode(situation):
@@ -106,12 +126,17 @@ def test_system_prompt_states_the_tightening_directions():
     assert "1. If every criterion passes, reply stop." in SYSTEM_PROMPT
     assert "raising lambda_ptv loosens every OAR" in SYSTEM_PROMPT
     assert '"action": "stop", "tpp": "", "direction": "none"' in SYSTEM_PROMPT
+    assert "Valid ranges: t_ptv [1,1.2], other t (0,1], lambda (0,100000], v_ptv (0,0.3], other v (0,1]." in (
+        SYSTEM_PROMPT)
+    # one text for every form (the KV cache of a planner serving both modes stays valid): each form's answer
+    assert SYSTEM_PROMPT.count('"changes": {"<TPP name>": ') == 2 and "- step form: " in SYSTEM_PROMPT
+    assert "one of its choices: p5, p25, p50, p75, p95" in SYSTEM_PROMPT
 
 
 def test_system_prompt_is_generated_from_the_parameter_table(monkeypatch):
     # The text the benchmarks measured (a local model keeps its KV cache): a table change changes it deliberately.
-    assert ("A step multiplies one TPP: raise (t_ptv x1.01, other t x1.25, lambda x1.65, v x1.25) or lower "
-            "(t_ptv x0.91, other t x0.6, lambda x0.6, v x0.8), clipped to its valid range.\n") in SYSTEM_PROMPT
+    assert ("a step multiplies one TPP: raise (t_ptv x1.01, other t x1.25, lambda x1.65, v x1.25) or lower "
+            "(t_ptv x0.91, other t x0.6, lambda x0.6, v x0.8), clipped to its valid range\n") in SYSTEM_PROMPT
     assert "has three TPPs:\n" in SYSTEM_PROMPT
     for p in PARAMETERS.values():
         assert f"\n- {p.name}_s: {p.description}\n" in SYSTEM_PROMPT
