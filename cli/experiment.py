@@ -22,7 +22,7 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     esub = e.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     p = esub.add_parser(
         "paper",
-        help="every scenario in both LLM modes plus the DRL and rule-based baselines (resumable)",
+        help="every scenario in both LLM modes plus the DRL, rule-based and knowledge baselines (resumable)",
         description="Brings a stack of its own up (and down at the end), or joins the one --stack/--connect names. "
         "Rerun with the same --out to continue a killed run.",
     )
@@ -70,7 +70,8 @@ def _paper(args: argparse.Namespace) -> int:
         runs_of(design)  # the cohorts hold the cases asked for
         check_writable_folder(args.out, "--out")
         needs = {"dose-engine", "evaluator", "planner"}
-        if any(ARMS[a].mode == "guided" or ARMS[a].impl == "drl" for a in design.arms):
+        # the DRL advisor advises the DRL planner and publishes the knowledge (the guided LLM, the knowledge arm)
+        if any(ARMS[a].mode == "guided" or ARMS[a].impl in ("drl", "knowledge") for a in design.arms):
             needs.add("drl-advisor")
         use = prepare_stack(args, command, needs)
         prepare_folder(args.out, design)  # a folder of another experiment is refused here

@@ -72,6 +72,10 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     add_bus_arguments(r, default=OWN_STACK)
     r.set_defaults(func=_replay)
 
+    from m2m.cli.demo_bench import add_bench
+
+    add_bench(bench_sub)
+
 
 def _check_plan(args: argparse.Namespace) -> tuple[Scenario, int]:
     """The scenario and the case's seed; :class:`UsageError` for anything wrong with the command line."""
@@ -279,7 +283,9 @@ def _replay(args: argparse.Namespace) -> int:
         return usage_error("replay", f"{len(sessions)} sessions in {args.file} ({', '.join(sessions) or 'none'}): "
                                      "choose one with --session")
     recorded = next(iter(sessions.values()))
-    advised = recorded.header.mode == "guided" or any(p.startswith("drl") for p in recorded.planners)
+    # the DRL advisor gives advice (the DRL planner) and publishes the knowledge (guided, the knowledge baseline)
+    advised = recorded.header.mode == "guided" or any(p.split(":")[0] in ("drl", "knowledge")
+                                                      for p in recorded.planners)
     try:
         use = prepare_stack(args, "replay", {"dose-engine", "evaluator"} | ({"drl-advisor"} if advised else set()))
     except UsageError as exc:

@@ -4,6 +4,11 @@ objectives (in which order the sessions moved the TPPs, against the DRL knowledg
 Statistics: mean ± sd (population sd, as the paper's ± reads), median, share at the maximum score; guided vs
 unguided steps are compared per initial setting (paired) with the two-sided Wilcoxon signed-rank test (exact for
 small samples; pairs with equal steps are dropped, as Wilcoxon's test does).
+
+Ownership (:attr:`ArmStats.ownership`): over every decision of an arm's sessions (a last one that stopped a session
+included), the share whose action is the planner's own answer — its proposal or its second answer after the guard's
+feedback (sources ``proposal`` and ``retry``, :class:`~m2m.session.folder.DecisionTally`). It is the LLM's
+ownership for the LLM arms and None for the others (their own-proposal share is :attr:`ArmStats.tally`'s).
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import numpy as np
 
 from m2m.agents.drl import DEFAULT_KNOWLEDGE
 from m2m.agents.drl.knowledge import TppKnowledge, load_knowledge, relabel_knowledge
+from m2m.agents.messages import Decision, Proposal
 from m2m.experiment.records import KNOWLEDGE_FILE, SessionRecord
+from m2m.physics.tpp import Move
 from m2m.scenarios import load_scenario
 from m2m.scenarios.roles import to_structure_name
+from m2m.session.folder import DecisionTally
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,14 @@ class ArmStats:
     wall_s: float
     vetoed: int
     decisions: int
+    tally: DecisionTally
+    llm: bool
+
+    @property
+    def ownership(self) -> float | None:
+        """The LLM's ownership of the arm's decisions (0..1; None for an arm without an LLM or without a
+        decision)."""
+        return self.tally.ownership if self.llm else None
 
 
 def _mean_sd(x: Sequence[float]) -> tuple[float, float]:
@@ -62,6 +78,8 @@ def arm_stats(records: Sequence[SessionRecord]) -> ArmStats:
         wall_s=float(sum(r.wall_s for r in records)),
         vetoed=sum(bool(d.vetoes) for d in decisions),
         decisions=len(decisions),
+        tally=DecisionTally.of(d for r in records for d in r.all_decisions),
+        llm=any(r.impl == "llm" for r in records),
     )
 
 
@@ -104,30 +122,44 @@ class MoveCount:
     mean_first_stage: float
 
 
+def proposal_moves(p: Proposal | None) -> list[Move]:
+    """What an answer proposed, one :class:`Move` per TPP: its step, or the direction of each of its value changes
+    (none for a stop or no answer)."""
+    if p is None or p.action == "stop":
+        return []
+    if p.move is not None:
+        return [p.move]
+    return [Move(c.tpp, c.direction) for c in p.changes]
+
+
+def _chosen(d: Decision, proposals: bool) -> list[Move]:
+    return proposal_moves(d.proposal) if proposals else d.moves()
+
+
 def hierarchy(records: Sequence[SessionRecord], *, proposals: bool = False) -> list[MoveCount]:
-    """How the sessions moved each TPP: counts per direction, how often it was the session's first move, the mean
-    stage of its moves (0 = first decision, 1 = last) and of its first move per session. Ordered like the DRL
-    knowledge's ``priority``: by the mean stage of the first move (earliest first; TPPs never moved last).
-    ``proposals``: count the planner's own proposals instead of the actions taken after the guard."""
+    """How the sessions moved each TPP: counts per direction, how often it was moved by the session's first
+    decision, the mean stage of its moves (0 = first decision, 1 = last; every TPP a decision changed gets that
+    decision's stage) and of its first move per session. Ordered like the DRL knowledge's ``priority``: by the mean
+    stage of the first move (earliest first; TPPs never moved last). ``proposals``: count the planner's own
+    proposals instead of the actions taken after the guard. Decisions that moved nothing do not count as stages."""
     raises: Counter[str] = Counter()
     lowers: Counter[str] = Counter()
     firsts: Counter[str] = Counter()
     stages: dict[str, list[float]] = defaultdict(list)
     first_stages: dict[str, list[float]] = defaultdict(list)
     for r in records:
-        chosen = [d.proposal.move if d.proposal is not None else None for d in r.decisions] if proposals else [
-            d.action for d in r.decisions]
-        moves = [(m.tpp, int(m.direction)) for m in chosen if m is not None]
+        decided = [moves for d in r.decisions if (moves := _chosen(d, proposals))]
         seen: set[str] = set()
-        for i, (tpp, direction) in enumerate(moves):
-            stage = i / (len(moves) - 1) if len(moves) > 1 else 0.0
-            (raises if direction > 0 else lowers)[tpp] += 1
-            stages[tpp].append(stage)
-            if tpp not in seen:
-                first_stages[tpp].append(stage)
-                seen.add(tpp)
-        if moves:
-            firsts[moves[0][0]] += 1
+        for i, moves in enumerate(decided):
+            stage = i / (len(decided) - 1) if len(decided) > 1 else 0.0
+            for m in moves:
+                (raises if int(m.direction) > 0 else lowers)[m.tpp] += 1
+                stages[m.tpp].append(stage)
+                if m.tpp not in seen:
+                    first_stages[m.tpp].append(stage)
+                    seen.add(m.tpp)
+        if decided:
+            firsts.update({m.tpp for m in decided[0]})
     out = [
         MoveCount(tpp, raises[tpp], lowers[tpp], firsts[tpp], float(np.mean(stages[tpp])),
                   float(np.mean(first_stages[tpp])))

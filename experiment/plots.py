@@ -1,5 +1,5 @@
 """The experiment's figures: ``score_vs_step.png`` (mean ± sd per arm; a finished session keeps its final score),
-``final_tpps.png`` (final TPPs of the LLM arms against the DRL knowledge's 5–95 % range and median) and
+``final_tpps.png`` (final TPPs of every arm against the DRL knowledge's 5–95 % range and median) and
 ``initial_quality.png`` (final score and steps against the initial score)."""
 
 from __future__ import annotations

@@ -71,8 +71,14 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def decisions(self) -> list[Decision]:
-        """The decisions that made a move (a session that stopped without one has a last decision with none)."""
-        return [s.decision for s in self.steps_detail if s.decision is not None and s.decision.action is not None]
+        """The decisions that changed TPPs — a published step or new values — (a session that stopped without one
+        has a last decision that changed none)."""
+        return [s.decision for s in self.steps_detail if s.decision is not None and not s.decision.stopped]
+
+    @property
+    def all_decisions(self) -> list[Decision]:
+        """Every decision taken, a last one that stopped the session included (what ownership is counted over)."""
+        return [s.decision for s in self.steps_detail if s.decision is not None]
 
 
 def record_of(run: Run, result: SessionResult, wall_s: float) -> SessionRecord:
@@ -137,7 +143,8 @@ def _criterion_id_v1(label: str) -> CriterionId:
 
 def _source_v1(source: str, impl: str) -> ActionSource:
     """Version 1 recorded the decider's name (``llm:embedded``, ``drl``, ``rules``) for its own proposal and ``drl``
-    or ``safe`` for a replacement; which ``drl`` it was follows from the arm's implementation."""
+    or ``safe`` for a replacement; which ``drl`` it was follows from the arm's implementation. Version 1 had no
+    feedback turn: no decision of it has the source ``retry``."""
     if source == "safe":
         return "safe"
     if source == "drl" and impl != "drl":

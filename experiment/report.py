@@ -1,10 +1,20 @@
 """The report of an experiment folder (``m2m experiment report DIR``, also written at the end of every run).
 
-Files: ``report.md`` (the paper's table with ours beside it, every arm's statistics, the paired test, the goals and
-whether each was met, the hierarchy analysis), ``cases.csv`` (one row per session), ``score_vs_step.png`` (mean ± sd
-per arm; a finished session keeps its final score), ``final_tpps.png`` (final TPPs of the LLM arms against the
-DRL knowledge's 5–95 % range and median), ``initial_quality.png`` (final score and steps against the initial
-score) and ``hierarchy.csv``.
+Files: ``report.md`` (the paper's table with ours beside it, every arm's statistics with the LLM's ownership of its
+decisions, the paired test, the guided LLM against the knowledge baseline, the goals and whether each was met, the
+hierarchy analysis), ``summary.json`` (every arm's figures, for scripts: :func:`summary_json`), ``cases.csv`` (one
+row per session), ``score_vs_step.png`` (mean ± sd per arm; a finished session keeps its final score),
+``final_tpps.png`` (final TPPs of every arm against the DRL knowledge's 5–95 % range and median),
+``initial_quality.png`` (final score and steps against the initial score) and ``hierarchy.csv``.
+
+**LLM ownership** (:attr:`m2m.experiment.analysis.ArmStats.ownership`): the share of an arm's decisions whose action
+is the LLM's own answer (its proposal, or its second answer after the guard's feedback), not the DRL advice or the
+safe action that replaced a refused one. The arms without an LLM show their planner's own-proposal share in the
+same column, labelled ``no LLM``, and ``null`` in ``summary.json``.
+
+**Guided vs knowledge**: the ``knowledge`` arm sets every TPP to the DRL knowledge's median and then follows the
+rules, without an LLM. Per scenario the report says whether the guided LLM does better than it — more sessions at the
+maximum, or as many in fewer steps (mean) — or adds nothing over the knowledge it is given.
 
 The statistics are :mod:`m2m.experiment.analysis`, the figures :mod:`m2m.experiment.plots`.
 """
@@ -12,9 +22,11 @@ The statistics are :mod:`m2m.experiment.analysis`, the figures :mod:`m2m.experim
 from __future__ import annotations
 
 import csv
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +41,12 @@ from m2m.experiment.analysis import (
 from m2m.experiment.design import ARMS, PAPER, Design
 from m2m.experiment.plots import plot_final_tpps, plot_initial_quality, plot_scores
 from m2m.experiment.records import SessionRecord, ordered
+from m2m.session.folder import DecisionTally
 
 LLM_ARMS = ("guided", "unguided")
+#: The baseline the guided LLM is compared with: the knowledge alone, without an LLM.
+KNOWLEDGE_ARM = "knowledge"
+SUMMARY_FILE = "summary.json"
 SIGNIFICANCE = 0.05
 WALL_GOAL_S = 3600.0
 
@@ -65,7 +81,127 @@ def write_report(
     lines += hier_rows
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    summary = summary_json(design, records, stats, wall_s)
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def _ownership_cell(st: ArmStats) -> str:
+    """The LLM's ownership (``80 % (8/10)``), or for an arm without an LLM its planner's own-proposal share,
+    labelled so (``no LLM: own 100 % (9/9)``)."""
+    return st.tally.percent() if st.llm else f"no LLM: own {st.tally.percent()}"
+
+
+def _retries_cell(tally: DecisionTally) -> str:
+    taken = tally.sources.get("retry", 0)
+    return f"{tally.feedback_retries} ({taken} taken)" if tally.feedback_retries else "0"
+
+
+def compare_with_knowledge(guided: ArmStats, knowledge: ArmStats) -> tuple[bool, str]:
+    """Whether the guided LLM does better than the knowledge arm (more sessions at the maximum, or as many in fewer
+    steps on average) and the verdict in words."""
+    if guided.at_max > knowledge.at_max:
+        return True, "the guided LLM reaches the maximum more often than the knowledge alone"
+    if guided.at_max < knowledge.at_max:
+        return False, ("the guided LLM adds nothing over the knowledge arm: the knowledge alone reaches the maximum "
+                       "more often")
+    if guided.steps[0] < knowledge.steps[0]:
+        return True, "the guided LLM reaches the maximum as often as the knowledge alone, in fewer steps"
+    if guided.steps[0] > knowledge.steps[0]:
+        return False, ("the guided LLM adds nothing over the knowledge arm: as often at the maximum, in more "
+                       "steps")
+    return False, "the guided LLM adds nothing over the knowledge arm: as often at the maximum, in as many steps"
+
+
+def _knowledge_lines(design: Design, stats: Mapping[tuple[str, str], ArmStats],
+                     expected: Mapping[str, int]) -> list[str]:
+    lines = ["", "## Guided LLM vs the knowledge alone", "",
+             "The knowledge arm sets every TPP to the DRL knowledge's median at its first step, then follows the "
+             "rules, without an LLM: where the guided LLM does no better, the LLM adds nothing over the knowledge it "
+             "is given.", ""]
+    compared = False
+    for s in design.scenarios:
+        g, k = stats.get((s, "guided")), stats.get((s, KNOWLEDGE_ARM))
+        if g is None or k is None:
+            continue
+        compared = True
+        _, verdict = compare_with_knowledge(g, k)
+        incomplete = [f"{a} {st.n} of {expected[s]}" for a, st in (("guided", g), (KNOWLEDGE_ARM, k))
+                      if st.n < expected[s]]
+        lines.append(
+            f"- {s}: at the maximum guided {100 * g.at_max:.0f} % vs knowledge {100 * k.at_max:.0f} %; steps "
+            f"guided {_pm(g.steps, 1)} (median {g.steps_median:g}) vs knowledge {_pm(k.steps, 1)} (median "
+            f"{k.steps_median:g}): {verdict}."
+            + (f" Incomplete arms ({', '.join(incomplete)} sessions)." if incomplete else "")
+        )
+    if not compared:
+        lines.append("- not compared: the design lacks the guided or the knowledge arm")
+    return lines
+
+
+def _number(x: float | None, digits: int = 6) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def summary_json(
+    design: Design,
+    records: Sequence[SessionRecord],
+    stats: Mapping[tuple[str, str], ArmStats],
+    wall_s: float | None,
+) -> dict[str, Any]:
+    """``summary.json``: ``wall_min`` (the runs' wall time over all resumed runs, ``wall.json``; without it the
+    sessions' sum), ``sessions_wall_min``, and per scenario and arm: ``n``, ``initial_mean``, ``final_mean``,
+    ``final_sd``, ``at_max`` (0..1), ``steps_mean``, ``steps_sd``, ``steps_median``, ``s_per_decision`` (mean
+    decision time of the decisions that changed TPPs), ``ownership`` (the LLM's, 0..1; null for an arm without an
+    LLM), ``own_share`` (the planner's own-proposal share, any arm), ``decisions`` (all, a stop included),
+    ``sources`` (decisions per action source), ``feedback_retries``; and ``guided_vs_knowledge`` per scenario
+    where both arms ran."""
+    sessions_s = float(sum(r.wall_s for r in records))
+    scenarios: dict[str, dict[str, Any]] = {}
+    for s in design.scenarios:
+        arms: dict[str, Any] = {}
+        for a in design.arms:
+            st = stats.get((s, a))
+            if st is None:
+                continue
+            arms[a] = {
+                "n": st.n,
+                "impl": ARMS[a].impl,
+                "mode": ARMS[a].mode,
+                "llm": st.llm,
+                "initial_mean": _number(st.initial[0]),
+                "final_mean": _number(st.final[0]),
+                "final_sd": _number(st.final[1]),
+                "final_median": _number(st.final_median),
+                "at_max": _number(st.at_max),
+                "steps_mean": _number(st.steps[0]),
+                "steps_sd": _number(st.steps[1]),
+                "steps_median": _number(st.steps_median),
+                "s_per_decision": _number(st.decision_s),
+                "ownership": _number(st.ownership),
+                "own_share": _number(st.tally.ownership),
+                "decisions": st.tally.decisions,
+                "sources": dict(st.tally.sources),
+                "feedback_retries": st.tally.feedback_retries,
+                "vetoed": st.vetoed,
+                "wall_s": _number(st.wall_s, 3),
+            }
+        if arms:
+            scenarios[s] = arms
+    versus: dict[str, Any] = {}
+    for s in design.scenarios:
+        g, k = stats.get((s, "guided")), stats.get((s, KNOWLEDGE_ARM))
+        if g is not None and k is not None:
+            adds, verdict = compare_with_knowledge(g, k)
+            versus[s] = {"llm_adds": adds, "at_max_diff": _number(g.at_max - k.at_max),
+                         "steps_mean_diff": _number(g.steps[0] - k.steps[0]), "verdict": verdict}
+    return {
+        "wall_min": _number((wall_s if wall_s is not None else sessions_s) / 60.0, 3),
+        "sessions_wall_min": _number(sessions_s / 60.0, 3),
+        "sessions": len(records),
+        "scenarios": scenarios,
+        "guided_vs_knowledge": versus,
+    }
 
 
 def _report_lines(
@@ -109,9 +245,16 @@ def _report_lines(
         "",
         "## Every arm",
         "",
+        "LLM ownership: the share of the decisions whose action is the LLM's own answer (its proposal, or its "
+        "second answer after the guard's feedback), not the DRL advice or the safe action replacing a refused "
+        "one; an arm without an LLM shows its planner's own share, labelled `no LLM`. Feedback retries: decisions "
+        "where the guard refused the answer and the LLM answered again (how many of those second answers were "
+        "taken).",
+        "",
         "| scenario | arm | n | initial | final | median final | at max | steps | median steps | steps when max "
-        "reached | s/decision | proposals vetoed by the guard | session wall (s, sum) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "reached | s/decision | proposals vetoed by the guard | LLM ownership | feedback retries "
+        "| session wall (s, sum) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in design.scenarios:
         for a in design.arms:
@@ -122,7 +265,8 @@ def _report_lines(
             lines.append(
                 f"| {s} | {a} | {st.n} | {_pm(st.initial)} | {_pm(st.final)} | {st.final_median:.2f} | "
                 f"{100 * st.at_max:.0f} % | {_pm(st.steps, 1)} | {st.steps_median:g} | {to_max} | "
-                f"{st.decision_s:.1f} | {st.vetoed}/{st.decisions} | {st.wall_s:.0f} |"
+                f"{st.decision_s:.1f} | {st.vetoed}/{st.decisions} | {_ownership_cell(st)} | "
+                f"{_retries_cell(st.tally)} | {st.wall_s:.0f} |"
             )
     lines += ["", "## Guided vs unguided steps (paired by initial setting, two-sided Wilcoxon signed-rank)", ""]
     tests = {}
@@ -136,6 +280,7 @@ def _report_lines(
                      f"p = {p}")
     if not tests:
         lines.append("- not computed: the design lacks the guided or the unguided arm")
+    lines += _knowledge_lines(design, stats, expected)
     lines += ["", "## Goals", ""]
     for s in design.scenarios:
         st = stats.get((s, "guided"))
@@ -173,17 +318,19 @@ def _report_lines(
 def _write_cases_csv(path: Path, records: Sequence[SessionRecord]) -> None:
     columns = ["scenario", "arm", "impl", "mode", "case_id", "case_seed", "init", "initial_score", "final_score",
                "max_score", "steps", "reached_max", "outcome", "vetoed_decisions", "invalid_answers",
-               "mean_decision_s", "wall_s", "session_id"]
+               "mean_decision_s", "decisions", "own_decisions", "feedback_retries", "wall_s", "session_id"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in records:
             d = r.decisions
+            tally = DecisionTally.of(r.all_decisions)
             w.writerow([
                 r.scenario, r.arm, r.impl, r.mode, r.case_id, r.case_seed, r.init, f"{r.initial_score:.4f}",
                 f"{r.final_score:.4f}", f"{r.max_score:g}", r.steps, int(r.reached_max), r.outcome,
                 sum(bool(x.vetoes) for x in d), sum(not x.valid for x in d),
                 f"{np.mean([x.decision_s for x in d]) if d else 0.0:.2f}",
+                tally.decisions, tally.owned, tally.feedback_retries,
                 f"{r.wall_s:.1f}", r.session_id,
             ])
 

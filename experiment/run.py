@@ -1,15 +1,18 @@
 """``m2m experiment paper``: the paper's comparison, run through the real agent stack on the bus.
 
-Every scenario is planned by four **arms** from the same initial TPPs: the LLM planner ``guided`` (it sees the DRL
-knowledge) and ``unguided``, and two baselines without an LLM: ``drl`` (the DRL advisor's best admissible action at
-every step) and ``rules`` (the rule-based planner of :class:`m2m.agents.planner.RulesDecider`). An arm is a planner
-implementation and a mode; the experiment swaps the running stack's planner (``m2m swap``) between arms, so each
-session is an ordinary ``plan.session`` request to a planner process.
+Every scenario is planned by five **arms** from the same initial TPPs: the LLM planner ``guided`` (it sees the DRL
+knowledge) and ``unguided``, and three baselines without an LLM: ``drl`` (the DRL advisor's best admissible action
+at every step), ``rules`` (the rule-based planner of :class:`m2m.agents.planner.RulesDecider`) and ``knowledge``
+(:class:`m2m.agents.planner.KnowledgeDecider`: every TPP to the DRL knowledge's median at the first step, then the
+rules; it reads the knowledge the DRL advisor publishes, as the guided LLM does, so the report can say what the LLM
+adds over the knowledge alone). An arm is a planner implementation and a mode; the experiment swaps the running
+stack's planner (``m2m swap``) between arms, so each session is an ordinary ``plan.session`` request to a planner
+process.
 
 Design (the paper's cohort sizes by default): prostate-basic 10 cases × 1 initial TPP setting, prostate-complex
 1 case × 1, liver 1 case × 10 settings; cases are the first seeds of each scenario's ``paper`` cohort. Initial TPPs
 are random from the published training ranges, a pure function of (scenario's ``initial_seed``, ``--seed``, case
-seed, setting index), and shared by the four arms of a run, so the arms are paired.
+seed, setting index), and shared by the arms of a run, so the arms are paired.
 
 Resumable: every finished session is appended as one JSON line to ``sessions.jsonl`` in the output folder (and its
 records are copied from the stack's bus transcript to ``transcripts/<run>.m2mt``); a rerun with the same folder

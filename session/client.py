@@ -29,8 +29,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from m2m.agents.llm.answer import Answer
 from m2m.agents.llm.decision import DecisionOutcome, decide
-from m2m.agents.llm.situation import Situation
+from m2m.agents.llm.situation import Mode, Situation
 from m2m.agents.messages import (
     SESSION,
     Outcome,
@@ -44,12 +45,19 @@ from m2m.agents.messages import (
     session_topic,
     takeover_topic,
 )
-from m2m.agents.planner import DrlDecider, RulesDecider, SessionRunner, replay_client, session_result
+from m2m.agents.planner import (
+    DrlDecider,
+    KnowledgeDecider,
+    RulesDecider,
+    SessionRunner,
+    replay_client,
+    session_result,
+)
 from m2m.bus.client import BusClient, BusConfig
 from m2m.bus.errors import BusError, SchemaVersionError
 from m2m.bus.transcript import TranscriptWriter, filter_records, read_transcript
 from m2m.physics.protocol import SCORE_TOLERANCE
-from m2m.session.folder import SessionLabel, decision_words, write_session_folder
+from m2m.session.folder import DecisionTally, SessionLabel, decision_words, write_session_folder
 
 SESSION_TIMEOUT_S = 3600.0
 """A session of 20 steps on the embedded model on 2 cores takes minutes; 180-beam plans take longer."""
@@ -78,8 +86,8 @@ def step_line(step: Step, outcome: str | None = None) -> str:
         return f"{text}  → {outcome}" if outcome else text
     w = decision_words(step.decision)
     veto = f"  vetoed [{'; '.join(w.vetoes)}]" if w.vetoes else ""
-    return f"{text}  → {w.action} ({w.source}; proposed {w.proposal}){veto}  [{w.decision_s} s decision]"
-
+    retry = f", then {w.retry}" if w.retry else ""
+    return f"{text}  → {w.action} ({w.source}; proposed {w.proposal}{retry}){veto}  [{w.decision_s} s decision]"
 
 
 def write_bus_session_folder(
@@ -188,53 +196,80 @@ def session_folder_name(scenario: str, case_id: str, mode: str) -> str:
     return f"{scenario}-{case_id}-{mode}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
 
 
+def ownership_words(result: SessionResult) -> str:
+    """``"LLM ownership 80 % (8/10; proposal 7, retry 1, drl_advice 1, safe 1), feedback retries 2"``: who chose
+    the session's decisions (:class:`~m2m.session.folder.DecisionTally`); ``own proposals`` for a planner without
+    an LLM."""
+    tally = DecisionTally.of_steps(result.steps)
+    llm = any(p.startswith("llm") for p in result.planners)
+    return (f"{'LLM ownership' if llm else 'own proposals'} {tally.percent()}"
+            + (f"; {tally.sources_words()}" if tally.decisions else "")
+            + f", feedback retries {tally.feedback_retries}")
+
+
+def summary_line(result: SessionResult) -> str:
+    """The one line at the end of ``m2m plan``: score, steps, outcome, time, answers, guard and ownership."""
+    return (f"final score {result.final_score:.2f}/{result.max_score:g} after {result.n_steps} steps "
+            f"({result.outcome}) in {result.wall_s:.1f} s; invalid answers {result.invalid_answers}, "
+            f"vetoes {result.vetoes}, fallbacks {result.fallbacks}; {ownership_words(result)}")
+
+
 def print_summary(console: Console, result: SessionResult) -> None:
     h = result.header
     table = Table(title=f"session {h.session_id}: {h.case_id} · {h.scenario} · {h.mode}")
-    for col in ("step", "score", "failing", "proposed", "taken", "source", "vetoes", "decision s"):
+    for col in ("step", "score", "failing", "proposed", "retried", "taken", "source", "vetoes", "decision s"):
         table.add_column(col)
     for s in result.steps:
         if s.decision is None:
             ended = str(result.outcome) if s is result.steps[-1] else ""
-            table.add_row(str(s.step), f"{s.score:.2f}", str(len(s.failing)), "", ended, "", "", "")
+            table.add_row(str(s.step), f"{s.score:.2f}", str(len(s.failing)), "", "", ended, "", "", "")
             continue
         w = decision_words(s.decision)
-        table.add_row(str(s.step), f"{s.score:.2f}", str(len(s.failing)), w.proposal, w.action, w.source,
+        table.add_row(str(s.step), f"{s.score:.2f}", str(len(s.failing)), w.proposal, w.retry, w.action, w.source,
                       "; ".join(w.vetoes), w.decision_s)
     console.print(table)
-    console.print(
-        f"final score {result.final_score:.2f}/{result.max_score:g} after {result.n_steps} steps "
-        f"({result.outcome}) in {result.wall_s:.1f} s; invalid answers {result.invalid_answers}, "
-        f"vetoes {result.vetoes}, fallbacks {result.fallbacks}"
-    )
+    console.print(summary_line(result), markup=False, highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------ replay
 @dataclass
 class ReplayDecider:
-    """Replays each recorded step's decision: the LLM's raw answers through autogen's replay model client (so
-    parsing, retries, fallbacks and the guard run again), or the DRL's or the rules planner's choice."""
+    """Replays each recorded step's decision: the LLM's raw answers through autogen's replay model client, in the
+    decision form they were given in (so parsing, retries, the guard's feedback turn, fallbacks and the guard run
+    again), or the DRL's, the knowledge baseline's or the rules planner's choice."""
 
     recorded: dict[int, Step]
     planners: list[str]
     pause: Callable[[int], Awaitable[None]] | None = None
     name: str = "replay"
     needs_advice: bool = False
+    needs_knowledge: bool = False
 
     def __post_init__(self) -> None:
-        self.needs_advice = any(p.startswith("drl") for p in self.planners)
+        self.needs_advice = self._made_by("drl")
+        self.needs_knowledge = self._made_by("knowledge")
 
-    async def decide(self, situation: Situation, mode: str, with_advice: bool) -> DecisionOutcome:
+    def _made_by(self, impl: str) -> bool:
+        return any(p.split(":")[0] == impl for p in self.planners)
+
+    async def decide(self, situation: Situation, mode: Mode, with_advice: bool,
+                     refuse: Callable[[Answer], str] | None = None) -> DecisionOutcome:
         if self.pause is not None:
             await self.pause(situation.step)
         step = self.recorded.get(situation.step)
         if step is None or step.decision is None:
             raise LookupError(f"the recording has no decision at step {situation.step}")
-        if step.decision.answers:
-            return await decide(replay_client(list(step.decision.answers)), situation, mode, with_advice=with_advice)
-        if any(p.startswith("drl") for p in self.planners):
-            return await DrlDecider().decide(situation, mode, with_advice)
-        return await RulesDecider().decide(situation, mode, with_advice)
+        d = step.decision
+        if d.answers:
+            # asked again in the recorded form (a planner asking in the quantile form and answered in the values
+            # form, because no knowledge point helped, records "values": the same situation asks the same again)
+            return await decide(replay_client(list(d.answers)), situation, mode, with_advice=with_advice,
+                                form=d.form, refuse=refuse)
+        if self.needs_advice:
+            return await DrlDecider().decide(situation, mode, with_advice, refuse)
+        if self.needs_knowledge:
+            return await KnowledgeDecider().decide(situation, mode, with_advice, refuse)
+        return await RulesDecider().decide(situation, mode, with_advice, refuse)
 
 
 def recorded_sessions(path: Path) -> dict[str, SessionResult]:
@@ -290,8 +325,9 @@ async def replay(
         with_advice=False, initial_tpps=dict(recorded.steps[0].tpps),
     )
     async with BusClient(f"replay-{os.getpid()}", config) as bus:
-        runner = SessionRunner(bus, ReplayDecider(by_step, recorded.planners, pause), "replay", on_step=on_step)
-        if h.mode == "guided":
+        decider = ReplayDecider(by_step, recorded.planners, pause)
+        runner = SessionRunner(bus, decider, "replay", on_step=on_step)
+        if h.mode == "guided" or decider.needs_knowledge:
             runner.follow_knowledge()
         try:
             result = await runner.run(req)

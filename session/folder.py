@@ -3,8 +3,9 @@
 Files written by :func:`write_session_folder`:
 
 * ``summary.png`` – the session on one page: the DVH (initial dashed, final solid, protocol limits marked), score vs
-  step, and who moved what (per decision: the move taken, its source ``proposal``/``drl_advice``/``safe``, the
-  guard's vetoed proposals), titled with case, scenario, mode, planner and outcome;
+  step, and who moved what (per decision: each TPP the action changed, coloured by its source
+  ``proposal``/``retry``/``drl_advice``/``safe``, and the TPPs of the answers the guard refused), titled with case,
+  scenario, mode, planner, outcome and the planner's ownership of its decisions;
 * ``dvh.png`` – cumulative DVH of every target and OAR of the case (not only the optimised or scored ones), initial
   plan dashed, final plan solid (dose in Gy), a labelled Rx line and a marker at each protocol criterion
   (:func:`dvh_markers`);
@@ -13,13 +14,21 @@ Files written by :func:`write_session_folder`:
   PTV, the OARs), the valid range from :data:`m2m.physics.tpp.PARAMETERS` in grey, lambdas on a log axis, thresholds
   ``t`` also in Gy on the right axis;
 * ``trajectory.csv`` – one row per step: score, failing criteria (ids), and the decision taken FROM that step —
-  the planner's own proposal, the action taken, who chose it (``proposal``, ``drl_advice`` or ``safe``), the guard's
-  vetoes and the proposal's rationale (always on the row of the proposal it belongs to) — then every TPP value;
+  the planner's own proposal, its second answer after the guard's feedback (``retry``), the action taken (a step or
+  the new TPP values), who chose it (``proposal``, ``retry``, ``drl_advice`` or ``safe``), the guard's vetoes and
+  the rationales (always on the row of the answer they belong to) — then every TPP value;
 * ``trajectory.json`` – the same steps in the session's one step schema (:class:`m2m.agents.messages.Step`: every
   criterion's value, the model's raw answers, timings);
 * ``final.json`` – case, scenario, mode, planner, outcome, final score, maximum score, steps taken, every criterion
   of the final plan (value, limit, points, pass), the final plan's dose metrics per structure (Dmax, Dmean, D95 in Gy
-  and % Rx), the final TPPs and the files.
+  and % Rx), the final TPPs, who chose the decisions (:class:`DecisionTally`: ``decisions``, ``ownership``,
+  ``sources``, ``feedback_retries``) and the files.
+
+**Ownership** (:class:`DecisionTally`): the share of a session's decisions (every step a decision was taken from,
+a stop included) whose action is the planner's own answer — its first proposal or its second answer after the
+guard's feedback (sources ``proposal`` and ``retry``, :attr:`~m2m.agents.messages.Decision.owned`), taken unchanged
+or only clamped into range. With the LLM planner it is the LLM's ownership of the session; the DRL advice and the
+safe action replacing a refused answer are not its own.
 
 How a criterion is drawn on a DVH (:func:`dvh_markers`): a limit with a volume in % of the structure — ``V<x>Gy``
 and ``V<x>%Rx`` in ``%``, ``D<x>%`` — is a triangle at (dose in Gy, volume in %) (``%Rx`` converted with the
@@ -36,7 +45,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -45,7 +54,7 @@ import msgspec
 import numpy as np
 from numpy.typing import ArrayLike
 
-from m2m.agents.messages import CriterionResult, Decision, Outcome, Step, StructureDose
+from m2m.agents.messages import CriterionResult, Decision, Outcome, Proposal, Step, StructureDose
 from m2m.physics.protocol import CriterionId, parse_metric
 from m2m.physics.tpp import PARAMETERS, PTV, ROLES, Direction, role_of, split_name
 
@@ -54,13 +63,16 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 #: Columns of ``trajectory.csv`` before the TPP values.
-CSV_COLUMNS = ("step", "score", "max_score", "failing", "proposal", "action", "source", "vetoes", "rationale",
-               "decision_s", "plan_s")
+CSV_COLUMNS = ("step", "score", "max_score", "failing", "proposal", "retry", "action", "source", "vetoes",
+               "rationale", "retry_rationale", "decision_s", "plan_s")
 
 #: Height (% volume) of the tick that marks a dose limit without a volume in % on a DVH.
 TICK_PCT = 8.0
 #: Colour of each action source in ``summary.png``.
-SOURCE_COLOURS: Mapping[str, str] = {"proposal": "tab:blue", "drl_advice": "tab:orange", "safe": "tab:gray"}
+SOURCE_COLOURS: Mapping[str, str] = {"proposal": "tab:blue", "retry": "tab:cyan", "drl_advice": "tab:orange",
+                                     "safe": "tab:gray"}
+#: Every action source, in the order counts are shown.
+SOURCES: tuple[str, ...] = tuple(SOURCE_COLOURS)
 #: The axis units of the TPP kinds in ``tpps.png`` (what :data:`m2m.physics.tpp.PARAMETERS` says of each).
 _TPP_UNITS: Mapping[str, str] = {"t": "fraction of Rx", "lambda": "weight, log scale", "v": "fraction of volume"}
 _DPI = 110
@@ -94,6 +106,59 @@ class DvhMarker:
     volume_pct: float | None
     upper: bool
     passed: bool
+
+
+@dataclass(frozen=True)
+class DecisionTally:
+    """Who chose a set of decisions (see **Ownership** in the module docstring): ``decisions`` taken, ``owned``
+    (source ``proposal`` or ``retry``), the count of each source (every one of :data:`SOURCES`, zeros included) and
+    ``feedback_retries`` (decisions where the planner answered a second time after the guard refused its proposal
+    and said why; ``sources["retry"]`` of them were taken)."""
+
+    decisions: int
+    owned: int
+    sources: Mapping[str, int]
+    feedback_retries: int
+
+    @classmethod
+    def of(cls, decisions: Iterable[Decision]) -> DecisionTally:
+        ds = list(decisions)
+        counts = {source: 0 for source in SOURCES}
+        for d in ds:
+            counts[d.source] = counts.get(d.source, 0) + 1
+        return cls(decisions=len(ds), owned=sum(d.owned for d in ds), sources=counts,
+                   feedback_retries=sum(d.retry is not None for d in ds))
+
+    @classmethod
+    def of_steps(cls, steps: Iterable[Step]) -> DecisionTally:
+        """The decisions of ``steps`` (every step a decision was taken from)."""
+        return cls.of(s.decision for s in steps if s.decision is not None)
+
+    def __add__(self, other: DecisionTally) -> DecisionTally:
+        counts = dict(self.sources)
+        for source, n in other.sources.items():
+            counts[source] = counts.get(source, 0) + n
+        return DecisionTally(self.decisions + other.decisions, self.owned + other.owned, counts,
+                             self.feedback_retries + other.feedback_retries)
+
+    @property
+    def ownership(self) -> float | None:
+        """``owned / decisions`` (0..1; None without a decision)."""
+        return self.owned / self.decisions if self.decisions else None
+
+    def percent(self) -> str:
+        """``"80 % (8/10)"`` (``"— (0 decisions)"`` without one)."""
+        if self.ownership is None:
+            return "— (0 decisions)"
+        return f"{100 * self.ownership:.0f} % ({self.owned}/{self.decisions})"
+
+    def sources_words(self) -> str:
+        """``"proposal 7, retry 1, drl_advice 1, safe 1"`` (the sources that occur)."""
+        return ", ".join(f"{k} {n}" for k, n in self.sources.items() if n) or "no decision"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"decisions": self.decisions, "ownership": self.ownership, "sources": dict(self.sources),
+                "feedback_retries": self.feedback_retries}
 
 
 def dvh_markers(criteria: Sequence[CriterionResult], rx_gy: float) -> list[DvhMarker]:
@@ -189,6 +254,7 @@ def write_session_folder(
                 "rx_gy": rx_gy,
                 "dose_metrics": dose_metrics(final_structures, rx_gy),
                 "tpps": last.tpps,
+                **DecisionTally.of_steps(steps).to_json(),
                 "files": {k: p.name for k, p in {**paths, **(extra_files or {})}.items()},
             },
             indent=2,
@@ -415,10 +481,21 @@ def _plain_log_labels(ax: Axes, low: float, high: float) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def proposal_tpps(p: Proposal) -> list[str]:
+    """The rows of ``summary.png``'s "who moved what" an answer names: its step's TPP, the TPPs of its value
+    changes, or ``stop``."""
+    if p.action == "stop":
+        return ["stop"]
+    if p.move is not None:
+        return [p.move.tpp]
+    return [c.tpp for c in p.changes] or ["stop"]
+
+
 def _draw_moves(ax: Axes, steps: Sequence[Step]) -> None:
-    """Who moved what: per decision (at step + ½, between the plans it joins) the move taken, coloured by its
-    source, ▲ raise / ▼ lower / ■ stop; a red × at each vetoed proposal (a little left of the move taken, so both show
-    when they are on one TPP); a grey band where the answer was invalid."""
+    """Who moved what: per decision (at step + ½, between the plans it joins) each TPP the action changed, coloured
+    by its source, ▲ raise / ▼ lower / ■ stop; a red × on the TPPs of each answer the guard refused (a little left
+    of the action taken, so both show when they are on one TPP; the refused feedback retry further left); a grey
+    band where the answer was invalid."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -430,17 +507,25 @@ def _draw_moves(ax: Axes, steps: Sequence[Step]) -> None:
         if d is None:
             continue
         at = s.step + 0.5
+        colour = SOURCE_COLOURS.get(d.source, "black")
         if d.proposal is None:
             invalid = True
             ax.axvspan(at - 0.4, at + 0.4, color="grey", alpha=0.2, lw=0)
-        if d.action is None:
-            ax.plot(at, y["stop"], "s", ms=9, color=SOURCE_COLOURS.get(d.source, "black"), zorder=4)
-        else:
-            ax.plot(at, y[d.action.tpp], "^" if d.action.direction is Direction.RAISE else "v", ms=10,
-                    color=SOURCE_COLOURS.get(d.source, "black"), zorder=4)
-        if d.vetoes and d.proposal is not None:
-            proposed = d.proposal.move.tpp if d.proposal.move is not None else "stop"
-            ax.plot(at - 0.25, y[proposed], "x", ms=10, mew=2.5, color="red", zorder=5)
+        if d.stopped:
+            ax.plot(at, y["stop"], "s", ms=9, color=colour, zorder=4)
+        for move in d.moves():
+            if move.tpp in y:
+                ax.plot(at, y[move.tpp], "^" if move.direction is Direction.RAISE else "v", ms=10, color=colour,
+                        zorder=4)
+        refused = []
+        if d.proposal is not None and d.vetoes and d.source != "proposal":
+            refused.append((at - 0.25, d.proposal))
+        if d.retry is not None and d.source != "retry":
+            refused.append((at - 0.4, d.retry))
+        for x, answer in refused:
+            for tpp in proposal_tpps(answer):
+                if tpp in y:
+                    ax.plot(x, y[tpp], "x", ms=10, mew=2.5, color="red", zorder=5)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_xlabel("step (a move sits between the plans it joins)")
@@ -450,7 +535,7 @@ def _draw_moves(ax: Axes, steps: Sequence[Step]) -> None:
                Line2D([], [], ls="none", marker="v", ms=8, color="black", label="lower"),
                Line2D([], [], ls="none", marker="s", ms=7, color="black", label="stop")]
     handles += [Patch(color=c, label=f"source: {k}") for k, c in SOURCE_COLOURS.items()]
-    handles.append(Line2D([], [], ls="none", marker="x", ms=8, mew=2.5, color="red", label="vetoed proposal"))
+    handles.append(Line2D([], [], ls="none", marker="x", ms=8, mew=2.5, color="red", label="refused answer"))
     if invalid:
         handles.append(Patch(color="grey", alpha=0.2, label="invalid answer"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
@@ -472,9 +557,11 @@ def _plot_summary(path: Path, label: SessionLabel, outcome: Outcome, steps: Sequ
     _draw_moves(ax_moves, steps)
     ax_moves.set_title("who moved what", fontsize=10)
     first, last = steps[0], steps[-1]
+    tally = DecisionTally.of_steps(steps)
     fig.suptitle(
         f"{label.case_id} · scenario {label.scenario} · mode {label.mode} · planner {label.planner}\n"
-        f"outcome: {outcome} · score {first.score:.2f} → {last.score:.2f} of {last.max_score:g} in {last.step} steps",
+        f"outcome: {outcome} · score {first.score:.2f} → {last.score:.2f} of {last.max_score:g} in {last.step} steps"
+        f" · {'LLM ownership' if 'llm' in label.planner else 'own decisions'} {tally.percent()}",
         fontsize=13,
     )
     _save(fig, path)
@@ -485,21 +572,26 @@ class DecisionWords(NamedTuple):
     """A decision as people read it: the cells of ``trajectory.csv``, the progress line and the summary table."""
 
     proposal: str
+    retry: str
     action: str
     source: str
     vetoes: tuple[str, ...]
     rationale: str
+    retry_rationale: str
     decision_s: str
 
 
 def decision_words(d: Decision) -> DecisionWords:
-    """The words of decision ``d`` (the rationale is its own proposal's; without a valid answer, the error)."""
+    """The words of decision ``d``: each rationale is its own answer's (without a valid answer, the error); ``retry``
+    is the second answer after the guard's feedback ("" without one)."""
     return DecisionWords(
-        proposal="invalid answer" if d.proposal is None else str(d.proposal.move or d.proposal.action),
-        action=str(d.action) if d.action is not None else "stop",
+        proposal="invalid answer" if d.proposal is None else d.proposal.words(),
+        retry=d.retry.words() if d.retry is not None else "",
+        action=d.action_words(),
         source=d.source,
         vetoes=tuple(v.reason for v in d.vetoes),
         rationale=d.proposal.rationale if d.proposal is not None else d.error,
+        retry_rationale=d.retry.rationale if d.retry is not None else "",
         decision_s=f"{d.decision_s:.2f}",
     )
 
@@ -507,10 +599,11 @@ def decision_words(d: Decision) -> DecisionWords:
 def trajectory_row(s: Step) -> list[str]:
     """The ``trajectory.csv`` cells of one step before its TPP values (see :data:`CSV_COLUMNS`)."""
     if s.decision is None:
-        decision = [""] * 6
+        decision = [""] * 8
     else:
         w = decision_words(s.decision)
-        decision = [w.proposal, w.action, w.source, ";".join(w.vetoes), w.rationale, w.decision_s]
+        decision = [w.proposal, w.retry, w.action, w.source, ";".join(w.vetoes), w.rationale, w.retry_rationale,
+                    w.decision_s]
     return [str(s.step), f"{s.score:.4f}", f"{s.max_score:g}", ";".join(s.failing), *decision, f"{s.plan_s:.2f}"]
 
 

@@ -93,8 +93,8 @@ def test_plan_refuses_a_bad_stack_config_before_starting_anything(
     assert err == (f"m2m plan: error: {bad_option}: agent[2].options.model: planner/llm: option model must be "
                    "embedded, openai or replay, got 'foo'")
     bad_impl = _config(tmp_path, GOOD_AGENTS.replace('impl = "rules"', 'impl = "gpt"'), "impl.toml")
-    assert 'agent[2].impl: expected an implementation of "planner", one of ["drl", "llm", "rules"], got "gpt"' \
-        in _refused(capsys, ["plan", "--config", bad_impl])
+    assert ('agent[2].impl: expected an implementation of "planner", one of ["drl", "knowledge", "llm", "rules"], '
+            'got "gpt"') in _refused(capsys, ["plan", "--config", bad_impl])
     unknown = _config(tmp_path, GOOD_AGENTS + 'options = { temperature = "0" }\n', "unknown.toml")
     assert "agent[2].options.temperature: planner/rules does not take option 'temperature'; it takes: none" \
         in _refused(capsys, ["plan", "--mode", "unguided", "--config", unknown])

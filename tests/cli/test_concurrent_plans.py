@@ -16,27 +16,9 @@ from pathlib import Path
 
 import pytest
 from support.procs import kill_tree, processes_mentioning, run_m2m
+from support.stacks import stack_toml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-# No [bus] endpoints: what isolation is about. The rules planner in unguided mode needs no DRL advisor (no torch).
-STACK = """
-[bus]
-transcript_dir = "{d}/stack"
-
-[restart]
-ready_timeout_s = 400
-
-[[agent]]
-role = "dose-engine"
-
-[[agent]]
-role = "evaluator"
-
-[[agent]]
-role = "planner"
-impl = "rules"
-"""
 
 
 def _registered(runtime: Path) -> list[dict[str, object]]:
@@ -51,7 +33,8 @@ def test_two_plans_at_once_run_on_stacks_of_their_own_and_leave_nothing_running(
     d = Path(tempfile.mkdtemp(prefix="m2mcc", dir="/tmp"))  # ipc paths must stay short
     runtime = d / "rt"
     config = d / "stack.toml"
-    config.write_text(STACK.format(d=d))
+    # No [bus] endpoints: what isolation is about. The rules planner in unguided mode needs no DRL advisor (no torch).
+    config.write_text(stack_toml(d, planner="rules", drl_advisor=False, ready_timeout_s=400))
     env = {**os.environ, "M2M_RUNTIME_DIR": str(runtime), "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen[str]] = []
     supervisors: set[int] = set()
@@ -114,7 +97,7 @@ def test_plan_joins_the_stack_it_is_told_about_and_leaves_it_running() -> None:
     d = Path(tempfile.mkdtemp(prefix="m2mcj", dir="/tmp"))
     runtime = d / "rt"
     config = d / "stack.toml"
-    config.write_text(STACK.format(d=d))
+    config.write_text(stack_toml(d, planner="rules", drl_advisor=False, ready_timeout_s=400))
     env = {**os.environ, "M2M_RUNTIME_DIR": str(runtime), "PYTHONUNBUFFERED": "1"}
 
     def m2m(*args: str) -> subprocess.CompletedProcess[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.procs import kill_tree, wait_until
+from support.stacks import stack_toml
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +25,6 @@ ANSWER = {"action": "change", "tpp": "lambda_rectum", "direction": "raise", "rat
 # A planner slow enough to be interrupted mid-decision: each replayed answer takes DELAY s of a worker thread, as
 # the embedded model's computation does (so the planner must not wait for that thread to exit).
 DELAY_S = 10
-STACK = """
-[bus]
-transcript_dir = "{d}/stack"
-
-[[agent]]
-role = "dose-engine"
-
-[[agent]]
-role = "evaluator"
-
-[[agent]]
-role = "planner"
-impl = "llm"
-options = {{ model = "replay", replay = "{d}/answers.json", replay_delay = "{delay}" }}
-"""
 FIRST_STEP = re.compile(r"\bstep +0 +score ")
 
 
@@ -61,7 +47,8 @@ def test_ctrl_c_during_a_decision_keeps_the_steps_and_leaves_no_process() -> Non
     proc: subprocess.Popen[str] | None = None
     try:
         (d / "answers.json").write_text(json.dumps([ANSWER] * 6))
-        (d / "stack.toml").write_text(STACK.format(d=d, delay=DELAY_S))
+        (d / "stack.toml").write_text(stack_toml(d, planner="llm", drl_advisor=False, planner_options={
+            "model": "replay", "replay": f"{d}/answers.json", "replay_delay": str(DELAY_S), "decision": "step"}))
         env = {**os.environ, "M2M_RUNTIME_DIR": str(d / "rt")}  # the stack's own sockets live under d
         proc = subprocess.Popen(
             [sys.executable, "-m", "m2m.cli.main", "plan", "--mode", "unguided", "--step-cap", "5",

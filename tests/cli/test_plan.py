@@ -10,38 +10,20 @@ from pathlib import Path
 
 import pytest
 from support.procs import processes_mentioning, run_m2m
+from support.stacks import stack_toml
 
 from m2m.session.client import recorded_sessions
 from m2m.stack.config import load_stack_config
 
 pytestmark = pytest.mark.slow
 
-STACK = """
-[bus]
-endpoint = "ipc://{d}/bus"
-pub_endpoint = "ipc://{d}/pub"
-transcript_dir = "{d}/stack"
-
-[[agent]]
-role = "dose-engine"
-
-[[agent]]
-role = "evaluator"
-
-[[agent]]
-role = "drl-advisor"
-
-[[agent]]
-role = "planner"
-impl = "drl"
-"""
 
 
 def test_plan_brings_the_stack_up_and_down_and_replay_matches() -> None:
     d = Path(tempfile.mkdtemp(prefix="m2mcli", dir="/tmp"))
     try:
         config = d / "stack.toml"
-        config.write_text(STACK.format(d=d))
+        config.write_text(stack_toml(d, planner="drl", endpoints=True))
         bus = ["--connect", f"ipc://{d}/bus", "--pub-connect", f"ipc://{d}/pub"]
         assert load_stack_config(config).endpoint == f"ipc://{d}/bus"
         done = run_m2m("plan", "--scenario", "prostate-basic", "--case", "0", "--mode", "guided", "--step-cap", "4",

@@ -55,15 +55,16 @@ def test_the_default_design_is_the_papers_and_arms_share_initial_tpps() -> None:
     assert design.is_paper_size
     assert (design.cases, design.inits) == ({"prostate-basic": 10, "prostate-complex": 1, "liver": 1},
                                             {"prostate-basic": 1, "prostate-complex": 1, "liver": 10})
+    assert design.arms == ("guided", "unguided", "drl", "rules", "knowledge")
     runs = ed.runs_of(design)
-    assert len(runs) == (10 + 1 + 10) * 4 and len({r.key for r in runs}) == len(runs)
+    assert len(runs) == (10 + 1 + 10) * 5 and len({r.key for r in runs}) == len(runs)
     # one planner swap per implementation: the runs are grouped by the arm's implementation
     impls = [ed.ARMS[r.arm].impl for r in runs]
-    assert impls == sorted(impls, key=["llm", "drl", "rules"].index)
+    assert impls == sorted(impls, key=["llm", "drl", "rules", "knowledge"].index)
     by_setting: dict[tuple[str, int, int], list[dict[str, float]]] = {}
     for r in runs:
         by_setting.setdefault((r.scenario, r.case_seed, r.init), []).append(dict(r.initial_tpps))
-    assert all(len(v) == 4 and all(t == v[0] for t in v) for v in by_setting.values())  # paired arms
+    assert all(len(v) == 5 and all(t == v[0] for t in v) for v in by_setting.values())  # paired arms
     liver = {k: v[0] for k, v in by_setting.items() if k[0] == "liver"}
     assert len({json.dumps(v, sort_keys=True) for v in liver.values()}) == 10  # ten distinct initial settings
     assert ed.initial_tpps("liver", 0, 3000, 1) == ed.initial_tpps("liver", 0, 3000, 1)
@@ -143,9 +144,9 @@ def _prostate(over: dict[str, float], tpps: dict[str, float] | None = None, hist
 
 
 def _decide(situation) -> tuple[str, str]:  # type: ignore[no-untyped-def]
-    outcome = asyncio.run(RulesDecider().decide(situation, "unguided", False))
-    assert outcome.valid and outcome.raw is not None
-    return outcome.raw.tpp, outcome.raw.direction
+    outcome = asyncio.run(RulesDecider().decide(situation, "unguided", False, None))
+    assert outcome.valid and outcome.raw is not None and outcome.raw.move is not None
+    return outcome.raw.move.tpp, outcome.raw.move.direction.word
 
 
 def test_rules_planner_tightens_the_worst_failing_structure_and_escalates() -> None:
@@ -190,7 +191,7 @@ def test_an_experiment_runs_every_arm_on_the_stack_and_resumes(stack: tuple[BusC
     answers = d / "answers.json"
     answers.write_text(json.dumps([loosen] * 40))
     design = ed.make_design(["prostate-basic"], cases=1, step_cap=3,
-                            llm={"model": "replay", "replay": str(answers)})
+                            llm={"model": "replay", "replay": str(answers), "decision": "step"})
     out = d / "out"
     first = asyncio.run(ex.run_experiment(config, design, out, transcript=transcript, max_sessions=2))
     assert (first.planned, first.skipped) == (2, 0)
@@ -198,7 +199,7 @@ def test_an_experiment_runs_every_arm_on_the_stack_and_resumes(stack: tuple[BusC
     with open(out / er.RECORDS_FILE, "ab") as f:
         f.write(b'{"key": "prostate-basic/drl/')  # the run was killed while writing
     second = asyncio.run(ex.run_experiment(config, design, out, transcript=transcript))
-    assert (second.planned, second.skipped) == (2, 2)
+    assert (second.planned, second.skipped) == (3, 2)
     records = er.load_records(out)
     assert set(records) == {r.key for r in ed.runs_of(design)}
     assert all(records[k] == v for k, v in kept.items())  # finished sessions were not planned again
@@ -216,11 +217,23 @@ def test_an_experiment_runs_every_arm_on_the_stack_and_resumes(stack: tuple[BusC
     loosen_move = Move("lambda_rectum", Direction.LOWER)
     assert all(d.proposal is not None and d.proposal.move == loosen_move for d in by_arm["unguided"].decisions)
     # who chose each step: the arm's own planner (the replayed LLM's loosening is admissible when unguided)
-    for arm in ("drl", "rules", "unguided"):
+    for arm in ("drl", "rules", "knowledge", "unguided"):
         assert {d.source for d in by_arm[arm].decisions} == {"proposal"}, arm
+    # the knowledge baseline's first decision sets TPPs to the knowledge median (through the knowledge the DRL
+    # advisor publishes), in values, not by a published step
+    first_knowledge = by_arm["knowledge"].decisions[0]
+    assert first_knowledge.action is None and first_knowledge.changes
+    assert {c.target for c in first_knowledge.changes} == {"p50"}
     report = write_report(out, design, list(records.values()), wall_s=first.wall_s + second.wall_s)
     text = report.read_text()
     assert "| prostate-basic | 1 case(s) × 1 init(s)" in text and "9.0±0.0 / 3.5±4.4" in text
     assert "Guided vs unguided steps" in text and "## Hierarchy of objectives" in text
-    assert len((out / "cases.csv").read_text().splitlines()) == 1 + 4
+    assert "## Guided LLM vs the knowledge alone" in text and "- prostate-basic: at the maximum guided" in text
+    assert "| prostate-basic | unguided | 1 |" in text and "| no LLM: own 100 % (" in text
+    assert len((out / "cases.csv").read_text().splitlines()) == 1 + 5
+    summary = json.loads((out / "summary.json").read_text())
+    arms = summary["scenarios"]["prostate-basic"]
+    assert set(arms) == set(ed.ARMS)
+    assert arms["unguided"]["ownership"] == 1.0 and arms["knowledge"]["ownership"] is None
+    assert set(summary["guided_vs_knowledge"]) == {"prostate-basic"}
     assert all((out / f).stat().st_size > 0 for f in ("score_vs_step.png", "final_tpps.png", "initial_quality.png"))

@@ -13,7 +13,7 @@ import pytest
 
 from m2m.agents.dose_engine import structure_doses
 from m2m.agents.llm.guard import Veto
-from m2m.agents.messages import CriterionResult, Decision, Outcome, Proposal, Step
+from m2m.agents.messages import CriterionResult, Decision, Outcome, Proposal, Step, ValueChange
 from m2m.physics.dvh import report_bins_gy
 from m2m.physics.tpp import Direction, Move
 from m2m.session.folder import CSV_COLUMNS, SessionLabel, dose_metrics, dvh_markers, write_session_folder
@@ -99,6 +99,56 @@ def test_final_json_has_every_criterion_and_the_outcome(tmp_path):
     assert final["criteria"] == [{"id": "rectum:V70Gy", "label": "rectum V70Gy ≤ 25 %", "structure": "rectum",
                                   "metric": "V70Gy", "unit": "%", "value": 24.5, "limit": 25.0, "zero": 30.0,
                                   "points": 1.0, "passed": True}]
+
+
+def test_final_json_says_who_chose_the_decisions(tmp_path):
+    final = json.loads(_write(tmp_path / "s")["final"].read_text())
+    assert final["decisions"] == 2 and final["ownership"] == 0.5  # the proposal taken; the DRL advice is not its own
+    assert final["sources"] == {"proposal": 1, "retry": 0, "drl_advice": 1, "safe": 0}
+    assert final["feedback_retries"] == 0
+
+
+def _value_steps() -> list[Step]:
+    """A feedback retry taken (new TPP values after the guard refused a loosening), then a refused retry replaced by
+    the safe action, then the safe stop."""
+    median = [ValueChange(tpp="t_ptv", before=1.1, after=1.0, target="p50"),
+              ValueChange(tpp="lambda_rectum", before=1.0, after=9.0, target="p50")]
+    retried = Decision(
+        proposal=Proposal(action="change", form="quantile", rationale="spare the PTV",
+                          changes=[ValueChange(tpp="lambda_rectum", before=1.0, after=0.5, target="p5")]),
+        retry=Proposal(action="change", form="quantile", rationale="tighten", changes=median),
+        action=None, changes=median, source="retry", vetoes=[Veto("loosens_at_risk", "x")], decision_s=4.0)
+    refused = Decision(
+        proposal=Proposal(action="stop", rationale="done"), retry=Proposal(action="stop", rationale="really"),
+        action=LOWER_T_PTV, changes=[ValueChange(tpp="t_ptv", before=1.0, after=0.95)], source="safe",
+        vetoes=[Veto("early_stop", "x"), Veto("early_stop", "x")], decision_s=3.0)
+    stop = Decision(proposal=None, action=None, source="safe", error="no JSON", valid=False,
+                    vetoes=[Veto("no_admissible_action", "x")])
+    tpps = {"t_ptv": 1.1, "lambda_rectum": 1.0}
+    return [
+        Step(step=0, score=6.5, max_score=9.0, tpps=tpps, failing=["rectum:V70Gy"], criteria=[_criterion(28.0)],
+             decision=retried),
+        Step(step=1, score=8.0, max_score=9.0, tpps={"t_ptv": 1.0, "lambda_rectum": 9.0}, failing=["rectum:V70Gy"],
+             criteria=[_criterion(26.0)], decision=refused),
+        Step(step=2, score=8.0, max_score=9.0, tpps={"t_ptv": 0.95, "lambda_rectum": 9.0}, failing=["rectum:V70Gy"],
+             criteria=[_criterion(26.0)], decision=stop),
+    ]
+
+
+def test_value_changes_and_feedback_retries_are_written_and_counted(tmp_path):
+    paths = _write(tmp_path / "s", steps=_value_steps())
+    rows = list(csv.DictReader(paths["trajectory_csv"].open()))
+    assert (rows[0]["proposal"], rows[0]["retry"], rows[0]["action"], rows[0]["source"]) == (
+        "lambda_rectum 1->0.5 (p5)", "t_ptv 1.1->1 (p50), lambda_rectum 1->9 (p50)",
+        "t_ptv 1.1->1 (p50), lambda_rectum 1->9 (p50)", "retry")
+    assert (rows[0]["rationale"], rows[0]["retry_rationale"]) == ("spare the PTV", "tighten")
+    assert (rows[1]["proposal"], rows[1]["retry"], rows[1]["action"]) == ("stop", "stop", "lower t_ptv")
+    assert (rows[2]["proposal"], rows[2]["action"], rows[2]["rationale"]) == ("invalid answer", "stop", "no JSON")
+    final = json.loads(paths["final"].read_text())
+    assert (final["decisions"], final["feedback_retries"]) == (3, 2)
+    assert final["ownership"] == pytest.approx(1 / 3)  # the retry taken; the safe action and the safe stop are not
+    assert final["sources"] == {"proposal": 0, "retry": 1, "drl_advice": 0, "safe": 2}
+    assert msgspec.json.decode(paths["trajectory_json"].read_bytes(), type=list[Step]) == _value_steps()
 
 
 def test_final_json_has_the_dose_metrics_of_every_structure_in_gy_and_percent_rx(tmp_path):
