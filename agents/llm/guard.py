@@ -232,8 +232,9 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
     """The knowledge points a ``quantile`` answer may choose (:func:`~m2m.agents.llm.situation.knowledge_points`):
     per TPP, those that move it in the direction that helps the structure of a failing criterion (tighten it, or for a
     failing lower limit loosen it) and that pass every rule of ``mode`` (:func:`value_vetoes`), the
-    :data:`MENU_CHOICES` nearest. Empty at the maximum score. The prompt lists them and the answer schema offers only them, so the model chooses which TPPs to move and
-    how far into the solution space, and the guard's rules are known to it before it answers."""
+    :data:`MENU_CHOICES` nearest. Empty at the maximum score. The prompt lists them and the answer schema offers
+    only them, so the model chooses which TPPs to move and how far into the solution space, and the guard's rules
+    are known to it before it answers."""
     now = situation.tpps
     need: dict[str, int] = {}
     for c in worst_failing(situation):

@@ -347,7 +347,7 @@ def test_guided_session_with_the_embedded_model(services: Procs) -> None:
     assert first.proposal.form in ("quantile", "values")  # the default form, or values when no point helps
     assert all(c.tpp in result.steps[0].tpps for c in first.proposal.changes)
     answer = json.loads(first.answers[0])  # the model's own text is JSON of the decision schema
-    assert [c["tpp"] for c in answer["changes"]] == [c.tpp for c in first.proposal.changes]
+    assert {c.tpp for c in first.proposal.changes} <= set(answer["changes"])  # (a no-op value entry is dropped)
 
 
 def test_agent_joins_a_curve_broker_over_tcp_with_its_keys(tmp_path: Path, procs: Procs) -> None:
