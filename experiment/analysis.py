@@ -25,7 +25,7 @@ from m2m.agents.drl import DEFAULT_KNOWLEDGE
 from m2m.agents.drl.knowledge import TppKnowledge, load_knowledge, relabel_knowledge
 from m2m.agents.messages import Decision, Proposal
 from m2m.experiment.records import KNOWLEDGE_FILE, SessionRecord
-from m2m.physics.tpp import Move
+from m2m.physics.tpp import Direction, Move
 from m2m.scenarios import load_scenario
 from m2m.scenarios.roles import to_structure_name
 from m2m.session.folder import DecisionTally
@@ -124,12 +124,13 @@ class MoveCount:
 
 def proposal_moves(p: Proposal | None) -> list[Move]:
     """What an answer proposed, one :class:`Move` per TPP: its step, or the direction of each of its value changes
-    (none for a stop or no answer)."""
+    (none for a stop or no answer; none for a value that equals the current one, e.g. the unguided 1.5B model
+    copying a TPP's value, which the guard refuses as ``no_change``)."""
     if p is None or p.action == "stop":
         return []
     if p.move is not None:
         return [p.move]
-    return [Move(c.tpp, c.direction) for c in p.changes]
+    return [Move(c.tpp, Direction(c.direction)) for c in p.changes if c.direction]
 
 
 def _chosen(d: Decision, proposals: bool) -> list[Move]:

@@ -18,17 +18,31 @@ FORMS: tuple[DecisionForm, ...] = ("step", "values", "quantile")
 SAME_VALUE_RTOL = 0.005
 
 
-def stepped_value(name: str, value: float, direction: int) -> float:
-    """``value`` of TPP ``name`` after one raise (+1) or lower (−1) step, clipped to its range (as
-    :func:`m2m.physics.tpp.step` does); equal to ``value`` when the step is a no-op at a bound."""
-    return clamp_value(name, value * spec_of(name).factor(direction))
+#: How many published steps a ``quantile`` choice beyond the knowledge goes (:func:`ladder_target`): offered for a
+#: TPP of a failing structure when none of the knowledge's points helps it (e.g. the PTV hot spot fails with
+#: ``lambda_ptv`` already above the knowledge's p95: in the experiment of issue 20 the safe action then needed 6-9
+#: single x1.65 steps, ``lambda_ptv`` 76 -> 1528, to reach 9/9).
+LADDER_STEPS = (1, 3, 6)
+
+
+def ladder_target(steps: int) -> str:
+    """The choice name of ``steps`` published steps: ``"1step"``, ``"3steps"``, …"""
+    return f"{steps}step" if steps == 1 else f"{steps}steps"
+
+
+def stepped_value(name: str, value: float, direction: int, steps: int = 1) -> float:
+    """``value`` of TPP ``name`` after ``steps`` raise (+1) or lower (−1) steps, clipped to its range (as
+    :func:`m2m.physics.tpp.step` does, ``value × factor^steps``); equal to ``value`` when the step is a no-op at a
+    bound."""
+    return clamp_value(name, value * spec_of(name).factor(direction) ** steps)
 
 
 @dataclass(frozen=True)
 class Change:
     """One TPP value change: ``tpp`` from ``before`` to ``after`` (its unit: a fraction of Rx for ``t``, a weight for
     ``lambda``, a volume fraction for ``v``); ``clamped``: the planner asked for a value outside the valid range and
-    got the nearest valid one; ``target``: the knowledge point it chose (``"p50"``, …; quantile form only)."""
+    got the nearest valid one; ``target``: the choice it made in the quantile form: a knowledge point (``"p50"``, …)
+    or a number of published steps beyond the knowledge (``"3steps"``, :func:`ladder_target`)."""
 
     tpp: str
     before: float

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from m2m.agents.drl.knowledge import QUANTILES
 from m2m.agents.llm.answer import Answer, Change, DecisionForm
 from m2m.agents.llm.guard import Menu, quantile_menu
-from m2m.agents.llm.situation import SYSTEM_PROMPT, Mode, Situation, knowledge_value, render
+from m2m.agents.llm.situation import SYSTEM_PROMPT, Mode, Situation, render
 from m2m.physics.tpp import Direction, Move, clamp_value
 
 log = structlog.get_logger()
@@ -138,10 +138,10 @@ def to_answer(decision: AnyDecision, situation: Situation, menu: Menu | None = N
         moved = [c for c in changes if c.direction != 0]
         return Answer("values", False, tuple(moved or changes), None, decision.rationale)
     for tpp, target in decision.changes.items():
-        value = knowledge_value(situation, tpp, target)
-        assert value is not None  # check() refuses a target the menu lacks; the menu holds knowledge points only
-        after = clamp_value(tpp, value)
-        changes.append(Change(tpp, situation.tpps[tpp], after, clamped=after != value, target=target))
+        chosen = dict((menu or {}).get(tpp, ())).get(target)
+        assert chosen is not None  # check() refuses a target the menu lacks
+        after = clamp_value(tpp, chosen)
+        changes.append(Change(tpp, situation.tpps[tpp], after, clamped=after != chosen, target=target))
     return Answer("quantile", False, tuple(changes), None, decision.rationale)
 
 

@@ -55,7 +55,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from m2m.agents.llm.answer import Answer, Change, changes_words
+from m2m.agents.llm.answer import LADDER_STEPS, Answer, Change, changes_words, ladder_target, stepped_value
 from m2m.agents.llm.situation import (
     SUPPORT_QUANTILES,
     Mode,
@@ -63,7 +63,6 @@ from m2m.agents.llm.situation import (
     at_risk,
     change_words,
     knowledge_points,
-    stepped_value,
     worst_failing,
 )
 from m2m.physics.protocol import SCORE_TOLERANCE
@@ -210,9 +209,13 @@ def answer_vetoes(situation: Situation, answer: Answer | None, mode: Mode, oar_n
         return [Veto("invalid_decision", "a change that changes nothing")]
     if answer.move is not None:
         return rule_vetoes(situation, answer.move.tpp, int(answer.move.direction), mode, oar_names)
+    # A quantile choice is admissible by construction (quantile_menu applied the rules, and allows the ladder beyond
+    # the knowledge); anything else is judged value by value.
+    menu = quantile_menu(situation, mode, oar_names) if answer.form == "quantile" and mode == "guided" else {}
     vetoes: list[Veto] = []
     for c in answer.changes:
-        vetoes += value_vetoes(situation, c.tpp, c.after, mode, oar_names)
+        if not _on_menu(menu, c):
+            vetoes += value_vetoes(situation, c.tpp, c.after, mode, oar_names)
     return vetoes
 
 
@@ -229,20 +232,25 @@ MENU_CHOICES = 3
 
 
 def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) -> Menu:
-    """The knowledge points a ``quantile`` answer may choose (:func:`~m2m.agents.llm.situation.knowledge_points`):
-    per TPP, those that move it in the direction that helps the structure of a failing criterion (tighten it, or for a
-    failing lower limit loosen it) and that pass every rule of ``mode`` (:func:`value_vetoes`), the
-    :data:`MENU_CHOICES` nearest. Empty at the maximum score. The prompt lists them and the answer schema offers
-    only them, so the model chooses which TPPs to move and how far into the solution space, and the guard's rules
-    are known to it before it answers."""
+    """The choices a ``quantile`` answer may make, per TPP. First the knowledge points
+    (:func:`~m2m.agents.llm.situation.knowledge_points`) that move the TPP in the direction that helps the structure
+    of a failing criterion (tighten it, or for a failing lower limit loosen it) and that pass every rule of ``mode``
+    (:func:`value_vetoes`), the :data:`MENU_CHOICES` nearest. Then, for each move of :func:`tightening_moves` whose
+    TPP got no knowledge point, the **ladder beyond the knowledge**: :data:`~m2m.agents.llm.answer.LADDER_STEPS`
+    published steps in that direction, each passing every rule of ``mode`` but the knowledge range (the safe action
+    leaves the range too when nothing inside it helps; offering the jump lets the model take it in one step).
+    Empty at the maximum score. The prompt lists them and the answer schema offers only them, so the model chooses
+    which TPPs to move and how far, and the guard's rules are known to it before it answers; the guard takes a
+    choice of this menu as admissible (:func:`answer_vetoes`)."""
     now = situation.tpps
     need: dict[str, int] = {}
     for c in worst_failing(situation):
         need.setdefault(c.structure, 1 if c.upper else -1)
     menu: Menu = {}
-    for tpp, points in knowledge_points(situation).items():
+    points = knowledge_points(situation)
+    for tpp, tpp_points in points.items():
         options: list[tuple[str, float]] = []
-        for target, value in points.items():
+        for target, value in tpp_points.items():
             new = clamp_value(tpp, value)
             direction = Change(tpp, now[tpp], new).direction
             if direction == 0:
@@ -254,7 +262,23 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
                 options.append((target, new))
         if options:
             menu[tpp] = sorted(options, key=lambda o: abs(o[1] - now[tpp]))[:MENU_CHOICES]
+    for tpp, direction in tightening_moves(situation):
+        if tpp in menu or tpp not in points:
+            continue
+        ladder: list[tuple[str, float]] = []
+        for steps in LADDER_STEPS:
+            new = stepped_value(tpp, now[tpp], direction, steps)
+            if Change(tpp, now[tpp], new).direction != direction or any(v == new for _, v in ladder):
+                continue  # at its bound, or clamped to the value of a shorter jump
+            if all(v.reason == "outside_knowledge" for v in value_vetoes(situation, tpp, new, mode, oar_names)):
+                ladder.append((ladder_target(steps), new))
+        if ladder:
+            menu[tpp] = ladder
     return menu
+
+
+def _on_menu(menu: Menu, change: Change) -> bool:
+    return bool(change.target) and (change.target, change.after) in menu.get(change.tpp, ())
 
 
 def tightening_moves(situation: Situation) -> list[tuple[str, int]]:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from m2m.agents.llm.answer import stepped_value
+from m2m.agents.llm.answer import LADDER_STEPS, ladder_target, stepped_value
 from m2m.physics.tpp import (
     PARAMETERS,
     PARAMS,
@@ -95,8 +95,9 @@ REPLY_FORMATS: dict[str, str] = {
             'a step multiplies one TPP: raise (RAISE) or lower (LOWER), clipped to its valid range',
     "values": '{"action": "change", "changes": {"<TPP name>": <new value>, ...}, "rationale": "<short>"} with 1-3 '
               "TPPs; small changes do little (a useful change of t is 10-40 %, of lambda a factor 2-10)",
-    "quantile": '{"action": "change", "changes": {"<TPP name>": "<one of its choices: p5, p25, p50, p75, p95>", '
-                '...}, "rationale": "<short>"} with 1-3 TPPs, each moved to that point of the DRL knowledge',
+    "quantile": '{"action": "change", "changes": {"<TPP name>": "<one of its choices>", ...}, "rationale": '
+                '"<short>"} with 1-3 TPPs, each moved to that point of the DRL knowledge (p5 ... p95) or, where no '
+                f'point helps, that many steps beyond it ({", ".join(ladder_target(k) for k in LADDER_STEPS)})',
 }
 
 

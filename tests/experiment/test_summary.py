@@ -16,7 +16,7 @@ from m2m.agents.llm.guard import Veto
 from m2m.agents.messages import Decision, Outcome, Proposal, Step, ValueChange
 from m2m.experiment import design as ed
 from m2m.experiment import records as er
-from m2m.experiment.analysis import arm_stats, hierarchy
+from m2m.experiment.analysis import arm_stats, hierarchy, proposal_moves
 from m2m.experiment.report import write_report
 from m2m.physics.tpp import Direction, Move
 from m2m.session.folder import DecisionTally
@@ -129,6 +129,20 @@ def test_hierarchy_counts_every_tpp_a_decision_changed_at_its_stage() -> None:
     assert (moves["t_ptv"].lower_n, moves["v_ptv"].raise_n, moves["t_ptv"].first_n) == (2, 2, 2)
     proposed = {m.tpp: m for m in hierarchy(knowledge, proposals=True)}
     assert proposed["t_ptv"].lower_n == 2 and proposed["v_ptv"].mean_first_stage == 0.0
+
+
+def test_a_copied_value_proposes_no_move() -> None:
+    # The unguided values form: the model copied t_ptv (a no_change) beside a real change; the report's hierarchy
+    # counts the real one and does not fail on the copy (it raised ValueError: 0 is not a valid Direction).
+    copied = Proposal(action="change", changes=[ValueChange("t_ptv", 1.04, 1.04), ValueChange("v_ptv", 0.1, 0.2)])
+    assert proposal_moves(copied) == [Move("v_ptv", Direction.RAISE)]
+    record = _records()[0]
+    step = record.steps_detail[0]
+    assert step.decision is not None
+    step = msgspec.structs.replace(step, decision=msgspec.structs.replace(step.decision, proposal=copied))
+    moved = hierarchy([msgspec.structs.replace(record, steps_detail=[step, *record.steps_detail[1:]])],
+                      proposals=True)
+    assert "t_ptv" not in {m.tpp for m in moved} and "v_ptv" in {m.tpp for m in moved}
 
 
 def test_a_record_written_before_value_changes_and_retries_still_decodes_and_counts(tmp_path: Path) -> None:

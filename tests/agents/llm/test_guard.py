@@ -340,6 +340,35 @@ def test_quantile_menu_holds_only_admissible_points_that_help_a_failing_structur
                          OARS) == {}  # at the maximum nothing helps
 
 
+def test_the_menu_offers_steps_beyond_the_knowledge_only_where_no_point_helps():
+    # The experiment's slow guided case: PTV hot spot fails, t_ptv and v_ptv at their bounds, lambda_ptv already
+    # above the knowledge's p95 (no point helps), OARs far from their limits.
+    k = knowledge({"t_ptv": (1.0, 1.04, "linear"), "v_ptv": (0.1, 0.27, "linear"), "lambda_ptv": (0.5, 1.84, "log10"),
+                   "t_rectum": (0.5, 0.95, "linear")})
+    hot = {"ptv D0.03cc": 108.0, "rectum V70Gy": 5.0, "bladder V70Gy": 5.0}
+    s = dataclasses.replace(prostate(hot, {"t_ptv": 1.0, "v_ptv": 0.3, "lambda_ptv": 76.0}), knowledge=k,
+                            knowledge_site="prostate")
+    menu = quantile_menu(s, "guided", OARS)
+    assert set(menu) == {"lambda_ptv"}  # t_ptv and v_ptv cannot move that way; the rectum needs nothing
+    assert [t for t, _ in menu["lambda_ptv"]] == ["1step", "3steps", "6steps"]
+    assert [v for _, v in menu["lambda_ptv"]] == pytest.approx([76.0 * 1.65, 76.0 * 1.65**3, 76.0 * 1.65**6])
+    # The guard takes a choice of the menu as it is, although it leaves the knowledge's range ...
+    jump = Answer("quantile", False, (Change("lambda_ptv", 76.0, menu["lambda_ptv"][2][1], target="6steps"),))
+    assert judge(s, jump, "guided", OARS).source == "proposal"
+    # ... while the same value asked for as a free number is still held to the range rule.
+    free = Answer("values", False, (Change("lambda_ptv", 76.0, menu["lambda_ptv"][2][1]),))
+    assert [v.reason for v in judge(s, free, "guided", OARS).vetoes] == ["outside_knowledge"]
+    # With an OAR near its limit, raising lambda_ptv (it loosens every OAR) is off the ladder as well.
+    near = dataclasses.replace(prostate({**hot, "rectum V70Gy": 24.5}, {"t_ptv": 1.0, "v_ptv": 0.3,
+                                                                         "lambda_ptv": 76.0}),
+                               knowledge=k, knowledge_site="prostate")
+    assert "lambda_ptv" not in quantile_menu(near, "guided", OARS)
+    # Where a knowledge point helps, it is offered and no ladder is added for that TPP.
+    inside = dataclasses.replace(prostate(hot, {"t_ptv": 1.0, "v_ptv": 0.3, "lambda_ptv": 3.0}), knowledge=k,
+                                 knowledge_site="prostate")
+    assert all(t.startswith("p") for t, _ in quantile_menu(inside, "guided", OARS)["lambda_ptv"])
+
+
 def test_safe_action_escalates_past_a_move_that_did_not_raise_the_score():
     s = prostate(RECTUM_FAILS)
     assert safe_action(s, "unguided", OARS) == ("lambda_rectum", 1)

@@ -130,7 +130,7 @@ def test_system_prompt_states_the_tightening_directions():
         SYSTEM_PROMPT)
     # one text for every form (the KV cache of a planner serving both modes stays valid): each form's answer
     assert SYSTEM_PROMPT.count('"changes": {"<TPP name>": ') == 2 and "- step form: " in SYSTEM_PROMPT
-    assert "one of its choices: p5, p25, p50, p75, p95" in SYSTEM_PROMPT
+    assert "point of the DRL knowledge (p5 ... p95)" in SYSTEM_PROMPT and "(1step, 3steps, 6steps)" in SYSTEM_PROMPT
 
 
 def test_system_prompt_is_generated_from_the_parameter_table(monkeypatch):
