@@ -224,7 +224,9 @@ def refusal(situation: Situation, answer: Answer, mode: Mode, oar_names: Sequenc
     return "; ".join(v.detail for v in answer_vetoes(situation, answer, mode, oar_names))
 
 
-#: A quantile answer's choices: per TPP, ``(target, value)`` pairs, nearest to the current value first.
+#: A quantile answer's choices: per TPP, ``(target, value)`` pairs, the farthest from the current value first. The
+#: 1.5B model mostly takes the first choice listed: ordered nearest first, it crept through them one step at a time
+#: (``v_ptv`` p50, p75, p95, then 1step, each a decision and a plan; prostate-basic guided 5.1 steps on 8 sessions).
 Menu = dict[str, list[tuple[str, float]]]
 #: At most this many choices per TPP (the nearest): each costs ~5 prompt tokens, and with two failing structures
 #: five per TPP took the knowledge block to 316 tokens; the knowledge's far tails are rarely the right jump.
@@ -235,10 +237,11 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
     """The choices a ``quantile`` answer may make, per TPP. First the knowledge points
     (:func:`~m2m.agents.llm.situation.knowledge_points`) that move the TPP in the direction that helps the structure
     of a failing criterion (tighten it, or for a failing lower limit loosen it) and that pass every rule of ``mode``
-    (:func:`value_vetoes`), the :data:`MENU_CHOICES` nearest. Then, for each move of :func:`tightening_moves` whose
-    TPP got no knowledge point, the **ladder beyond the knowledge**: :data:`~m2m.agents.llm.answer.LADDER_STEPS`
-    published steps in that direction, each passing every rule of ``mode`` but the knowledge range (the safe action
-    leaves the range too when nothing inside it helps; offering the jump lets the model take it in one step).
+    (:func:`value_vetoes`), the :data:`MENU_CHOICES` nearest, listed farthest first (:data:`Menu`). Then, for each
+    move of :func:`tightening_moves` whose TPP got no knowledge point, the **ladder beyond the knowledge**:
+    :data:`~m2m.agents.llm.answer.LADDER_STEPS` published steps in that direction (the longest first), each passing
+    every rule of ``mode`` but the knowledge range (the safe action leaves the range too when nothing inside it
+    helps; offering the jump lets the model take it in one step).
     Empty at the maximum score. The prompt lists them and the answer schema offers only them, so the model chooses
     which TPPs to move and how far, and the guard's rules are known to it before it answers; the guard takes a
     choice of this menu as admissible (:func:`answer_vetoes`)."""
@@ -261,7 +264,8 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
             if not value_vetoes(situation, tpp, new, mode, oar_names):
                 options.append((target, new))
         if options:
-            menu[tpp] = sorted(options, key=lambda o: abs(o[1] - now[tpp]))[:MENU_CHOICES]
+            nearest = sorted(options, key=lambda o: abs(o[1] - now[tpp]))[:MENU_CHOICES]
+            menu[tpp] = nearest[::-1]  # the boldest first (module doc: the model anchors on the first choice)
     for tpp, direction in tightening_moves(situation):
         if tpp in menu or tpp not in points:
             continue
@@ -273,7 +277,7 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
             if all(v.reason == "outside_knowledge" for v in value_vetoes(situation, tpp, new, mode, oar_names)):
                 ladder.append((ladder_target(steps), new))
         if ladder:
-            menu[tpp] = ladder
+            menu[tpp] = ladder[::-1]
     return menu
 
 

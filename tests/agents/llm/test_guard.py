@@ -334,7 +334,7 @@ def test_quantile_menu_holds_only_admissible_points_that_help_a_failing_structur
     assert all(after < s.tpps["lambda_ptv"] for _, after in menu["lambda_ptv"])  # lower lambda_ptv: every OAR
     for tpp, options in menu.items():
         distances = [abs(after - s.tpps[tpp]) for _, after in options]
-        assert distances == sorted(distances)  # nearest first
+        assert distances == sorted(distances, reverse=True)  # the boldest first: the model anchors on the first
         assert all(not value_vetoes(s, tpp, after, "guided", OARS) for _, after in options)
     assert quantile_menu(dataclasses.replace(prostate(), knowledge=k, knowledge_site="prostate"), "guided",
                          OARS) == {}  # at the maximum nothing helps
@@ -350,13 +350,13 @@ def test_the_menu_offers_steps_beyond_the_knowledge_only_where_no_point_helps():
                             knowledge_site="prostate")
     menu = quantile_menu(s, "guided", OARS)
     assert set(menu) == {"lambda_ptv"}  # t_ptv and v_ptv cannot move that way; the rectum needs nothing
-    assert [t for t, _ in menu["lambda_ptv"]] == ["1step", "3steps", "6steps"]
-    assert [v for _, v in menu["lambda_ptv"]] == pytest.approx([76.0 * 1.65, 76.0 * 1.65**3, 76.0 * 1.65**6])
+    assert [t for t, _ in menu["lambda_ptv"]] == ["6steps", "3steps", "1step"]
+    assert [v for _, v in menu["lambda_ptv"]] == pytest.approx([76.0 * 1.65**6, 76.0 * 1.65**3, 76.0 * 1.65])
     # The guard takes a choice of the menu as it is, although it leaves the knowledge's range ...
-    jump = Answer("quantile", False, (Change("lambda_ptv", 76.0, menu["lambda_ptv"][2][1], target="6steps"),))
+    jump = Answer("quantile", False, (Change("lambda_ptv", 76.0, menu["lambda_ptv"][0][1], target="6steps"),))
     assert judge(s, jump, "guided", OARS).source == "proposal"
     # ... while the same value asked for as a free number is still held to the range rule.
-    free = Answer("values", False, (Change("lambda_ptv", 76.0, menu["lambda_ptv"][2][1]),))
+    free = Answer("values", False, (Change("lambda_ptv", 76.0, menu["lambda_ptv"][0][1]),))
     assert [v.reason for v in judge(s, free, "guided", OARS).vetoes] == ["outside_knowledge"]
     # With an OAR near its limit, raising lambda_ptv (it loosens every OAR) is off the ladder as well.
     near = dataclasses.replace(prostate({**hot, "rectum V70Gy": 24.5}, {"t_ptv": 1.0, "v_ptv": 0.3,
