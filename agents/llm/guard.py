@@ -241,7 +241,8 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
     move of :func:`tightening_moves` whose TPP got no knowledge point, the **ladder beyond the knowledge**:
     :data:`~m2m.agents.llm.answer.LADDER_STEPS` published steps in that direction (the longest first), each passing
     every rule of ``mode`` but the knowledge range (the safe action leaves the range too when nothing inside it
-    helps; offering the jump lets the model take it in one step).
+    helps; offering the jump lets the model take it in one step). Choices that move a TPP the way the last step
+    moved it without raising the score (:func:`stalled_changes`) are left out while others remain.
     Empty at the maximum score. The prompt lists them and the answer schema offers only them, so the model chooses
     which TPPs to move and how far, and the guard's rules are known to it before it answers; the guard takes a
     choice of this menu as admissible (:func:`answer_vetoes`)."""
@@ -278,7 +279,13 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
                 ladder.append((ladder_target(steps), new))
         if ladder:
             menu[tpp] = ladder[::-1]
-    return menu
+    # Escalation, as for the safe action: a TPP the last step moved this way without raising the score is offered
+    # that way again only when nothing else is (e.g. t_rectum driven to 0 while lambda_rectum, the lever left, was
+    # on the menu: prostate-basic case 3002 stuck at 8.0 for 12 steps). Going further then is the one way on.
+    stalled = stalled_changes(situation)
+    fresh = {tpp: kept for tpp, options in menu.items()
+             if (kept := [o for o in options if (tpp, Change(tpp, now[tpp], o[1]).direction) not in stalled])}
+    return fresh or menu
 
 
 def _on_menu(menu: Menu, change: Change) -> bool:
@@ -289,6 +296,18 @@ def tightening_moves(situation: Situation) -> list[tuple[str, int]]:
     """The moves that tighten each failing criterion's structure, worst criterion first, in the order of the module
     doc, admissible or not."""
     return [m for c in worst_failing(situation) for m in tightening_steps(c.structure, 1 if c.upper else -1)]
+
+
+def stalled_changes(situation: Situation) -> frozenset[tuple[str, int]]:
+    """Every ``(tpp, direction)`` the last step moved (its published move, or each of its value changes) when it
+    did not raise the score; empty when it did, or at the first step."""
+    last = situation.history[-1] if situation.history else None
+    if last is None or situation.score > last.score + SCORE_TOLERANCE:
+        return frozenset()
+    moved = {(c.tpp, c.direction) for c in last.changes if c.direction}
+    if last.move is not None:
+        moved.add((last.move.tpp, int(last.move.direction)))
+    return frozenset(moved)
 
 
 def stalled_move(situation: Situation) -> tuple[str, int] | None:

@@ -369,6 +369,26 @@ def test_the_menu_offers_steps_beyond_the_knowledge_only_where_no_point_helps():
     assert all(t.startswith("p") for t, _ in quantile_menu(inside, "guided", OARS)["lambda_ptv"])
 
 
+def test_the_menu_leaves_out_a_move_that_did_not_raise_the_score_while_others_remain():
+    k = knowledge({"t_rectum": (0.5, 0.95, "linear"), "lambda_rectum": (-1.0, 1.5, "log10"),
+                   "lambda_ptv": (0.5, 1.84, "log10")})
+    s = dataclasses.replace(prostate(RECTUM_FAILS, {"t_rectum": 0.96}), knowledge=k, knowledge_site="prostate")
+    assert {"t_rectum", "lambda_rectum"} <= set(quantile_menu(s, "guided", OARS))
+    lowered = Change("t_rectum", 0.99, 0.96, target="p95")
+    stalled = dataclasses.replace(s, history=(StepView(2, None, s.score, changes=(lowered,)),))
+    menu = quantile_menu(stalled, "guided", OARS)
+    assert "t_rectum" not in menu and "lambda_rectum" in menu  # the lever left, not further down the same TPP
+    rising = dataclasses.replace(s, history=(StepView(2, None, s.score - 0.5, changes=(lowered,)),))
+    assert "t_rectum" in quantile_menu(rising, "guided", OARS)
+    # Only the stalled TPP can help (the hot spot, t_ptv and v_ptv at their bounds): going further stays offered.
+    hot = {"ptv D0.03cc": 108.0, "rectum V70Gy": 5.0, "bladder V70Gy": 5.0}
+    only = dataclasses.replace(prostate(hot, {"t_ptv": 1.0, "v_ptv": 0.3, "lambda_ptv": 76.0}), knowledge=k,
+                               knowledge_site="prostate")
+    raised = Change("lambda_ptv", 46.0, 76.0, target="1step")
+    only = dataclasses.replace(only, history=(StepView(2, None, only.score, changes=(raised,)),))
+    assert set(quantile_menu(only, "guided", OARS)) == {"lambda_ptv"}
+
+
 def test_safe_action_escalates_past_a_move_that_did_not_raise_the_score():
     s = prostate(RECTUM_FAILS)
     assert safe_action(s, "unguided", OARS) == ("lambda_rectum", 1)
