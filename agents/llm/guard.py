@@ -238,7 +238,8 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
     (:func:`~m2m.agents.llm.situation.knowledge_points`) that move the TPP in the direction that helps the structure
     of a failing criterion (tighten it, or for a failing lower limit loosen it) and that pass every rule of ``mode``
     (:func:`value_vetoes`), the :data:`MENU_CHOICES` nearest, listed farthest first (:data:`Menu`). Then, for each
-    move of :func:`tightening_moves` whose TPP got no knowledge point, the **ladder beyond the knowledge**:
+    failing structure no knowledge point helps, for each of its tightening moves (module doc), the **ladder beyond
+    the knowledge**:
     :data:`~m2m.agents.llm.answer.LADDER_STEPS` published steps in that direction (the longest first), each passing
     every rule of ``mode`` but the knowledge range (the safe action leaves the range too when nothing inside it
     helps; offering the jump lets the model take it in one step). Choices that move a TPP the way the last step
@@ -251,6 +252,7 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
     for c in worst_failing(situation):
         need.setdefault(c.structure, 1 if c.upper else -1)
     menu: Menu = {}
+    helped: set[str] = set()  # the failing structures some knowledge point helps
     points = knowledge_points(situation)
     for tpp, tpp_points in points.items():
         options: list[tuple[str, float]] = []
@@ -260,25 +262,31 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
             if direction == 0:
                 continue
             moved = effects(tpp, direction, oar_names)
-            if not any(moved.get(structure) == n for structure, n in need.items()):
-                continue
-            if not value_vetoes(situation, tpp, new, mode, oar_names):
+            helps = {structure for structure, n in need.items() if moved.get(structure) == n}
+            if helps and not value_vetoes(situation, tpp, new, mode, oar_names):
                 options.append((target, new))
+                helped |= helps
         if options:
             nearest = sorted(options, key=lambda o: abs(o[1] - now[tpp]))[:MENU_CHOICES]
             menu[tpp] = nearest[::-1]  # the boldest first (module doc: the model anchors on the first choice)
-    for tpp, direction in tightening_moves(situation):
-        if tpp in menu or tpp not in points:
+    # The ladder is the last resort of a structure: with a knowledge point for one of its TPPs on the menu, its other
+    # TPPs get none (case 3002: t_rectum laddered to 0.001 while lambda_rectum sat at 0.12, far below the
+    # knowledge's range, with its points on the menu; the rectum weight, not its threshold, was the lever).
+    for c in worst_failing(situation):
+        if c.structure in helped:
             continue
-        ladder: list[tuple[str, float]] = []
-        for steps in LADDER_STEPS:
-            new = stepped_value(tpp, now[tpp], direction, steps)
-            if Change(tpp, now[tpp], new).direction != direction or any(v == new for _, v in ladder):
-                continue  # at its bound, or clamped to the value of a shorter jump
-            if all(v.reason == "outside_knowledge" for v in value_vetoes(situation, tpp, new, mode, oar_names)):
-                ladder.append((ladder_target(steps), new))
-        if ladder:
-            menu[tpp] = ladder[::-1]
+        for tpp, direction in tightening_steps(c.structure, 1 if c.upper else -1):
+            if tpp in menu or tpp not in points:
+                continue
+            ladder: list[tuple[str, float]] = []
+            for steps in LADDER_STEPS:
+                new = stepped_value(tpp, now[tpp], direction, steps)
+                if Change(tpp, now[tpp], new).direction != direction or any(v == new for _, v in ladder):
+                    continue  # at its bound, or clamped to the value of a shorter jump
+                if all(v.reason == "outside_knowledge" for v in value_vetoes(situation, tpp, new, mode, oar_names)):
+                    ladder.append((ladder_target(steps), new))
+            if ladder:
+                menu[tpp] = ladder[::-1]
     # Escalation, as for the safe action: a TPP the last step moved this way without raising the score is offered
     # that way again only when nothing else is (e.g. t_rectum driven to 0 while lambda_rectum, the lever left, was
     # on the menu: prostate-basic case 3002 stuck at 8.0 for 12 steps). Going further then is the one way on.

@@ -367,6 +367,13 @@ def test_the_menu_offers_steps_beyond_the_knowledge_only_where_no_point_helps():
     inside = dataclasses.replace(prostate(hot, {"t_ptv": 1.0, "v_ptv": 0.3, "lambda_ptv": 3.0}), knowledge=k,
                                  knowledge_site="prostate")
     assert all(t.startswith("p") for t, _ in quantile_menu(inside, "guided", OARS)["lambda_ptv"])
+    # The ladder is a structure's last resort: t_rectum below the knowledge gets none while lambda_rectum, far below
+    # its range, has knowledge points (the weight is the lever; case 3002 drove t_rectum to 0.001 instead).
+    k2 = knowledge({"t_rectum": (0.5, 0.95, "linear"), "lambda_rectum": (0.0, 1.5, "log10")})
+    low = dataclasses.replace(prostate(RECTUM_FAILS, {"t_rectum": 0.3, "lambda_rectum": 0.12}), knowledge=k2,
+                              knowledge_site="prostate")
+    menu = quantile_menu(low, "guided", OARS)
+    assert "t_rectum" not in menu and all(t.startswith("p") for t, _ in menu["lambda_rectum"])
 
 
 def test_the_menu_leaves_out_a_move_that_did_not_raise_the_score_while_others_remain():
