@@ -37,8 +37,21 @@ ARMS: dict[str, Arm] = {
 
 
 @dataclass(frozen=True)
+class Goals:
+    """What the guided arm must reach on a scenario (issue 20's targets for the embedded 1.5B model on 2 cores):
+    a mean final score of at least ``final_mean`` (None: every session at the maximum), mean steps at most
+    ``steps_mean`` (and their sd at most ``steps_sd`` when set), LLM ownership at least ``ownership`` when set."""
+
+    steps_mean: float
+    steps_sd: float | None = None
+    final_mean: float | None = None
+    ownership: float | None = None
+
+
+@dataclass(frozen=True)
 class PaperRow:
-    """The published numbers of one scenario (as printed in the paper's table) and its cohort layout."""
+    """The published numbers of one scenario (as printed in the paper's table), its cohort layout and the goals
+    of the guided arm."""
 
     setup: str
     cases: int
@@ -46,16 +59,19 @@ class PaperRow:
     initial: str
     unguided: str
     guided: str
-    goal_median_steps: int
+    goals: Goals
 
 
 PAPER: dict[str, PaperRow] = {
     "prostate-basic": PaperRow("7 beams, PTV + bladder + rectum, 10 cases, max 9", 10, 1, "5.8±1.7",
-                               "7.9±1.0 / 18.2±4.4", "9.0±0.0 / 3.5±4.4", 3),
-    "prostate-complex": PaperRow("180 beams, + 2 femoral heads, 1 case, max 15", 1, 1, "10", "15 / 12", "15 / 5", 5),
+                               "7.9±1.0 / 18.2±4.4", "9.0±0.0 / 3.5±4.4", Goals(3.5, steps_sd=2.5, ownership=0.8)),
+    "prostate-complex": PaperRow("180 beams, + 2 femoral heads, 1 case, max 15", 1, 1, "10", "15 / 12", "15 / 5",
+                                 Goals(5.0)),
     "liver": PaperRow("7 beams, PTV + 2 OARs, 1 case × 10 initial TPP settings, max 4", 1, 10, "2.5±0.4",
-                      "3.1±0.2 / 20.0±0.0", "3.7±0.35 / 12.8±8.3", 8),
+                      "3.1±0.2 / 20.0±0.0", "3.7±0.35 / 12.8±8.3", Goals(8.0, final_mean=3.8, ownership=0.8)),
 }
+#: The whole default experiment's wall-time goal (s).
+WALL_GOAL_S = 45 * 60.0
 
 
 class ExperimentError(ValueError):

@@ -131,6 +131,20 @@ def test_hierarchy_counts_every_tpp_a_decision_changed_at_its_stage() -> None:
     assert proposed["t_ptv"].lower_n == 2 and proposed["v_ptv"].mean_first_stage == 0.0
 
 
+def test_goals_are_judged_with_the_arms_numbers() -> None:
+    from m2m.experiment.design import Goals
+    from m2m.experiment.report import _goal_words
+
+    stats = arm_stats([r for r in _records() if r.arm == "guided"])
+    mean, sd = stats.steps
+    words = _goal_words(stats, Goals(mean, steps_sd=sd, ownership=0.5))
+    assert words[1] == f"steps {mean:.1f}±{sd:.1f} (MET: goal mean ≤ {mean:g} with sd ≤ {sd:g})"
+    assert words[2] == "LLM ownership 50 % (MET: goal ≥ 50 %)"
+    strict = _goal_words(stats, Goals(mean - 0.5, ownership=0.8, final_mean=stats.final[0] + 0.1))
+    assert strict[0].startswith(f"final {stats.final[0]:.2f}") and "(NOT MET: goal ≥" in strict[0]
+    assert "(NOT MET: goal mean ≤" in strict[1] and strict[2] == "LLM ownership 50 % (NOT MET: goal ≥ 80 %)"
+
+
 def test_a_copied_value_proposes_no_move() -> None:
     # The unguided values form: the model copied t_ptv (a no_change) beside a real change; the report's hierarchy
     # counts the real one and does not fail on the copy (it raised ValueError: 0 is not a valid Direction).
