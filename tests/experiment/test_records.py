@@ -74,7 +74,7 @@ def test_the_committed_example_report_regenerates_identically(tmp_path: Path) ->
     folder = tmp_path / "example"
     shutil.copytree(EXAMPLE, folder)
     records = list(er.load_records(folder).values())
-    assert len(records) == 87
+    assert len(records) == 90
     write_report(folder, er.read_design(folder), records, wall_s=er.total_wall(folder))
     for name in ("report.md", "summary.json", "cases.csv", "hierarchy.csv"):
         assert (folder / name).read_bytes() == (EXAMPLE / name).read_bytes(), name
