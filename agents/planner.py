@@ -241,7 +241,7 @@ def situation_from(
             # the scored structures only: the dose engine also reports the case's other OARs (for the DVHs)
             for s in plan.structures if s.name in scenario.protocol.structures
         },
-        history=tuple(StepView(step=h.step, move=h.move, score=h.score, words=h.words(), changes=tuple(h.changes))
+        history=tuple(StepView(step=h.step, move=h.move, score=h.score, changes=tuple(h.changes))
                       for h in history[-HISTORY_STEPS:]),
         knowledge=knowledge,
         knowledge_site=knowledge_site,

@@ -296,10 +296,10 @@ def _report_lines(
         if k is not None:
             lines.append(f"- {s}: guided at the maximum at least as often as the knowledge arm "
                          f"({100 * st.at_max:.0f} % vs {100 * k.at_max:.0f} %): "
-                         f"{'MET' if st.at_max >= k.at_max else 'NOT MET'}.")
+                         f"{_met(st.at_max >= k.at_max)}.")
     for s, t in tests.items():
         met = t.p_value is not None and t.p_value < SIGNIFICANCE and t.diff_mean < 0
-        verdict = ("MET" if met else "NOT MET") if t.n == expected[s] else f"not judged: {t.n} of {expected[s]} pairs"
+        verdict = _met(met) if t.n == expected[s] else f"not judged: {t.n} of {expected[s]} pairs"
         lines.append(f"- {s}: guided needs significantly fewer steps than unguided (p < {SIGNIFICANCE}): {verdict}.")
     sessions_s = sum(r.wall_s for r in records)
     if not design.is_paper_size:
@@ -307,7 +307,7 @@ def _report_lines(
     elif len(records) < total:
         verdict = f"not measured: {len(records)} of its {total} sessions finished"
     else:
-        verdict = "MET" if max(sessions_s, wall_s or 0.0) <= WALL_GOAL_S else "NOT MET"
+        verdict = _met(max(sessions_s, wall_s or 0.0) <= WALL_GOAL_S)
     runs = "" if wall_s is None else (f"; the runs that ended normally took {wall_s / 60:.1f} min in all "
                                       "(stack start, swaps and stop included; a run killed by SIGKILL records none)")
     lines.append(f"- Wall time: the {len(records)} sessions took {sessions_s / 60:.1f} min{runs} (goal ≤ "

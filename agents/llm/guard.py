@@ -60,6 +60,7 @@ from m2m.agents.llm.situation import (
     SUPPORT_QUANTILES,
     Mode,
     Situation,
+    StepView,
     at_risk,
     change_words,
     knowledge_points,
@@ -272,10 +273,10 @@ def quantile_menu(situation: Situation, mode: Mode, oar_names: Sequence[str]) ->
     # The ladder is the last resort of a structure: with a knowledge point for one of its TPPs on the menu, its other
     # TPPs get none (case 3002: t_rectum laddered to 0.001 while lambda_rectum sat at 0.12, far below the
     # knowledge's range, with its points on the menu; the rectum weight, not its threshold, was the lever).
-    for c in worst_failing(situation):
-        if c.structure in helped:
+    for structure, sign in need.items():
+        if structure in helped:
             continue
-        for tpp, direction in tightening_steps(c.structure, 1 if c.upper else -1):
+        for tpp, direction in tightening_steps(structure, sign):
             if tpp in menu or tpp not in points:
                 continue
             ladder: list[tuple[str, float]] = []
@@ -306,11 +307,17 @@ def tightening_moves(situation: Situation) -> list[tuple[str, int]]:
     return [m for c in worst_failing(situation) for m in tightening_steps(c.structure, 1 if c.upper else -1)]
 
 
+def _stalled_step(situation: Situation) -> StepView | None:
+    """The last step when it did not raise the score, else None (also at the first step)."""
+    last = situation.history[-1] if situation.history else None
+    return None if last is None or situation.score > last.score + SCORE_TOLERANCE else last
+
+
 def stalled_changes(situation: Situation) -> frozenset[tuple[str, int]]:
     """Every ``(tpp, direction)`` the last step moved (its published move, or each of its value changes) when it
     did not raise the score; empty when it did, or at the first step."""
-    last = situation.history[-1] if situation.history else None
-    if last is None or situation.score > last.score + SCORE_TOLERANCE:
+    last = _stalled_step(situation)
+    if last is None:
         return frozenset()
     moved = {(c.tpp, c.direction) for c in last.changes if c.direction}
     if last.move is not None:
@@ -320,10 +327,8 @@ def stalled_changes(situation: Situation) -> frozenset[tuple[str, int]]:
 
 def stalled_move(situation: Situation) -> tuple[str, int] | None:
     """The last step's published move when it did not raise the score (a planner should not repeat it), else None."""
-    last = situation.history[-1] if situation.history else None
-    if last is None or last.move is None or situation.score > last.score + SCORE_TOLERANCE:
-        return None
-    return last.move.tpp, int(last.move.direction)
+    last = _stalled_step(situation)
+    return None if last is None or last.move is None else (last.move.tpp, int(last.move.direction))
 
 
 def safe_action(situation: Situation, mode: Mode, oar_names: Sequence[str]) -> tuple[str, int]:

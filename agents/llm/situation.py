@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from m2m.agents.llm.answer import LADDER_STEPS, Change, ladder_target, stepped_value
+from m2m.agents.llm.answer import LADDER_STEPS, Change, changes_words, ladder_target, stepped_value
 from m2m.physics.tpp import (
     PARAMETERS,
     PARAMS,
@@ -166,18 +166,18 @@ class CriterionView:
 
 @dataclass(frozen=True)
 class StepView:
-    """One past step: the ``action`` made from it (a published ``move`` and/or its value ``changes``, and its words,
-    e.g. ``"t_ptv 1.1->1 (p50)"``) and the ``score`` it had."""
+    """One past step: the action made from it (a published ``move``, or its value ``changes``) and the ``score`` it
+    had."""
 
     step: int
     move: Move | None
     score: float
-    words: str = ""
     changes: tuple[Change, ...] = ()
 
     @property
     def action(self) -> str:
-        return self.words or str(self.move)
+        """``"raise t_ptv"`` or ``"t_ptv 1.1->1 (p50)"``."""
+        return str(self.move) if self.move is not None else changes_words(self.changes)
 
 
 @dataclass(frozen=True)
