@@ -20,13 +20,15 @@ import numpy as np
 
 from m2m.agents.messages import DOSE_PLAN, DosePlanRequest, DosePlanResult, StructureDose
 from m2m.agents.runtime import Agent, AgentConfigError
+from m2m.bus.errors import BadRequest
 from m2m.bus.worker import Handlers, RequestContext
+from m2m.physics.case import CaseFileError
 from m2m.physics.dvh import cumulative_dvh, d_percent, report_bins_gy
 from m2m.physics.optimizer import optimize
 from m2m.physics.protocol import measure_all
 from m2m.physics.tpp import TppSet
-from m2m.scenarios import Scenario, load_scenario
-from m2m.scenarios.cases import CaseBank, phantom_bank
+from m2m.scenarios import Scenario, ScenarioError, load_scenario
+from m2m.scenarios.cases import CaseBank, scenario_bank
 
 
 def structure_doses(dose: dict[str, np.ndarray], bins_gy: np.ndarray) -> list[StructureDose]:
@@ -64,18 +66,26 @@ class DoseEngine(Agent):
         return {DOSE_PLAN: {DosePlanRequest: self.on_plan}}
 
     def _bank(self, scenario_name: str) -> tuple[Scenario, CaseBank]:
-        if scenario_name not in self._banks:
-            sc = load_scenario(scenario_name)
-            self._banks[scenario_name] = (sc, phantom_bank(sc, [0], capacity=self._capacity))
+        """The scenario and its case bank; a user scenario registered again (new fingerprint) gets a new bank."""
+        sc = load_scenario(scenario_name)
+        known = self._banks.get(scenario_name)
+        if known is None or known[0].fingerprint != sc.fingerprint:
+            self._banks[scenario_name] = (sc, scenario_bank(sc, [0], capacity=self._capacity))
         return self._banks[scenario_name]
 
     async def on_plan(self, msg: DosePlanRequest, ctx: RequestContext) -> DosePlanResult:
-        sc, bank = self._bank(msg.scenario)
-        tpps = TppSet.from_dict(msg.tpps, sc.oar_names)
+        # A scenario or case file that cannot be used is the requester's problem: a typed, non-retryable answer that
+        # names the file, and the engine keeps serving.
+        try:
+            sc, bank = self._bank(msg.scenario)
+            tpps = TppSet.from_dict(msg.tpps, sc.oar_names)
+            started = time.perf_counter()
+            case = await asyncio.to_thread(bank.get, msg.case_seed)
+        except (ScenarioError, CaseFileError) as exc:
+            self.log.warning("bad_case", scenario=msg.scenario, error=str(exc))
+            raise BadRequest(str(exc)) from None
         warm = None if msg.warm_start is None else np.asarray(msg.warm_start, dtype=np.float64)
         # One solve at a time per process: the agent's capacity is 1, so the broker never sends a second.
-        started = time.perf_counter()
-        case = await asyncio.to_thread(bank.get, msg.case_seed)
         if warm is not None and warm.shape != (case.dij.n_beamlets,):
             raise ValueError(f"warm start has {warm.shape} weights; the case has {case.dij.n_beamlets} beamlets")
         plan = await asyncio.to_thread(optimize, case.dij, tpps, sc.rx_gy, warm_start=warm)

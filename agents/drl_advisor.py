@@ -70,23 +70,33 @@ class DrlAdvisorAgent(Agent):
         return 4  # one small forward pass per request
 
     async def on_advise(self, msg: AdviseRequest, ctx: RequestContext) -> Advice:
+        """The policy's best actions for the reported state. A scenario with fewer OARs than the policy's roles (TG-119:
+        one) shows the policy each missing role as an OAR that receives no dose (cumulative DVH 1 at 0 Gy, 0 above;
+        Dmax 0) with default TPPs, and never advises moving it: a structure without dose asks nothing of the plan."""
         sc = self._scenario(msg.scenario)
-        roles = sc.roles
+        absent = {r: f"absent_{r}" for r in self.advisor.controlled_roles if r not in sc.roles}
+        roles = {**sc.roles, **absent}
         controlled = [roles[r] for r in self.advisor.controlled_roles]
-        tpps = TppSet.from_dict(msg.tpps, sc.oar_names)
+        oars = (*sc.oar_names, *absent.values())
+        tpps = TppSet.from_dict({**TppSet.default(oars).as_dict(), **msg.tpps}, oars)
         bins = dvh_bins_gy(sc.rx_gy)
         n = bins.size
         if msg.dvh_bins_gy.shape[0] < n or not np.allclose(msg.dvh_bins_gy[:n], bins):
             raise ValueError(f"DVH bins must start with the policy's {n} bins from 0 to {bins[-1]:.2f} Gy")
         by_name = {s.name: s for s in msg.structures}
-        missing = [s for s in controlled if s not in by_name]
+        missing = [s for s in controlled if s not in by_name and s not in absent.values()]
         if missing:
             raise ValueError(f"the advice needs the DVH of {missing}")
+        no_dose = np.zeros(n)
+        no_dose[0] = 1.0
         obs = observation_vector(
-            [np.asarray(by_name[s].dvh_pct[:n], dtype=np.float64) / 100.0 for s in controlled],
-            [by_name[s].dmax_gy for s in controlled], tpps, controlled, sc.rx_gy,
+            [np.asarray(by_name[s].dvh_pct[:n], dtype=np.float64) / 100.0 if s in by_name else no_dose
+             for s in controlled],
+            [by_name[s].dmax_gy if s in by_name else 0.0 for s in controlled], tpps, controlled, sc.rx_gy,
         )
-        mask = action_mask(tpps, [to_structure_name(r, roles) for r in self.advisor.tpp_roles])
+        names = [to_structure_name(r, roles) for r in self.advisor.tpp_roles]
+        present = [name.partition("_")[2] not in absent.values() for name in names]
+        mask = action_mask(tpps, names) & np.repeat(present, 2)
         advice = self.advisor.advise(obs, max(1, msg.k), labels=roles, mask=mask)
         return Advice(
             actions=[AdvisedAction(move=Move(a.label, Direction(a.direction)), probability=a.probability, q=a.q_value)

@@ -394,7 +394,8 @@ class SessionState(Message):
 
 
 class SessionResult(Message):
-    """The finished session: every step (no fluences), the first and final plans' DVHs, and summary counts."""
+    """The finished session: every step (no fluences but the final plan's), the first and final plans' DVHs, and
+    summary counts."""
 
     schema = "m2m.plan.session-result"
     version = 2
@@ -412,6 +413,9 @@ class SessionResult(Message):
     fallbacks: int
     planners: list[str]
     wall_s: float
+    #: Beamlet weights of the final plan (normalised; the dose engine's column order): what an exported RTDOSE is
+    #: computed from. None in records written before it was carried.
+    final_fluence: np.ndarray | None = None
 
     @property
     def reached_max(self) -> bool:

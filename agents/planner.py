@@ -442,7 +442,7 @@ class SessionRunner:
                       started: float) -> SessionResult:
         """Record the last step, publish the ended state (a later request for the session gets the same result)
         and answer."""
-        state = msgspec.structs.replace(state, steps=[*state.steps, record], outcome=outcome, fluence=None,
+        state = msgspec.structs.replace(state, steps=[*state.steps, record], outcome=outcome, fluence=plan.fluence,
                                         final_structures=plan.structures)
         await self._publish(state, record, outcome)
         return self._result(state, started)
@@ -472,6 +472,7 @@ def session_result(state: SessionState, wall_s: float) -> SessionResult:
         initial_structures=state.initial_structures, final_structures=state.final_structures,
         invalid_answers=sum(not d.valid for d in decisions), vetoes=sum(len(d.vetoes) for d in decisions),
         fallbacks=sum(d.source == "safe" for d in decisions), planners=state.planners, wall_s=wall_s,
+        final_fluence=state.fluence,
     )
 
 

@@ -85,6 +85,13 @@ class RemoteError(BusError):
     code = "remote_error"
 
 
+class BadRequest(BusError):
+    """A well-formed request whose content the handler refuses (e.g. it names an input that cannot be read); the
+    message says what is wrong. Not retryable: the same request fails again. The worker keeps serving."""
+
+    code = "bad_request"
+
+
 class SecurityError(BusError):
     """A configuration that would expose the bus without authentication."""
 

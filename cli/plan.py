@@ -38,7 +38,24 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
         "plan",
         help="plan one case autonomously: on the bus with the LLM planner (default), or in-process (--planner)",
     )
-    p.add_argument("--scenario", default="prostate-basic", help="prostate-basic, prostate-complex or liver")
+    p.add_argument("--scenario", default="prostate-basic",
+                   help="a packaged scenario (prostate-basic, prostate-complex, liver, tg119, alderson), a registered "
+                        "one, or a scenario TOML file of your own (registered under its name)")
+    f = p.add_argument_group("a case from a file, without writing a scenario (see the README)")
+    f.add_argument("--case-file", type=Path, default=None,
+                   help="a DICOM folder (CT series + RTSTRUCT) or .zip of one, or a matRad .mat file")
+    f.add_argument("--protocol", default=None,
+                   help="with --case-file: a packaged protocol's name (e.g. prostate-basic) or a protocol TOML file")
+    f.add_argument("--roles", default=None,
+                   help="with --case-file: planner structure = structure in the file, comma-separated, the target "
+                        "as ptv, e.g. ptv=PTV,bladder=Bladder,rectum=Rectum (names matched ignoring case)")
+    f.add_argument("--rx-gy", type=float, default=None,
+                   help="with --case-file: prescription (Gy); needed for DICOM (matRad: the file's target objective)")
+    f.add_argument("--beams", type=int, default=None,
+                   help="with --case-file: that many equispaced coplanar beams (default: the dose engine's 7)")
+    f.add_argument("--dose-grid-mm", type=float, default=None,
+                   help="with --case-file: resample to this isotropic dose grid (mm; default 3 for DICOM, the file's "
+                        "grid for matRad)")
     p.add_argument("--case", type=int, default=0, help="index into the cohort (0 = its first seed)")
     p.add_argument("--cohort", default="test", help="train, validation, test, knowledge or paper (default test)")
     p.add_argument("--mode", choices=("guided", "unguided"), default="guided",
@@ -78,13 +95,25 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
 
 
 def _check_plan(args: argparse.Namespace) -> tuple[Scenario, int]:
-    """The scenario and the case's seed; :class:`UsageError` for anything wrong with the command line."""
-    from m2m.scenarios import ScenarioError, load_scenario
+    """The scenario and the case's seed; :class:`UsageError` for anything wrong with the command line. A scenario
+    file, or a case file given with ``--case-file``, is registered first and ``args.scenario`` set to its name."""
+    from m2m.physics.case import CaseFileError
+    from m2m.scenarios import ScenarioError, load_scenario, register_scenario
 
+    file_options = [o for o in ("protocol", "roles", "rx_gy", "beams", "dose_grid_mm") if getattr(args, o) is not None]
+    if args.case_file is None and file_options:
+        raise UsageError(f"--{file_options[0].replace('_', '-')} needs --case-file")
     try:
-        sc = load_scenario(args.scenario)
-    except ScenarioError as exc:
-        raise UsageError(f"--scenario: {exc}") from None
+        if args.case_file is not None:
+            sc = _register_case_file(args)
+            args.scenario = sc.name
+        elif args.scenario.endswith(".toml") or Path(args.scenario).is_file():
+            sc = register_scenario(args.scenario)
+            args.scenario = sc.name
+        else:
+            sc = load_scenario(args.scenario)
+    except (ScenarioError, CaseFileError) as exc:
+        raise UsageError(f"--{'case-file' if args.case_file is not None else 'scenario'}: {exc}") from None
     try:
         seeds = sc.cohorts.get(args.cohort).seeds
     except KeyError as exc:
@@ -106,6 +135,65 @@ def _check_plan(args: argparse.Namespace) -> tuple[Scenario, int]:
         if args.checkpoint is not None and not args.checkpoint.is_file():
             raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
     return sc, int(seeds[args.case])
+
+
+def _register_case_file(args: argparse.Namespace) -> Scenario:
+    """Register the scenario ``--case-file`` and its options describe (see the README's "Plan your own case"): the
+    case is loaded once here, so a bad file is refused before any stack starts, and its OARs are ranked into roles
+    by their PTV-proximal volume (:mod:`m2m.scenarios.roles`), as the packaged scenarios are."""
+    import hashlib
+    import json
+    import re
+
+    from m2m.physics.tpp import PTV
+    from m2m.scenarios import ScenarioError, parse_scenario, register_table, role_map
+    from m2m.scenarios.cases import load_file_case
+    from m2m.scenarios.roles import rank_oars
+
+    path = args.case_file.expanduser().resolve()
+    if args.protocol is None or args.roles is None:
+        raise UsageError("--case-file needs --protocol and --roles (e.g. --roles ptv=PTV,bladder=Bladder)")
+    roles: dict[str, str] = {}
+    for item in args.roles.split(","):
+        name, eq, in_file = (part.strip() for part in item.partition("="))
+        if not eq or not name or not in_file:
+            raise UsageError(f"--roles: {item!r} is not planner_name=name_in_file")
+        roles[name] = in_file
+    fmt = "matrad" if path.suffix.lower() == ".mat" else "dicom"
+    if fmt == "dicom" and args.rx_gy is None:
+        raise UsageError("--rx-gy is needed for a DICOM case (an RTSTRUCT carries no prescription)")
+    rx_gy = args.rx_gy
+    if rx_gy is None:
+        from m2m.physics.matrad import load_matrad
+
+        rx_gy = load_matrad(path).rx_gy
+    grid = args.dose_grid_mm if args.dose_grid_mm is not None else (3.0 if fmt == "dicom" else None)
+    protocol = args.protocol
+    if protocol.endswith(".toml"):
+        protocol = str(Path(protocol).expanduser().resolve())
+    oars = [n for n in roles if n != PTV]
+    table: dict[str, object] = {
+        "name": "", "description": f"{path.name}, planned with m2m plan --case-file", "site": "other",
+        "rx_gy": float(rx_gy), "protocol": protocol, "beams": {"bixel_mm": 5.0}, "tpp": {"structures": [PTV, *oars]},
+        "roles": {f"oar{i + 1}": n for i, n in enumerate(oars)},
+        "case": {"format": fmt, "path": str(path), "structures": roles},
+    }
+    if args.beams is not None:
+        if not 1 <= args.beams <= 360:
+            raise UsageError(f"--beams must be 1 to 360, got {args.beams}")
+        table["beams"] = {"every_deg": 360.0 / args.beams, "bixel_mm": 5.0}
+    if grid is not None:
+        table["case"]["dose_grid_mm"] = [grid, grid, grid]  # type: ignore[index]
+    try:
+        provisional = parse_scenario({**table, "name": "case-file"}, "--case-file")
+    except ScenarioError as exc:
+        raise UsageError(str(exc)) from None
+    case = load_file_case(provisional).case
+    table["roles"] = {k: v for k, v in role_map(rank_oars(oars, [case], provisional.protocol)).items() if k != PTV}
+    digest = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:8]
+    stem = re.sub(r"[^a-z0-9_.-]+", "_", path.stem.lower()).strip("._-") or "case"
+    table["name"] = f"{stem}-{digest}"
+    return register_table(table, Path.cwd(), "--case-file")
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -192,9 +280,31 @@ async def _plan_on_bus(args: argparse.Namespace, use: StackUse, default_cap: int
         view.activity("writing the session folder")
         folder = _new_folder(args.out, session_folder_name(args.scenario, result.header.case_id, args.mode))
         await asyncio.to_thread(write_bus_session_folder, folder, result, transcript)
+        exported = await _export_rtdose(view, folder, args.scenario, result)
     print_summary(console, result)
+    if exported:
+        print(exported)
     print(f"session folder: {folder}")
     return 0
+
+
+async def _export_rtdose(view: ProgressView, folder: Path, scenario: str, result: SessionResult) -> str:
+    """For a case-file scenario, the final dose as ``rtdose.dcm`` in the session folder; a line saying so ('' for
+    phantom scenarios). A failure to export is reported, not raised: the session and its folder stand."""
+    from m2m.physics.case import CaseFileError
+    from m2m.scenarios import load_scenario
+    from m2m.session.export import export_rtdose
+
+    sc = load_scenario(scenario)
+    if sc.case is None or result.final_fluence is None:
+        return ""
+    view.activity("computing the final dose on the CT grid for rtdose.dcm")
+    try:
+        done = await asyncio.to_thread(export_rtdose, folder, sc, result.final_fluence)
+    except (CaseFileError, ImportError, OSError, ValueError) as exc:
+        return f"rtdose.dcm not written: {exc}"
+    return (f"rtdose.dcm: final dose, max {done.dmax_gy:.1f} Gy, on the CT's frame "
+            f"(case {done.load_s:.1f} s, dose {done.dose_s:.1f} s)")
 
 
 async def _interrupted(args: argparse.Namespace, view: ProgressView, session_id: str, step: int, config: BusConfig,

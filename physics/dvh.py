@@ -8,6 +8,8 @@ hottest ``x`` % of ``n`` voxels is ``ceil(x/100·n)`` voxels.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Mapping
 
@@ -50,6 +52,26 @@ def cumulative_dvh(dose: np.ndarray, bins_gy: np.ndarray) -> np.ndarray:
 def dvh_by_structure(dose_by_structure: Mapping[str, np.ndarray], bins_gy: np.ndarray) -> dict[str, np.ndarray]:
     """:func:`cumulative_dvh` of each structure on the same bins."""
     return {name: cumulative_dvh(dose, bins_gy) for name, dose in dose_by_structure.items()}
+
+
+def dvh_csv(bins_gy: np.ndarray, curves_pct: Mapping[str, np.ndarray]) -> str:
+    """Cumulative DVHs as CSV text: each curve is the % of the structure's volume receiving at least (≥) the dose.
+
+    Header ``dose_gy,<structure>,…`` (structures in mapping order), then one row per bin: the dose (Gy, 3 decimals)
+    and each structure's volume (%, 4 decimals). Curves must have one value per bin (e.g. 100 × :func:`cumulative_dvh`
+    or :func:`dvh_by_structure`).
+    """
+    bins = np.asarray(bins_gy, dtype=np.float64).ravel()
+    curves = {name: np.asarray(c, dtype=np.float64).ravel() for name, c in curves_pct.items()}
+    for name, c in curves.items():
+        if c.shape != bins.shape:
+            raise ValueError(f"DVH of {name!r} has {c.size} values for {bins.size} dose bins")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["dose_gy", *curves])
+    for i, dose in enumerate(bins):
+        writer.writerow([f"{dose:.3f}", *(f"{c[i]:.4f}" for c in curves.values())])
+    return out.getvalue()
 
 
 def _hottest_k(d: np.ndarray, k: int) -> float:

@@ -6,6 +6,11 @@ better" (an upper limit, the usual case), ``zero < limit`` "higher is better". P
 ``scenarios/protocol_<name>.toml`` (``-`` in the name becomes ``_``); ``extends = "<name>"`` prepends another
 protocol's criteria.
 
+A criterion may carry a ``tag`` (e.g. ``"easy"``/``"hard"``) so that one protocol can score two goals on the same
+metric (TG-119's core D10 ≤ 25 Gy easy and ≤ 10 Gy hard); the tag becomes part of the criterion's id. A protocol is
+named by its package name (``load_protocol``) or read from any file (``load_protocol_file``), where ``extends`` names
+a packaged protocol or a file beside it.
+
 Metrics (``metric`` / allowed ``unit`` of ``limit`` and ``zero``):
 
 * ``D<x>cc`` (dose to the hottest x cm³, at least one voxel), ``D<x>%`` (dose to the hottest x % of the
@@ -15,10 +20,12 @@ Metrics (``metric`` / allowed ``unit`` of ``limit`` and ``zero``):
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any, Literal, NewType
 from typing import Protocol as TypingProtocol
 
@@ -36,6 +43,10 @@ _METRIC = re.compile(r"^(?:D(?P<dcc>\d+(?:\.\d+)?)cc|D(?P<dpct>\d+(?:\.\d+)?)%|D
 
 #: Scores (protocol points) closer than this are equal: "at the maximum" means ``total >= max_score - SCORE_TOLERANCE``.
 SCORE_TOLERANCE = 1e-9
+
+#: Metric values within this relative distance of a criterion's limit count as at the limit: a float32 dose normalised
+#: to PTV D95 = Rx measures D95 = 49.999996 Gy against a 50 Gy goal (TG-119), a difference no dosimetry resolves.
+LIMIT_TOLERANCE = 1e-6
 
 #: A criterion's stable key within its protocol (:attr:`Criterion.id`), e.g. ``"rectum:V70Gy"``.
 CriterionId = NewType("CriterionId", str)
@@ -72,8 +83,11 @@ class Criterion:
     limit: float
     zero: float
     source: str = ""
+    tag: str = ""
 
     def __post_init__(self) -> None:
+        if self.tag and not re.fullmatch(r"[A-Za-z0-9_-]+", self.tag):
+            raise ProtocolError(f"{self.structure} {self.metric}: tag {self.tag!r} must be letters, digits, _ or -")
         match = _METRIC.match(self.metric)
         if match is None:
             raise ProtocolError(f"unknown metric {self.metric!r} (use D<x>cc, D<x>%, Dmean, Dmax, V<x>Gy, V<x>%Rx)")
@@ -92,13 +106,16 @@ class Criterion:
     def id(self) -> CriterionId:
         """The stable key of this criterion within its protocol, e.g. ``"rectum:V70Gy"``: structure and metric,
         unchanged when the limit or zero point is recalibrated (a protocol may not hold two criteria with one id).
-        Metric values and scores travel keyed by it; :attr:`label` is for people."""
-        return CriterionId(f"{self.structure}:{self.metric}")
+        Metric values and scores travel keyed by it; :attr:`label` is for people. A tagged criterion's id ends in
+        ``":<tag>"`` (``"core:D10%:hard"``)."""
+        base = f"{self.structure}:{self.metric}"
+        return CriterionId(f"{base}:{self.tag}" if self.tag else base)
 
     @property
     def label(self) -> str:
-        """E.g. ``"rectum V70Gy ≤ 25 %"``."""
-        return f"{self.structure} {self.metric} {'≤' if self.upper else '≥'} {self.limit:g} {self.unit}"
+        """E.g. ``"rectum V70Gy ≤ 25 %"`` (a tagged criterion: ``"core D10% ≤ 10 Gy (hard)"``)."""
+        text = f"{self.structure} {self.metric} {'≤' if self.upper else '≥'} {self.limit:g} {self.unit}"
+        return f"{text} ({self.tag})" if self.tag else text
 
     def measure(self, dose: np.ndarray, voxel_volume_cc: float, rx_gy: float) -> float:
         """The metric of ``dose`` (Gy per voxel of the structure), in this criterion's ``unit``."""
@@ -122,11 +139,17 @@ class Criterion:
 
     def points(self, value: float) -> float:
         """1 at or better than ``limit``, 0 at or beyond ``zero``, linear between."""
+        value = self._at_limit(value)
         return float(np.clip((self.zero - value) / (self.zero - self.limit), 0.0, 1.0))
 
     def passed(self, value: float) -> bool:
         """Whether ``value`` is at or better than the limit."""
+        value = self._at_limit(value)
         return value <= self.limit if self.upper else value >= self.limit
+
+    def _at_limit(self, value: float) -> float:
+        """``value``, or the limit when it is within :data:`LIMIT_TOLERANCE` of it."""
+        return self.limit if abs(value - self.limit) <= LIMIT_TOLERANCE * max(1.0, abs(self.limit)) else value
 
 
 @dataclass(frozen=True)
@@ -263,6 +286,7 @@ class _CriterionTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limit: float
     zero: float
     source: str = ""
+    tag: str = ""
 
 
 class _ProtocolFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -280,6 +304,21 @@ def parse_protocol(data: Mapping[str, Any], where: str = "<protocol>") -> Protoc
     return _protocol(convert(data, _ProtocolFile, where, ProtocolError), where, ())
 
 
+def load_protocol_file(path: str | os.PathLike[str], _seen: tuple[str, ...] = ()) -> Protocol:
+    """Load a protocol from any TOML file (a user-written protocol): the same keys and checks as a packaged one
+    (``name`` is free); ``extends`` names a packaged protocol or, when it ends in ``.toml``, a file relative to this
+    one. ``FileNotFoundError`` when ``path`` does not exist; :class:`ProtocolError` naming the file, the key and what
+    is wrong otherwise."""
+    path = Path(path).expanduser().resolve()
+    where = str(path)
+    if where in _seen:
+        raise ProtocolError(f"protocol {where!r} extends itself through {_seen}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no protocol file {where}")
+    table = convert(read_toml(path, where, ProtocolError), _ProtocolFile, where, ProtocolError)
+    return _protocol(table, where, (*_seen, where), base_dir=path.parent)
+
+
 def load_protocol(name: str, _seen: tuple[str, ...] = ()) -> Protocol:
     """Load protocol ``name`` (e.g. ``"prostate-basic"``) from the scenarios package, resolving ``extends``;
     ``FileNotFoundError`` when there is no such protocol, :class:`ProtocolError` when its file is malformed."""
@@ -295,12 +334,15 @@ def load_protocol(name: str, _seen: tuple[str, ...] = ()) -> Protocol:
     return _protocol(table, file_name, _seen)
 
 
-def _protocol(table: _ProtocolFile, where: str, seen: tuple[str, ...]) -> Protocol:
+def _protocol(table: _ProtocolFile, where: str, seen: tuple[str, ...], base_dir: Path | None = None) -> Protocol:
     """The :class:`Protocol` of a converted file: the checks that span the criteria (and ``extends``)."""
     base: tuple[Criterion, ...] = ()
     if table.extends is not None:
         try:
-            base = load_protocol(table.extends, (*seen, table.name)).criteria
+            if table.extends.endswith(".toml") and base_dir is not None:
+                base = load_protocol_file(base_dir / table.extends, seen).criteria
+            else:
+                base = load_protocol(table.extends, (*seen, table.name)).criteria
         except FileNotFoundError as exc:
             raise ProtocolError(str(exc), where, "extends") from None
     own = []

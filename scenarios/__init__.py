@@ -5,13 +5,31 @@ Each scenario is ``scenario_<name>.toml`` in this package (``-`` in the name bec
 :mod:`m2m.physics.config_file` (the structs below give its keys, types and defaults), checks what the types cannot
 (``ptv`` first, structures the site's phantoms and the protocol know, disjoint cohorts, one role per OAR) and
 returns frozen objects; cohort seed ranges are half-open ``[start, stop)`` and never overlap.
+
+**A case from a file.** Instead of ``[cohorts]`` of phantoms, a scenario may hold a ``[case]`` table
+(:class:`CaseSource`): a DICOM folder (CT series + RTSTRUCT, or a ``.zip`` of one) or a matRad ``.mat`` file, the map
+of the planner's structure names to the file's (``[case.structures]``, matched case-insensitively) and an optional
+dose grid to resample to. Such a scenario has one case, seed 0, in every cohort; its ``site`` may be ``"other"``;
+its structures are the map's keys (``ptv`` the target). A relative ``path`` is looked up beside the scenario file,
+then in the data directories (:func:`m2m.scenarios.cases.data_dirs`).
+
+**User scenarios.** Scenarios written by users live outside the package: :func:`register_scenario` (``m2m plan
+--scenario FILE.toml``) and :func:`register_table` (``m2m plan --case-file``) validate one, resolve its relative paths
+and store it, as JSON, in :func:`user_scenario_dir`; :func:`load_scenario` finds a name there when the package has
+none, so every agent process on the host plans it by name. ``protocol`` may be a packaged protocol's name or a
+protocol file's path (:func:`m2m.physics.protocol.load_protocol_file`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -20,10 +38,15 @@ import numpy as np
 from msgspec import Meta
 
 from m2m.physics.config_file import ConfigError, convert, expected, key_path, read_toml, toml_repr
-from m2m.physics.protocol import Protocol, ProtocolError, load_protocol
+from m2m.physics.protocol import Protocol, ProtocolError, load_protocol, load_protocol_file
 from m2m.physics.tpp import PARAMS, PTV, TppSet, random_tpps
 
-Site = Literal["prostate", "liver"]
+#: A scenario's anatomical site: the phantom family of a cohort scenario; a case-file scenario may say ``"other"``
+#: (its knowledge then comes from another site, through the role map).
+Site = Literal["prostate", "liver", "other"]
+#: The file format of a case source: a DICOM-RT folder (or .zip) or a matRad .mat file.
+CaseFormat = Literal["dicom", "matrad"]
+SCENARIO_DIR_ENV = "M2M_SCENARIO_DIR"
 InitialPolicy = Literal["default", "random"]
 #: Structures the phantoms of each site provide (m2m.physics.phantoms) that criteria and TPPs may name.
 SITE_STRUCTURES: dict[str, frozenset[str]] = {
@@ -97,6 +120,36 @@ class BeamSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return tuple(float(a) for a in DEFAULT_GANTRY_DEG)
 
 
+#: Structure names a case file may map to: what TPP names and criteria can carry (``lambda_<name>``).
+_STRUCTURE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class CaseSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[case]`` of a scenario: one case read from a file (see the module docstring).
+
+    ``structures`` maps the planner's name of each structure (``ptv`` for the target; lower-case identifiers, e.g.
+    ``bladder``, ``femoral_head_l``) to its name in the file. ``dose_grid_mm`` (z, y, x) resamples the CT to that
+    grid (:func:`m2m.physics.resample.resample_case`); None keeps the file's grid. ``starts``: how many seeds (random
+    initial plans of the one anatomy) the scenario's cohorts hold. ``sha256``, when given, must match the file (a
+    folder: not checked).
+    """
+
+    format: CaseFormat
+    path: Annotated[str, Meta(min_length=1)]
+    structures: Annotated[dict[str, str], Meta(min_length=2)]
+    dose_grid_mm: Annotated[tuple[float, ...], Meta(min_length=3, max_length=3,
+                                                    description="an array of 3 spacings (z, y, x) in mm")] | None = None
+    starts: Annotated[int, Meta(ge=1, le=1000)] = 1
+    sha256: str | None = None
+
+
+def file_cohorts(starts: int) -> Cohorts:
+    """The cohorts of a case-file scenario: seeds ``0 … starts-1`` in every cohort, each the same anatomy with its own
+    random starting TPPs (:meth:`Scenario.random_tpps` of that seed), so an experiment can plan one patient from many
+    initial plans."""
+    return Cohorts(*(SeedRange(0, starts) for _ in COHORTS))
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One planning scenario (see the module docstring); ``tpp_structures`` starts with ``"ptv"``."""
@@ -115,6 +168,10 @@ class Scenario:
     #: ``{role: structure}``, e.g. ``{"ptv": "ptv", "oar1": "bladder", "oar2": "rectum"}`` (:func:`role_map` of the
     #: ``[roles]`` table): the site-agnostic names a DRL policy and its knowledge use (:mod:`m2m.scenarios.roles`).
     roles: Mapping[str, str] = field(hash=False)
+    #: The case file this scenario plans (None: phantoms of ``site`` drawn from ``cohorts``).
+    case: CaseSource | None = None
+    #: sha256 of the validated table (with resolved paths): changes whenever the scenario does.
+    fingerprint: str = ""
 
     @property
     def oar_names(self) -> tuple[str, ...]:
@@ -172,7 +229,8 @@ class _ScenarioFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     beams: BeamSpec
     tpp: _TppTable
     roles: dict[str, str]
-    cohorts: Cohorts
+    cohorts: Cohorts | None = None
+    case: CaseSource | None = None
 
 
 def role_map(ranked_oars: Iterable[str]) -> dict[str, str]:
@@ -189,13 +247,76 @@ def read_scenario_data(name: str) -> dict[str, Any]:
     return read_toml(resource, scenario_file(name), ScenarioError)
 
 
+def user_scenario_dir() -> Path:
+    """Where registered user scenarios live: ``$M2M_SCENARIO_DIR``, else ``~/.local/share/m2m/scenarios``."""
+    env = os.environ.get(SCENARIO_DIR_ENV)
+    return Path(env) if env else Path.home() / ".local" / "share" / "m2m" / "scenarios"
+
+
+def _user_file(name: str) -> Path:
+    return user_scenario_dir() / f"{_PREFIX}{name}.json"
+
+
 def load_scenario(name: str) -> Scenario:
-    """Load and validate scenario ``name`` (``"prostate-basic"``, ``"prostate-complex"``, ``"liver"``)."""
+    """Load and validate scenario ``name``: a packaged one (``"prostate-basic"``, ``"prostate-complex"``,
+    ``"liver"``, ``"tg119"``, ``"alderson"``), else a registered user scenario (:func:`register_scenario`)."""
     where = scenario_file(name)
+    if not (resources.files(__name__) / where).is_file():
+        user = _user_file(name)
+        if _NAME.match(name) and user.is_file():
+            try:
+                data = json.loads(user.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ScenarioError(f"cannot read: {exc}", str(user)) from None
+            return parse_scenario(data, str(user))
     scenario = parse_scenario(read_scenario_data(name), where)
     if scenario.name != name:
         raise ScenarioError(expected(f"{toml_repr(name)} as in the file name", scenario.name), where, "name")
     return scenario
+
+
+#: A user scenario's name: it names a file.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def register_scenario(path: str | os.PathLike[str]) -> Scenario:
+    """Validate the scenario TOML at ``path`` and register it under its ``name`` (relative paths in it are taken
+    relative to the file); returns it. :class:`ScenarioError` naming the file and the key when it is invalid."""
+    path = Path(path).expanduser().resolve()
+    return register_table(read_toml(path, str(path), ScenarioError), path.parent, str(path))
+
+
+def register_table(data: Mapping[str, Any], base_dir: str | os.PathLike[str], where: str = "<scenario>") -> Scenario:
+    """Validate a scenario table, resolve its relative ``protocol`` and ``[case] path`` against ``base_dir``, store it
+    in :func:`user_scenario_dir` and return it. A packaged scenario's name cannot be taken."""
+    name = str(data.get("name", ""))
+    if not _NAME.match(name):
+        raise ScenarioError(expected("a name of letters, digits, '.', '_' or '-'", name), where, "name")
+    if (resources.files(__name__) / scenario_file(name)).is_file():
+        raise ScenarioError(f"{name!r} is a packaged scenario; give yours another name", where, "name")
+    table = _resolved(data, Path(base_dir))
+    parse_scenario(table, where)
+    target = _user_file(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(target)
+    return load_scenario(name)
+
+
+def _resolved(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    """A copy of ``data`` with a relative protocol file and a relative case path made absolute against ``base_dir``
+    (a case path is kept relative when no such file exists there: the data directories are searched at load)."""
+    table = json.loads(json.dumps(data))
+    protocol = table.get("protocol")
+    if isinstance(protocol, str) and protocol.endswith(".toml"):
+        table["protocol"] = str((base_dir / Path(protocol).expanduser()).resolve())
+    case = table.get("case")
+    if isinstance(case, dict) and isinstance(case.get("path"), str):
+        candidate = base_dir / Path(case["path"]).expanduser()
+        if candidate.exists():
+            case["path"] = str(candidate.resolve())
+    return dict(table)
 
 
 def parse_scenario(data: Mapping[str, Any], where: str = "<scenario>") -> Scenario:
@@ -206,7 +327,10 @@ def parse_scenario(data: Mapping[str, Any], where: str = "<scenario>") -> Scenar
         raise ScenarioError(problem, where, key_path(*key))
 
     try:
-        protocol = load_protocol(file.protocol)
+        if file.protocol.endswith(".toml"):
+            protocol = load_protocol_file(file.protocol)
+        else:
+            protocol = load_protocol(file.protocol)
     except (ProtocolError, FileNotFoundError) as exc:
         fail(str(exc), "protocol")
     if file.beams.gantry_deg is not None and file.beams.every_deg is not None:
@@ -219,16 +343,19 @@ def parse_scenario(data: Mapping[str, Any], where: str = "<scenario>") -> Scenar
         fail(expected(_TPP_STRUCTURES, structures), "tpp", "structures")
     if len(set(structures)) != len(structures):
         fail(f"duplicate TPP structures in {toml_repr(structures)}", "tpp", "structures")
-    site_structures = SITE_STRUCTURES[file.site]
+    site_structures, source = _structures_known(file, fail)
+    have = "has" if file.case is not None else "have"
     if unknown := sorted(set(structures) - site_structures):
-        fail(f"{file.site} phantoms have no {toml_repr(unknown)}; expected structures among "
+        fail(f"{source} {have} no {toml_repr(unknown)}; expected structures among "
              f"{toml_repr(sorted(site_structures))}", "tpp", "structures")
     if unknown := sorted(set(protocol.structures) - site_structures):
-        fail(f"protocol {protocol.name} scores {toml_repr(unknown)}, which {file.site} phantoms do not have",
-             "protocol")
+        fail(f"protocol {protocol.name} scores {toml_repr(unknown)}, which {source} "
+             f"{'does' if file.case is not None else 'do'} not have", "protocol")
     if unscored := sorted(set(structures) - set(protocol.structures)):
         fail(f"TPP structures {toml_repr(unscored)} are not in protocol {protocol.name}", "tpp", "structures")
-    _check_cohorts(file.cohorts, fail)
+    if file.cohorts is not None:
+        _check_cohorts(file.cohorts, fail)
+    fingerprint = hashlib.sha256(json.dumps(dict(data), sort_keys=True, default=str).encode()).hexdigest()
     return Scenario(
         name=file.name,
         description=file.description,
@@ -240,9 +367,33 @@ def parse_scenario(data: Mapping[str, Any], where: str = "<scenario>") -> Scenar
         initial_tpps=file.tpp.initial,
         initial_seed=file.tpp.initial_seed,
         step_cap=file.step_cap,
-        cohorts=file.cohorts,
+        cohorts=file.cohorts if file.cohorts is not None else file_cohorts(file.case.starts if file.case else 1),
         roles=_roles(file.roles, structures[1:], fail),
+        case=file.case,
+        fingerprint=fingerprint,
     )
+
+
+def _structures_known(file: _ScenarioFile, fail: Callable[..., NoReturn]) -> tuple[frozenset[str], str]:
+    """The structure names criteria and TPPs may use and what provides them (for messages): the site's phantoms
+    for a cohort scenario, the ``[case.structures]`` map for a case-file scenario."""
+    if file.case is None:
+        if file.cohorts is None:
+            fail("expected a [cohorts] table (phantom cases) or a [case] table (a case file)", "cohorts")
+        if file.site not in SITE_STRUCTURES:
+            fail(f"site {file.site!r} has no phantoms; give a [case] table with a case file", "site")
+        return SITE_STRUCTURES[file.site], f"{file.site} phantoms"
+    if file.cohorts is not None:
+        fail("a scenario with a [case] file plans that one anatomy (its seeds are starts); remove [cohorts]", "cohorts")
+    for name in file.case.structures:
+        if not _STRUCTURE_NAME.match(name):
+            fail(expected("a lower-case identifier (letters, digits, _) as the planner's structure name", name),
+                 "case", "structures")
+    if PTV not in file.case.structures:
+        fail(f"no {toml_repr(PTV)} entry: map the target to {toml_repr(PTV)}", "case", "structures")
+    if file.case.dose_grid_mm is not None and min(file.case.dose_grid_mm) <= 0:
+        fail(expected("three positive spacings (z, y, x) in mm", list(file.case.dose_grid_mm)), "case", "dose_grid_mm")
+    return frozenset(file.case.structures), "the [case.structures] map"
 
 
 def _check_cohorts(cohorts: Cohorts, fail: Callable[..., NoReturn]) -> None:

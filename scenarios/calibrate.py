@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import structlog
 
-from m2m.physics.phantoms import make_case
 from m2m.physics.protocol import SCORE_TOLERANCE, ScoreReport
 from m2m.physics.tpp import random_tpps, step, tightening_steps
 from m2m.scenarios import load_scenario
-from m2m.scenarios.cases import CaseOptimizer, ScoredPlan, scenario_optimizer
+from m2m.scenarios.cases import CaseOptimizer, ScoredPlan, scenario_case, scenario_optimizer
 
 log = structlog.get_logger()
 
@@ -203,7 +202,7 @@ def calibrate_case(
         raise ValueError(f"start must be one of {SEARCH_STARTS}, got {start!r}")
 
     scenario = load_scenario(scenario_name)
-    case = make_case(scenario.site, seed)
+    case = scenario_case(scenario, seed)
     started = time.perf_counter()
     planner = scenario_optimizer(scenario, case, cache_dir=cache_dir)
     dij_seconds = time.perf_counter() - started

@@ -3,11 +3,19 @@
 * :class:`PlanningCase` / :class:`CaseBank` / :func:`phantom_bank` — cases ready to plan (a dij each), built on
   first use and kept in a bounded LRU (the dose engine and the DRL environment plan from these);
 * :class:`CaseOptimizer` / :func:`scenario_optimizer` — optimise and score TPP sets on one case (the calibration
-  search and the experiments' difficulty probes use this).
+  search and the experiments' difficulty probes use this);
+* :func:`load_file_case` / :func:`scenario_case` / :func:`scenario_bank` — the same for a scenario whose case comes
+  from a file (:class:`m2m.scenarios.CaseSource`): found in the data directories (:func:`data_dirs`), unpacked when
+  zipped, loaded with its structure map, resampled to the scenario's dose grid; timed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,16 +23,23 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from m2m.physics.beams import BeamSet, beams_for
-from m2m.physics.case import Case
+from m2m.physics.case import Case, CaseFileError
 from m2m.physics.dij import Dij
 from m2m.physics.dij_cache import load_or_compute_dij, resolved_structures
+from m2m.physics.matrad import load_matrad, shared_data_dir
 from m2m.physics.optimizer import PlanResult, optimize
 from m2m.physics.phantoms import make_case
 from m2m.physics.protocol import Protocol, ScoreReport, score
+from m2m.physics.resample import resample_case
 from m2m.physics.tpp import TppSet
-from m2m.scenarios import Scenario
+from m2m.scenarios import CaseSource, Scenario
+
+log = structlog.get_logger()
+
+DATA_DIR_ENV = "M2M_DATA_DIR"
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,7 +107,120 @@ class CaseBank:
         return case
 
 
-def phantom_bank(scenario: Scenario, seeds: Sequence[int], capacity: int = 48) -> CaseBank:
+def data_dirs() -> tuple[Path, ...]:
+    """Where a case file named by a relative path is looked for: ``$M2M_DATA_DIR`` (else ``~/.cache/m2m/data``, where
+    ``make data`` puts the downloaded cases), then the shared reference data
+    (:func:`~m2m.physics.matrad.shared_data_dir`)."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return (Path(env) if env else Path.home() / ".cache" / "m2m" / "data", shared_data_dir())
+
+
+def case_file_path(source: CaseSource) -> Path:
+    """The file or folder ``source`` names (see :func:`data_dirs`); :class:`CaseFileError` when it is nowhere."""
+    path = Path(source.path).expanduser()
+    places = [path] if path.is_absolute() else [d / path for d in data_dirs()]
+    for place in places:
+        if place.exists():
+            return place
+    hint = " (run `make data` to fetch the packaged scenarios' cases)" if not path.is_absolute() else ""
+    raise CaseFileError(source.path, f"not found; looked in {', '.join(str(p) for p in places)}{hint}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _unpacked(archive: Path) -> Path:
+    """A zipped DICOM case unpacked once into the data cache, in a folder named by the archive's content hash."""
+    digest = _sha256(archive)[:16]
+    target = data_dirs()[0] / "unpacked" / f"{archive.stem}-{digest}"
+    if not (target / ".complete").exists():
+        try:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(target)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise CaseFileError(str(archive), f"cannot unpack: {exc}") from None
+        (target / ".complete").touch()
+    return target
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedCase:
+    """A case-file scenario's case on its dose grid, and the wall times (s) of reading and of resampling it."""
+
+    case: Case
+    path: Path
+    load_s: float
+    resample_s: float
+    file_voxels: int
+
+
+def load_file_case(scenario: Scenario) -> LoadedCase:
+    """Read the case of a case-file scenario: find the file, check its sha256 if the scenario gives one, unpack a
+    zip, load it with the structure map, resample to ``dose_grid_mm``. :class:`CaseFileError` (naming the file) for
+    anything wrong with the file; ValueError when ``scenario`` has no case file."""
+    source = scenario.case
+    if source is None:
+        raise ValueError(f"scenario {scenario.name} plans phantoms, not a case file")
+    path = case_file_path(source)
+    if source.sha256 is not None and path.is_file() and _sha256(path) != source.sha256.lower():
+        raise CaseFileError(str(path), f"sha256 {_sha256(path)} differs from the scenario's {source.sha256}")
+    started = time.perf_counter()
+    if source.format == "dicom":
+        from m2m.physics.dicom import load_dicom
+
+        folder = _unpacked(path) if path.suffix.lower() == ".zip" else path
+        # A DICOM export often puts each modality in a subfolder (CT/, RS/): read the whole tree.
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")) \
+            if folder.is_dir() else [folder]
+        case = load_dicom(files, rx_gy=scenario.rx_gy, structures=source.structures, case_id=path.stem)
+    else:
+        case = load_matrad(path, rx_gy=scenario.rx_gy, structures=source.structures)
+    load_s = time.perf_counter() - started
+    file_voxels = case.grid.n_voxels
+    resample_s = 0.0
+    if source.dose_grid_mm is not None:
+        try:
+            resampled = resample_case(case, source.dose_grid_mm)
+        except ValueError as exc:
+            raise CaseFileError(str(path), str(exc)) from None
+        case, resample_s = resampled.case, resampled.seconds
+    case = dataclasses.replace(case, case_id=path.stem, site=scenario.site)
+    log.info("file_case_loaded", scenario=scenario.name, path=str(path), load_s=round(load_s, 2),
+             resample_s=round(resample_s, 2), grid=case.grid.shape)
+    return LoadedCase(case, path, load_s, resample_s, file_voxels)
+
+
+def scenario_case(scenario: Scenario, seed: int) -> Case:
+    """Case ``seed`` of ``scenario``: its phantom, or its case file's anatomy (the same for every seed; the seed then
+    picks the initial plan, :func:`m2m.scenarios.file_cohorts`)."""
+    if scenario.case is None:
+        return make_case(scenario.site, seed)
+    return load_file_case(scenario).case
+
+
+def scenario_bank(scenario: Scenario, seeds: Sequence[int], capacity: int = 48) -> CaseBank:
+    """Planning cases of ``scenario``: :func:`phantom_bank`, or the case file's one anatomy, read and planned once and
+    served for every seed."""
+    if scenario.case is None:
+        return phantom_bank(scenario, seeds, capacity)
+    loaded: list[PlanningCase] = []
+    one = phantom_bank(scenario, [0], 1, make=lambda _seed: load_file_case(scenario).case)
+
+    def build(seed: int) -> PlanningCase:
+        if not loaded:
+            loaded.append(one.get(0))
+        return dataclasses.replace(loaded[0], seed=seed) if seed != loaded[0].seed else loaded[0]
+
+    return CaseBank(seeds, build, capacity)
+
+
+def phantom_bank(scenario: Scenario, seeds: Sequence[int], capacity: int = 48,
+                 make: Callable[[int], Case] | None = None) -> CaseBank:
     """Cases of ``scenario`` for phantom ``seeds``, dijs from the on-disk dij cache (computed once per case).
 
     The planning dij has rows for the TPP and protocol structures; the report dij (built on first use, cached on
@@ -101,19 +229,23 @@ def phantom_bank(scenario: Scenario, seeds: Sequence[int], capacity: int = 48) -
     show every structure that matters clinically.
     """
     structures = tuple(dict.fromkeys((*scenario.tpp_structures, *scenario.protocol.structures)))
+    make_one = make if make is not None else (lambda seed: make_case(scenario.site, seed))
 
     def case_and_beams(seed: int) -> tuple[Case, BeamSet]:
-        case = make_case(scenario.site, seed)
+        case = make_one(seed)
         return case, beams_for(case, scenario.beams.angles(), scenario.beams.bixel_mm)
 
     def build(seed: int) -> PlanningCase:
         case, beams = case_and_beams(seed)
         others = tuple(n for n in resolved_structures(case, None) if n not in structures)
 
+        # A case file's one case is kept (reading it again costs seconds).
+        kept = (case, beams) if scenario.case is not None else None
+
         def build_report_dij() -> Dij | None:
-            # The phantom is made again (≈ 0.4 s, once) rather than kept: a bank of 48 cases would hold ~400 MB of
+            # A phantom is made again (≈ 0.4 s, once) rather than kept: a bank of 48 cases would hold ~400 MB of
             # grids for DVHs that training never asks for.
-            return load_or_compute_dij(*case_and_beams(seed), others) if others else None
+            return load_or_compute_dij(*(kept or case_and_beams(seed)), others) if others else None
 
         return PlanningCase(case.case_id, seed, load_or_compute_dij(case, beams, structures), build_report_dij)
 

@@ -22,9 +22,9 @@ import numpy as np
 from scipy import ndimage
 
 from m2m.physics.case import Case
-from m2m.physics.phantoms import make_case
 from m2m.physics.protocol import Protocol
 from m2m.scenarios import Scenario, role_map
+from m2m.scenarios.cases import scenario_case
 
 PROXIMITY_MM = 5.0
 #: Reference cases the ranking averages over: the first seeds of the scenario's training cohort.
@@ -53,10 +53,11 @@ def rank_oars(
 
 
 def scenario_roles(scenario: Scenario) -> dict[str, str]:
-    """The role map of a scenario computed on its first :data:`REFERENCE_CASES` training phantoms (builds them; the
-    scenario's declared :attr:`~m2m.scenarios.Scenario.roles` must equal it)."""
-    seeds = scenario.cohorts.train.seeds[:REFERENCE_CASES]
-    cases = [make_case(scenario.site, s) for s in seeds]
+    """The role map of a scenario computed on its first :data:`REFERENCE_CASES` training phantoms (builds them), or
+    on its case file's anatomy; the scenario's declared :attr:`~m2m.scenarios.Scenario.roles` must equal it."""
+    # A case-file scenario's seeds share one anatomy: rank it once.
+    seeds = scenario.cohorts.train.seeds[: 1 if scenario.case is not None else REFERENCE_CASES]
+    cases = [scenario_case(scenario, s) for s in seeds]
     return role_map(rank_oars(scenario.oar_names, cases, scenario.protocol))
 
 

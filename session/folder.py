@@ -13,6 +13,8 @@ Files written by :func:`write_session_folder`:
 * ``tpps.png`` – every TPP vs step in absolute values, one panel per parameter kind (columns) and role (rows: the
   PTV, the OARs), the valid range from :data:`m2m.physics.tpp.PARAMETERS` in grey, lambdas on a log axis, thresholds
   ``t`` also in Gy on the right axis;
+* ``dvh_initial.csv`` / ``dvh_final.csv`` – the initial and the final plan's cumulative DVH of every target and OAR
+  (% volume per dose bin, Gy; :func:`m2m.physics.dvh.dvh_csv`), for a spreadsheet or another planning system;
 * ``trajectory.csv`` – one row per step: score, failing criteria (ids), and the decision taken FROM that step —
   the planner's own proposal, its second answer after the guard's feedback (``retry``), the action taken (a step or
   the new TPP values), who chose it (``proposal``, ``retry``, ``drl_advice`` or ``safe``), the guard's vetoes and
@@ -55,6 +57,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from m2m.agents.messages import CriterionResult, Decision, Outcome, Proposal, Step, StructureDose
+from m2m.physics.dvh import dvh_csv
 from m2m.physics.protocol import CriterionId, parse_metric
 from m2m.physics.tpp import PARAMETERS, PTV, ROLES, Direction, role_of, split_name
 
@@ -220,6 +223,8 @@ def write_session_folder(
         "dvh": folder / "dvh.png",
         "score": folder / "score.png",
         "tpps": folder / "tpps.png",
+        "dvh_initial_csv": folder / "dvh_initial.csv",
+        "dvh_final_csv": folder / "dvh_final.csv",
         "trajectory_csv": folder / "trajectory.csv",
         "trajectory_json": folder / "trajectory.json",
         "final": folder / "final.json",
@@ -236,6 +241,8 @@ def write_session_folder(
     _plot_score(paths["score"], label, steps)
     _plot_tpps(paths["tpps"], label, steps, rx_gy, colours)
     _write_trajectory(paths["trajectory_csv"], paths["trajectory_json"], steps)
+    paths["dvh_initial_csv"].write_text(dvh_csv(bins, initial))
+    paths["dvh_final_csv"].write_text(dvh_csv(bins, final))
     paths["final"].write_text(
         json.dumps(
             {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator, Iterator
 
 import pytest
@@ -18,6 +19,19 @@ def pytest_runtest_makereport(
     if rep.when == "call":
         item.rep_call = rep  # type: ignore[attr-defined]
     return rep
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _user_scenario_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Scenarios the tests register (``m2m plan --case-file``, :func:`m2m.scenarios.register_table`) go to a folder of
+    this test run, never to the user's ``~/.local/share/m2m/scenarios``; agent processes the tests start inherit it."""
+    before = os.environ.get("M2M_SCENARIO_DIR")
+    os.environ["M2M_SCENARIO_DIR"] = str(tmp_path_factory.mktemp("user-scenarios"))
+    yield
+    if before is None:
+        os.environ.pop("M2M_SCENARIO_DIR", None)
+    else:
+        os.environ["M2M_SCENARIO_DIR"] = before
 
 
 @pytest.fixture(autouse=True)

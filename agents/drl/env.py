@@ -35,7 +35,7 @@ from m2m.physics.optimizer import PlanResult, optimize
 from m2m.physics.protocol import SCORE_TOLERANCE, Protocol, ScoreReport, score
 from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, ROLES, TppSet, random_tpps, step
 from m2m.scenarios import Scenario
-from m2m.scenarios.cases import CaseBank, PlanningCase, phantom_bank
+from m2m.scenarios.cases import CaseBank, PlanningCase, scenario_bank
 
 #: Decades of a log-scale TPP (:attr:`m2m.physics.tpp.ParameterSpec.log_scale`) mapped onto [-1, 1] by
 #: :func:`tpp_feature`.
@@ -304,7 +304,7 @@ def scenario_env(
     (:meth:`Scenario.random_tpps`, a pure function of the case seed), so evaluations are reproducible.
     """
     return PlanningEnv(
-        phantom_bank(scenario, seeds, capacity),
+        scenario_bank(scenario, seeds, capacity),
         scenario.protocol,
         scenario.rx_gy,
         scenario.tpp_structures,

@@ -35,10 +35,10 @@ from m2m.agents.messages import (
 )
 from m2m.agents.runtime import EXIT_FATAL, EXIT_USAGE
 from m2m.bus.client import BusClient
-from m2m.bus.errors import DecodeError, RemoteError, UnhandledMessage
+from m2m.bus.errors import BadRequest, DecodeError, RemoteError, UnhandledMessage
 from m2m.physics.protocol import load_protocol
 from m2m.physics.tpp import Direction, Move, TppSet
-from m2m.scenarios import load_scenario
+from m2m.scenarios import load_scenario, read_scenario_data, register_table
 from m2m.session.client import recorded_sessions, replay, run_session_request
 
 pytestmark = pytest.mark.slow
@@ -246,7 +246,7 @@ def test_replay_of_a_recorded_session_matches_its_scores(services: Procs) -> Non
     assert all(s.matches for s in steps), [(s.recorded, s.replayed) for s in steps]
 
 
-async def _bad_requests(p: Procs) -> dict[str, list[str]]:
+async def _bad_requests(p: Procs, missing_file_scenario: str) -> dict[str, list[str]]:
     protocol = load_protocol(SCENARIO)
     good_metrics = {c.id: c.limit for c in protocol.criteria}
     tpps = load_scenario(SCENARIO).default_tpps().as_dict()
@@ -255,6 +255,7 @@ async def _bad_requests(p: Procs) -> dict[str, list[str]]:
             DosePlanRequest(scenario=SCENARIO, case_seed=SEEDS[0], tpps={**tpps, "t_ptv": 5.0}),
             DosePlanRequest(scenario="no-such-site", case_seed=0, tpps=tpps),
             DosePlanRequest(scenario=SCENARIO, case_seed=SEEDS[0], tpps={"t_ptv": 1.0}),
+            DosePlanRequest(scenario=missing_file_scenario, case_seed=0, tpps=tpps),
         ],
         EVALUATE: [
             EvaluateRequest(protocol=SCENARIO, metrics={}),
@@ -272,7 +273,7 @@ async def _bad_requests(p: Procs) -> dict[str, list[str]]:
                 await bus.request(service, StatusRequest(), timeout=10)
         for service, msgs in bad.items():
             for msg in msgs:
-                with pytest.raises(RemoteError) as info:
+                with pytest.raises((RemoteError, BadRequest)) as info:
                     await bus.request(service, msg, timeout=30)
                 errors.setdefault(service, []).append(str(info.value))
         plan = await bus.request(DOSE_PLAN, DosePlanRequest(scenario=SCENARIO, case_seed=SEEDS[0], tpps=tpps),
@@ -295,13 +296,19 @@ async def _bad_requests(p: Procs) -> dict[str, list[str]]:
     return errors
 
 
-def test_malformed_requests_get_typed_errors_and_kill_no_agent(services: Procs) -> None:
+def test_malformed_requests_get_typed_errors_and_kill_no_agent(services: Procs, tmp_path: Path) -> None:
     services.agent("planner", "planner-drl3", impl="drl")
     services.wait_ready("planner-drl3")
+    # A user scenario whose case file has gone (the dose engines find it by name in the run's scenario folder).
+    data = read_scenario_data("tg119")
+    data["case"]["path"] = str(tmp_path / "gone.mat")
+    gone = register_table({**data, "name": "gone-case"}, tmp_path).name
     try:
-        errors = asyncio.run(_bad_requests(services))
+        errors = asyncio.run(_bad_requests(services, gone))
         assert "t_ptv" in errors[DOSE_PLAN][0] and "no-such-site" in errors[DOSE_PLAN][1]
         assert "missing" in errors[DOSE_PLAN][2]
+        # A case file that cannot be read is the requester's problem: a typed, non-retryable answer naming the file.
+        assert errors[DOSE_PLAN][3].startswith(f"{tmp_path / 'gone.mat'}: not found")
         assert "no value" in errors[EVALUATE][0] and "not finite" in errors[EVALUATE][1]
         assert "nowhere" in errors[SESSION][0] and "sideways" in errors[SESSION][1]
         assert "bins" in errors[ADVISE][0]

@@ -16,8 +16,8 @@ from m2m.scenarios import (
 )
 
 
-def test_the_three_scenarios_load_with_their_shapes() -> None:
-    assert list_scenarios() == ("liver", "prostate-basic", "prostate-complex")
+def test_the_phantom_scenarios_load_with_their_shapes() -> None:
+    assert list_scenarios() == ("alderson", "liver", "prostate-basic", "prostate-complex", "tg119")
     basic, complex_, liver = (load_scenario(n) for n in ("prostate-basic", "prostate-complex", "liver"))
     assert (basic.n_tpps, complex_.n_tpps, liver.n_tpps) == (9, 15, 9)
     assert (basic.protocol.max_score, complex_.protocol.max_score, liver.protocol.max_score) == (9, 15, 4)
@@ -73,11 +73,13 @@ def _set(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("rx_gy", _DELETE, "rx_gy: missing; expected a number > 0"),
         ("tpp", _DELETE, "tpp: missing; expected a table"),
         ("colour", "red", "colour: unknown key; expected one of name, description, site, rx_gy, protocol, step_cap, "
-                          "beams, tpp, roles, cohorts"),
+                          "beams, tpp, roles, cohorts, case"),
         ("tpp.colour", "red", "tpp.colour: unknown key; expected one of structures, initial, initial_seed"),
         # bounds and choices
         ("cohorts.paper", [5, 5], "cohorts.paper: [5, 5) holds no seeds; expected [start, stop) with 0 ≤ start < stop"),
-        ("site", "brain", 'site: expected one of ["prostate", "liver"], got "brain"'),
+        ("site", "brain", 'site: expected one of ["prostate", "liver", "other"], got "brain"'),
+        ("site", "other", "site: site 'other' has no phantoms; give a [case] table with a case file"),
+        ("cohorts", _DELETE, "cohorts: expected a [cohorts] table (phantom cases) or a [case] table (a case file)"),
         ("rx_gy", -1, "rx_gy: expected a number > 0, got -1"),
         ("step_cap", 0, "step_cap: expected an integer > 0, got 0"),
         ("tpp.initial", "best", 'tpp.initial: expected one of ["default", "random"], got "best"'),
@@ -106,6 +108,41 @@ def test_beams_take_a_gantry_list_or_a_spacing_not_both() -> None:
     with pytest.raises(ScenarioError, match=r"^test\.toml: beams: expected gantry_deg or every_deg, not both$"):
         parse_scenario(data, "test.toml")
     assert parse_scenario(_set(_data(), "beams.gantry_deg", [370, 90])).beams.angles() == (10.0, 90.0)
+
+
+def _file_data() -> dict[str, Any]:
+    return copy.deepcopy(read_scenario_data("tg119"))
+
+
+def test_case_file_scenarios_plan_one_anatomy_from_many_starts() -> None:
+    tg119, alderson = load_scenario("tg119"), load_scenario("alderson")
+    assert tg119.case is not None and tg119.case.format == "matrad" and tg119.case.structures["ptv"] == "OuterTarget"
+    assert alderson.case is not None and alderson.case.dose_grid_mm == (3.0, 3.0, 3.0)
+    # Every cohort holds the starts 0..9 of the one anatomy; each start has its own random initial TPPs.
+    assert all(tg119.cohorts.get(c).seeds == range(10) for c in COHORTS)
+    assert tg119.initial_tpp_set(0) != tg119.initial_tpp_set(1)
+    assert tg119.beams.angles() == tuple(40.0 * i for i in range(9))
+    assert [c.id for c in tg119.protocol.criteria] == ["ptv:D95%", "ptv:D10%", "core:D10%:easy", "core:D10%:hard"]
+    assert tg119.fingerprint != alderson.fingerprint and tg119.fingerprint == load_scenario("tg119").fingerprint
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("cohorts", read_scenario_data("prostate-basic")["cohorts"],
+         "cohorts: a scenario with a [case] file plans that one anatomy"),
+        ("case.structures", {"core": "Core", "x": "OuterTarget"}, 'case.structures: no "ptv" entry'),
+        ("case.structures.Core2", "Core", 'case.structures: expected a lower-case identifier'),
+        ("case.format", "nifti", 'case.format: expected one of ["dicom", "matrad"], got "nifti"'),
+        ("case.dose_grid_mm", [3, 3], "case.dose_grid_mm: expected an array of 3 spacings (z, y, x) in mm"),
+        ("case.starts", 0, "case.starts: expected an integer ≥ 1"),
+        ("tpp.structures", ["ptv", "rectum"], "tpp.structures: the [case.structures] map has no [\"rectum\"]"),
+    ],
+)
+def test_invalid_case_file_scenarios_name_the_key(path: str, value: Any, message: str) -> None:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(_set(_file_data(), path, value), "mine.toml")
+    assert str(info.value).startswith(f"mine.toml: {message}"), str(info.value)
 
 
 def test_a_valid_table_parses_and_an_unknown_name_fails() -> None:
