@@ -10,6 +10,7 @@ from m2m.agents.messages import EVALUATE, CriterionResult, EvaluateRequest, Eval
 from m2m.agents.runtime import Agent
 from m2m.bus.worker import Handlers, RequestContext
 from m2m.physics.protocol import Protocol, ScoreReport, load_protocol, score_values
+from m2m.scenarios import load_scenario
 
 
 def evaluation_message(report: ScoreReport) -> Evaluation:
@@ -31,13 +32,19 @@ def evaluation_message(report: ScoreReport) -> Evaluation:
 
 
 class Evaluator(Agent):
-    """Scores plans against the packaged protocols."""
+    """Scores plans against the packaged protocols and those of user scenarios."""
 
     async def setup(self) -> None:
         self._protocols: dict[str, Protocol] = {}
 
-    def _protocol(self, name: str) -> Protocol:
-        """Protocol ``name``, loaded once per agent."""
+    def _protocol(self, name: str, scenario: str | None) -> Protocol:
+        """Protocol ``name``: a packaged one, loaded once per agent; with ``scenario``, that scenario's (loaded on each
+        request: a user scenario registered again may name an edited protocol file)."""
+        if scenario is not None:
+            protocol = load_scenario(scenario).protocol
+            if protocol.name != name:
+                raise ValueError(f"scenario {scenario} scores with protocol {protocol.name!r}, not {name!r}")
+            return protocol
         if name not in self._protocols:
             self._protocols[name] = load_protocol(name)
         return self._protocols[name]
@@ -49,5 +56,5 @@ class Evaluator(Agent):
         return 8  # scoring is microseconds of arithmetic: no reason to queue
 
     async def on_evaluate(self, msg: EvaluateRequest, ctx: RequestContext) -> Evaluation:
-        report = score_values(self._protocol(msg.protocol), msg.metrics)
+        report = score_values(self._protocol(msg.protocol, msg.scenario), msg.metrics)
         return evaluation_message(report)

@@ -109,12 +109,15 @@ class DosePlanResult(Message):
 
 # ------------------------------------------------------------------------------------------------ evaluator
 class EvaluateRequest(Message):
-    """Score metric values (criterion id → value) against ``protocol``."""
+    """Score metric values (criterion id → value) against ``protocol``: a packaged protocol's name, or, with
+    ``scenario`` set, the protocol that scenario names (a user scenario's protocol file, found through the
+    scenario)."""
 
     schema = "m2m.plan.evaluate-request"
     version = 2
     protocol: str
     metrics: dict[CriterionId, float]
+    scenario: str | None = None
 
 
 class CriterionResult(msgspec.Struct, frozen=True, kw_only=True):

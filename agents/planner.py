@@ -380,7 +380,7 @@ class SessionRunner:
             )
             await self._phase(sid, step, "scoring")
             evaluation: Evaluation = await self.bus.request(
-                EVALUATE, EvaluateRequest(protocol=sc.protocol.name, metrics=plan.metrics),
+                EVALUATE, EvaluateRequest(protocol=sc.protocol.name, metrics=plan.metrics, scenario=sc.name),
                 idempotency_key=f"{sid}:{step}:evaluate", expect=Evaluation, session=sid,
             )
             plan_s = time.perf_counter() - t0

@@ -15,7 +15,7 @@ import numpy as np
 
 from m2m.agents.llm.situation import Mode
 from m2m.physics.tpp import random_tpps
-from m2m.scenarios import load_scenario
+from m2m.scenarios import ScenarioError, load_scenario
 
 
 @dataclass(frozen=True)
@@ -142,9 +142,10 @@ def make_design(
 ) -> Design:
     """The paper's design for ``scenarios`` (``cases``/``inits`` override its cohort sizes for every scenario);
     ``llm``: the LLM planner's options (default the embedded model)."""
-    unknown = [s for s in scenarios if s not in PAPER] + [a for a in arms if a not in ARMS]
+    unknown = [s for s in scenarios if s not in PAPER and not _loads(s)] + [a for a in arms if a not in ARMS]
     if unknown:
-        raise ExperimentError(f"unknown scenario or arm {unknown}: scenarios {sorted(PAPER)}, arms {sorted(ARMS)}")
+        raise ExperimentError(f"unknown scenario or arm {unknown}: scenarios {sorted(PAPER)} (the paper's) or any "
+                              f"other packaged or registered one, arms {sorted(ARMS)}")
     if not scenarios or not arms:
         raise ExperimentError("the experiment needs at least one scenario and one arm")
     for name, value in (("cases", cases), ("inits", inits)):
@@ -155,12 +156,22 @@ def make_design(
     return Design(
         scenarios=tuple(dict.fromkeys(scenarios)),
         arms=tuple(dict.fromkeys(arms)),
-        cases={s: cases or PAPER[s].cases for s in scenarios},
-        inits={s: inits or PAPER[s].inits for s in scenarios},
+        cases={s: cases or (PAPER[s].cases if s in PAPER else len(load_scenario(s).cohorts.paper)) for s in scenarios},
+        inits={s: inits or (PAPER[s].inits if s in PAPER else 1) for s in scenarios},
         seed=seed,
         step_cap=step_cap,
         llm=dict(llm) if llm is not None else {"model": "embedded"},
     )
+
+
+def _loads(scenario: str) -> bool:
+    """Whether ``scenario`` names a packaged or registered scenario (one the paper has no numbers for: its default
+    cohort is its whole paper cohort, one initial setting each)."""
+    try:
+        load_scenario(scenario)
+    except ScenarioError:
+        return False
+    return True
 
 
 def initial_tpps(scenario: str, seed: int, case_seed: int, init: int) -> dict[str, float]:

@@ -232,6 +232,8 @@ def _report_lines(
         "|---|---|---|---|---|---|---|",
     ]
     for s in design.scenarios:
+        if s not in PAPER:
+            continue  # no published numbers: its arms are in the next table
         p = PAPER[s]
         any_arm = next((stats[(s, a)] for a in design.arms if (s, a) in stats), None)
         initial = _pm(any_arm.initial) if any_arm else "—"
@@ -283,6 +285,9 @@ def _report_lines(
     lines += ["", "## Goals", ""]
     for s in design.scenarios:
         st = stats.get((s, "guided"))
+        if s not in PAPER:
+            lines.append(f"- {s}: not a scenario of the paper; no goals set.")
+            continue
         goals = PAPER[s].goals
         if st is None:
             lines.append(f"- {s}: guided arm not run.")

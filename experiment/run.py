@@ -71,7 +71,8 @@ def prepare_folder(folder: Path, design: Design) -> dict[str, SessionRecord]:
                                   f"use another --out to run {wanted}")
         wanted = {
             **wanted,
-            "scenarios": [sc for sc in PAPER if sc in found["scenarios"] or sc in wanted["scenarios"]],
+            "scenarios": sorted({*found["scenarios"], *wanted["scenarios"]},
+                                key=lambda sc: (list(PAPER).index(sc) if sc in PAPER else len(PAPER), sc)),
             "arms": [a for a in ARMS if a in found["arms"] or a in wanted["arms"]],
             "cases": {**found["cases"], **wanted["cases"]},
             "inits": {**found["inits"], **wanted["inits"]},

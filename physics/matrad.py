@@ -121,7 +121,7 @@ def _read_mat(path: Path) -> dict[str, Any]:
         return dict(sio.loadmat(str(path), squeeze_me=True, struct_as_record=False))
     except NotImplementedError:
         raise CaseFileError(path, "MATLAB v7.3 (HDF5) files are not supported: save it with -v7") from None
-    except (OSError, ValueError, TypeError, sio.matlab.MatReadError) as e:
+    except (OSError, ValueError, TypeError, IndexError, EOFError, sio.matlab.MatReadError) as e:
         raise CaseFileError(path, f"cannot read as a MATLAB file: {e}") from e
 
 
