@@ -11,7 +11,7 @@ LLAMA_CPP_VERSION := 0.3.36
 # Portable AVX2 build: a wheel built with the host's native flags can crash on an older CPU.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
 
-.PHONY: demo test check bench wheelhouse clean
+.PHONY: demo test check bench wheelhouse clean data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ wheelhouse: | $(BIN)/python
 		echo "wheelhouse: building llama-cpp-python $(LLAMA_CPP_VERSION) from source (takes a few minutes)"; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
 	fi
+
+# The case files of the packaged case-file scenarios (TG-119 from the pyRadPlan 0.5.0 wheel, the Alderson pelvis CT
+# from the pydosert 1.5.0 sdist), downloaded with pip into ~/.cache/m2m/data ($$M2M_DATA_DIR) and sha256-checked.
+data: $(VENV)/.installed-demo
+	$(BIN)/m2m data
 
 check: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -56,6 +56,7 @@ def _paper(args: argparse.Namespace) -> int:
     from m2m.cli.running import EXIT_INTERRUPTED
     from m2m.experiment.design import ARMS, ExperimentError, make_design, runs_of
     from m2m.experiment.run import prepare_folder
+    from m2m.scenarios import ScenarioError
     from m2m.stack.config import StackError
 
     command = "experiment paper"
@@ -75,7 +76,7 @@ def _paper(args: argparse.Namespace) -> int:
             needs.add("drl-advisor")
         use = prepare_stack(args, command, needs)
         prepare_folder(args.out, design)  # a folder of another experiment is refused here
-    except (ExperimentError, AgentConfigError, UsageError) as exc:
+    except (ExperimentError, AgentConfigError, UsageError, ScenarioError) as exc:
         return usage_error(command, exc)
     except StackError as exc:  # --stack names no running stack
         return failed(command, exc)

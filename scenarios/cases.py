@@ -126,7 +126,8 @@ def case_file_path(source: CaseSource) -> Path:
     raise CaseFileError(source.path, f"not found; looked in {', '.join(str(p) for p in places)}{hint}")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -136,7 +137,7 @@ def _sha256(path: Path) -> str:
 
 def _unpacked(archive: Path) -> Path:
     """A zipped DICOM case unpacked once into the data cache, in a folder named by the archive's content hash."""
-    digest = _sha256(archive)[:16]
+    digest = file_sha256(archive)[:16]
     target = data_dirs()[0] / "unpacked" / f"{archive.stem}-{digest}"
     if not (target / ".complete").exists():
         try:
@@ -167,8 +168,8 @@ def load_file_case(scenario: Scenario) -> LoadedCase:
     if source is None:
         raise ValueError(f"scenario {scenario.name} plans phantoms, not a case file")
     path = case_file_path(source)
-    if source.sha256 is not None and path.is_file() and _sha256(path) != source.sha256.lower():
-        raise CaseFileError(str(path), f"sha256 {_sha256(path)} differs from the scenario's {source.sha256}")
+    if source.sha256 is not None and path.is_file() and file_sha256(path) != source.sha256.lower():
+        raise CaseFileError(str(path), f"sha256 {file_sha256(path)} differs from the scenario's {source.sha256}")
     started = time.perf_counter()
     if source.format == "dicom":
         from m2m.physics.dicom import load_dicom

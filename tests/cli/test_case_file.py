@@ -107,7 +107,8 @@ def test_bad_case_files_are_refused_in_one_line_before_anything_starts(tmp_path:
     protocol = ["--protocol", str(tmp_path / "protocol.toml")]
     cases = [
         (["--case-file", str(series.folder), *protocol, "--roles", "ptv=PTV,bladder=Bladder,rectum=Prostate",
-          "--rx-gy", "60"], "structure 'Prostate' (for 'rectum') not found; found ['Body', 'PTV', 'Bladder', 'Rectum']"),
+          "--rx-gy", "60"],
+         "structure 'Prostate' (for 'rectum') not found; found ['Body', 'PTV', 'Bladder', 'Rectum']"),
         (["--case-file", str(series.folder), *protocol, "--roles", "ptv=PTV,bladder=Bladder", "--rx-gy", "60"],
          'protocol synthetic scores ["rectum"], which the [case.structures] map does not have'),
         (["--case-file", str(no_rs.folder), *protocol, "--roles", ROLES, "--rx-gy", "60"], "no RTSTRUCT"),

@@ -131,7 +131,7 @@ def test_a_case_file_is_looked_for_in_the_data_dirs_and_checked(tmp_path: Path, 
     assert str(tmp_path / "data" / "TG119.mat") in message and str(tmp_path / "shared" / "TG119.mat") in message
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "TG119.mat").write_bytes(b"not the phantom")
-    with pytest.raises(CaseFileError, match="sha256 .* differs from the scenario's f4e34ffa"):
+    with pytest.raises(CaseFileError, match=r"sha256 .* differs from the scenario's f4e34ffa"):
         load_file_case(sc)
 
 
