@@ -30,7 +30,8 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     cal = sub.add_parser(
         "calibrate", help="score default/random initial TPPs and search for the maximum score on a cohort"
     )
-    cal.add_argument("--scenario", required=True, help="prostate-basic, prostate-complex or liver")
+    cal.add_argument("--scenario", required=True,
+                     help="prostate-basic, prostate-complex, liver, tg119, alderson or a registered scenario")
     cal.add_argument("--cases", type=int, default=20, help="number of phantoms (default 20)")
     cal.add_argument("--cohort", default="validation", help="cohort whose first seeds are used (default validation)")
     cal.add_argument("--max-evaluations", type=int, default=400, help="search budget per case (plans)")
@@ -99,10 +100,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from m2m.scenarios import load_scenario
+    from m2m.physics.case import CaseFileError
+    from m2m.scenarios import ScenarioError, load_scenario
     from m2m.scenarios.calibrate import CaseCalibration, calibrate, case_from_dict
 
-    scenario = load_scenario(args.scenario)
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        print(f"m2m calibrate: --scenario: {exc}", file=sys.stderr)
+        return 2
     seeds = args.seeds if args.seeds else list(scenario.cohorts.get(args.cohort).seeds)[: args.cases]
     path = Path(args.json) if args.json else None
     done: dict[int, CaseCalibration] = {}
@@ -132,10 +138,14 @@ def _calibrate(args: argparse.Namespace) -> int:
             save(case)
             progress.advance(task)
 
-        report = calibrate(
-            args.scenario, seeds, cache_dir=args.cache_dir, max_evaluations=args.max_evaluations,
-            on_case=on_case, workers=args.workers, done=done, start=args.start,
-        )
+        try:
+            report = calibrate(
+                args.scenario, seeds, cache_dir=args.cache_dir, max_evaluations=args.max_evaluations,
+                on_case=on_case, workers=args.workers, done=done, start=args.start,
+            )
+        except (ScenarioError, CaseFileError) as exc:  # e.g. the case file went missing during the run
+            print(f"m2m calibrate: {exc} (the cases done are kept{f' in {path}' if path else ''})", file=sys.stderr)
+            return 1
     table = Table(title=f"calibration: {args.scenario} (max {report.max_score:g})")
     for column in ("seed", "default", "random", "searched", "max?", "plans", "still failing"):
         table.add_column(column)

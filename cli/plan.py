@@ -188,7 +188,12 @@ def _register_case_file(args: argparse.Namespace) -> Scenario:
         provisional = parse_scenario({**table, "name": "case-file"}, "--case-file")
     except ScenarioError as exc:
         raise UsageError(str(exc)) from None
-    case = load_file_case(provisional).case
+    loaded = load_file_case(provisional)
+    case = loaded.case
+    resampled = (f", resampled to {case.grid.spacing_mm} mm in {loaded.resample_s:.1f} s ({loaded.file_voxels:,} → "
+                 f"{case.grid.n_voxels:,} voxels)" if loaded.resample_s else "")
+    print(f"case {path.name}: read in {loaded.load_s:.1f} s{resampled}; structures "
+          f"{', '.join(f'{s.name} {s.n_voxels * case.grid.voxel_volume_cc:.1f} cc' for s in case.structures)}")
     table["roles"] = {k: v for k, v in role_map(rank_oars(oars, [case], provisional.protocol)).items() if k != PTV}
     digest = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:8]
     stem = re.sub(r"[^a-z0-9_.-]+", "_", path.stem.lower()).strip("._-") or "case"

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import sys
 import time
 import zipfile
 from collections import OrderedDict
@@ -26,9 +28,9 @@ import numpy as np
 import structlog
 
 from m2m.physics.beams import BeamSet, beams_for
-from m2m.physics.case import Case, CaseFileError
+from m2m.physics.case import Case, CaseFileError, DicomReference, Grid, Structure
 from m2m.physics.dij import Dij
-from m2m.physics.dij_cache import load_or_compute_dij, resolved_structures
+from m2m.physics.dij_cache import default_cache_dir, load_or_compute_dij, resolved_structures
 from m2m.physics.matrad import load_matrad, shared_data_dir
 from m2m.physics.optimizer import PlanResult, optimize
 from m2m.physics.phantoms import make_case
@@ -151,25 +153,104 @@ def _unpacked(archive: Path) -> Path:
 
 @dataclass(frozen=True, eq=False)
 class LoadedCase:
-    """A case-file scenario's case on its dose grid, and the wall times (s) of reading and of resampling it."""
+    """A case-file scenario's case on its dose grid, and the wall times (s) of reading and of resampling it (those
+    of the first read when ``cached``: this one came from the case cache)."""
 
     case: Case
     path: Path
     load_s: float
     resample_s: float
     file_voxels: int
+    cached: bool = False
+
+
+#: The code a loaded case depends on besides its file: a change to any of these misses the case cache.
+_LOADER_SOURCES = ("case.py", "dicom.py", "matrad.py", "resample.py")
+
+
+def _case_key(source: CaseSource, path: Path, digest: str | None, rx_gy: float) -> str:
+    """Content key of a loaded case: the file's sha256 (a folder: every file's relative path, size and mtime), the
+    structure map, dose grid and prescription, and the loaders' source."""
+    h = hashlib.sha256()
+    if digest is not None:
+        h.update(digest.encode())
+    else:
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps([source.format, sorted(source.structures.items()), source.dose_grid_mm, rx_gy]).encode())
+    physics = Path(str(sys.modules[Case.__module__].__file__)).parent
+    for name in _LOADER_SOURCES:
+        h.update((physics / name).read_bytes())
+    return h.hexdigest()
+
+
+def _save_case(loaded: LoadedCase, path: Path) -> None:
+    """``loaded`` as one .npz (density, packed masks, JSON metadata), written atomically."""
+    case = loaded.case
+    meta = {
+        "case_id": case.case_id, "site": case.site, "rx_gy": case.rx_gy, "shape": case.grid.shape,
+        "spacing_mm": case.grid.spacing_mm, "origin_mm": case.grid.origin_mm,
+        "structures": [[s.name, s.role] for s in case.structures],
+        "reference": None if case.reference is None else dataclasses.asdict(case.reference),
+        "load_s": loaded.load_s, "resample_s": loaded.resample_s, "file_voxels": loaded.file_voxels,
+    }
+    masks = {f"mask_{i}": np.packbits(s.mask) for i, s in enumerate(case.structures)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    arrays: dict[str, np.ndarray] = {"density": case.density,
+                                     "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **masks}
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    tmp.replace(path)
+
+
+def _read_case(path: Path, file: Path) -> LoadedCase:
+    with np.load(path) as z:
+        meta = json.loads(z["meta"].tobytes())
+        shape = tuple(meta["shape"])
+        n = int(np.prod(shape))
+        structures = tuple(
+            Structure(name, role, np.unpackbits(z[f"mask_{i}"], count=n).astype(bool).reshape(shape))
+            for i, (name, role) in enumerate(meta["structures"])
+        )
+        grid = Grid(shape=shape, spacing_mm=tuple(meta["spacing_mm"]), origin_mm=tuple(meta["origin_mm"]))
+        reference = None if meta["reference"] is None else DicomReference(**meta["reference"])
+        case = Case(meta["case_id"], meta["site"], grid, np.asarray(z["density"]), structures, meta["rx_gy"],
+                    reference=reference)
+    return LoadedCase(case, file, meta["load_s"], meta["resample_s"], meta["file_voxels"], cached=True)
 
 
 def load_file_case(scenario: Scenario) -> LoadedCase:
     """Read the case of a case-file scenario: find the file, check its sha256 if the scenario gives one, unpack a
     zip, load it with the structure map, resample to ``dose_grid_mm``. :class:`CaseFileError` (naming the file) for
-    anything wrong with the file; ValueError when ``scenario`` has no case file."""
+    anything wrong with the file; ValueError when ``scenario`` has no case file.
+
+    The loaded case is kept in the cache (``<dij cache>/cases/<key>.npz``, :func:`_case_key`): the Alderson CT takes
+    ~10 s to read and resample, and each dose engine, the CLI and the RTDOSE export need it; a hit returns the times
+    of the original read with ``cached`` set."""
     source = scenario.case
     if source is None:
         raise ValueError(f"scenario {scenario.name} plans phantoms, not a case file")
     path = case_file_path(source)
-    if source.sha256 is not None and path.is_file() and file_sha256(path) != source.sha256.lower():
-        raise CaseFileError(str(path), f"sha256 {file_sha256(path)} differs from the scenario's {source.sha256}")
+    digest = file_sha256(path) if path.is_file() else None
+    if source.sha256 is not None and digest is not None and digest != source.sha256.lower():
+        raise CaseFileError(str(path), f"sha256 {digest} differs from the scenario's {source.sha256}")
+    cached = default_cache_dir() / "cases" / f"{_case_key(source, path, digest, scenario.rx_gy)}.npz"
+    if cached.is_file():
+        try:
+            hit = _read_case(cached, path)
+            return dataclasses.replace(hit, case=dataclasses.replace(hit.case, site=scenario.site))
+        except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+            log.warning("case_cache_unreadable", path=str(cached), error=repr(exc))
+    loaded = _load_file_case(scenario, source, path)
+    try:
+        _save_case(loaded, cached)
+    except OSError as exc:  # a read-only cache costs the next reader the time, nothing else
+        log.warning("case_cache_not_written", path=str(cached), error=repr(exc))
+    return loaded
+
+
+def _load_file_case(scenario: Scenario, source: CaseSource, path: Path) -> LoadedCase:
     started = time.perf_counter()
     if source.format == "dicom":
         from m2m.physics.dicom import load_dicom

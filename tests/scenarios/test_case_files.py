@@ -81,8 +81,10 @@ def synthetic_scenario(tmp_path: Path) -> str:
     return register_scenario(path).name
 
 
-def test_a_registered_user_scenario_loads_by_name_with_its_case_on_the_dose_grid(synthetic_scenario: str,
-                                                                                tmp_path: Path) -> None:
+def test_a_registered_user_scenario_loads_by_name_with_its_case_on_the_dose_grid(
+    synthetic_scenario: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("M2M_CACHE_DIR", str(tmp_path / "cache"))
     sc = load_scenario(synthetic_scenario)
     assert sc.case is not None and Path(sc.case.path) == (tmp_path / "patient").resolve()  # made absolute
     assert sc.protocol.name == "synthetic" and sc.cohorts.paper.seeds == range(3)
@@ -101,6 +103,10 @@ def test_a_registered_user_scenario_loads_by_name_with_its_case_on_the_dose_grid
     ours_centre = np.array(case.grid.origin_mm) + np.array(case.grid.spacing_mm) * np.argwhere(
         case.structure("ptv").mask).mean(axis=0)
     np.testing.assert_allclose(ours_centre, ct_centre, atol=2.0)
+    # The second read comes from the case cache, the same planning input and identity.
+    again = load_file_case(sc)
+    assert again.cached and not loaded.cached and again.load_s == loaded.load_s
+    assert again.case.content_hash() == case.content_hash() and again.case.reference == case.reference
     # Every seed is the same anatomy with its own start; the bank plans it once.
     bank = scenario_bank(sc, sc.cohorts.paper.seeds, capacity=3)
     assert bank.get(0).dij is bank.get(2).dij and bank.get(2).seed == 2
