@@ -62,6 +62,34 @@ def _mean_sd(x: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std())
 
 
+@dataclass(frozen=True)
+class CriterionOutcome:
+    """One protocol criterion over an arm's final plans: its label and unit, the mean final value and the share of
+    sessions whose final plan passes it (0..1). Records without criterion values (the first record format) are
+    left out (``n``)."""
+
+    label: str
+    unit: str
+    mean: float
+    passed: float
+    n: int
+
+
+def final_criteria(records: Sequence[SessionRecord]) -> dict[str, CriterionOutcome]:
+    """Per criterion id, in protocol order: how the final plans of ``records`` measure on it."""
+    values: dict[str, list[tuple[float, bool]]] = defaultdict(list)
+    labels: dict[str, tuple[str, str]] = {}
+    for r in records:
+        for c in r.steps_detail[-1].criteria:
+            values[c.id].append((c.value, c.passed))
+            labels[c.id] = (c.label, c.unit)
+    return {
+        cid: CriterionOutcome(labels[cid][0], labels[cid][1], float(np.mean([v for v, _ in vs])),
+                              float(np.mean([p for _, p in vs])), len(vs))
+        for cid, vs in values.items()
+    }
+
+
 def arm_stats(records: Sequence[SessionRecord]) -> ArmStats:
     decisions = [d for r in records for d in r.decisions]
     reached = [r.steps for r in records if r.reached_max]

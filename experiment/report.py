@@ -33,6 +33,7 @@ import numpy as np
 from m2m.experiment.analysis import (
     ArmStats,
     arm_stats,
+    final_criteria,
     hierarchy,
     knowledge_priority,
     paired_steps,
@@ -80,7 +81,7 @@ def write_report(
     lines += hier_rows
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    summary = summary_json(design, records, stats, wall_s)
+    summary = summary_json(design, records, stats, wall_s, groups)
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return path
 
@@ -147,14 +148,16 @@ def summary_json(
     records: Sequence[SessionRecord],
     stats: Mapping[tuple[str, str], ArmStats],
     wall_s: float | None,
+    groups: Mapping[tuple[str, str], list[SessionRecord]],
 ) -> dict[str, Any]:
     """``summary.json``: ``wall_min`` (the runs' wall time over all resumed runs, ``wall.json``; without it the
     sessions' sum), ``sessions_wall_min``, and per scenario and arm: ``n``, ``initial_mean``, ``final_mean``,
     ``final_sd``, ``at_max`` (0..1), ``steps_mean``, ``steps_sd``, ``steps_median``, ``s_per_decision`` (mean
     decision time of the decisions that changed TPPs), ``ownership`` (the LLM's, 0..1; null for an arm without an
     LLM), ``own_share`` (the planner's own-proposal share, any arm), ``decisions`` (all, a stop included),
-    ``sources`` (decisions per action source), ``feedback_retries``; and ``guided_vs_knowledge`` per scenario
-    where both arms ran."""
+    ``sources`` (decisions per action source), ``feedback_retries``, ``criteria`` (per criterion id: the final
+    plans' mean value ``final_mean`` and passing share ``passed``); and ``guided_vs_knowledge`` per scenario where
+    both arms ran."""
     sessions_s = float(sum(r.wall_s for r in records))
     scenarios: dict[str, dict[str, Any]] = {}
     for s in design.scenarios:
@@ -184,6 +187,8 @@ def summary_json(
                 "feedback_retries": st.tally.feedback_retries,
                 "vetoed": st.vetoed,
                 "wall_s": _number(st.wall_s, 3),
+                "criteria": {cid: {"final_mean": _number(o.mean), "passed": _number(o.passed)}
+                             for cid, o in final_criteria(groups[(s, a)]).items()},
             }
         if arms:
             scenarios[s] = arms
@@ -269,6 +274,7 @@ def _report_lines(
                 f"{st.decision_s:.1f} | {st.vetoed}/{st.decisions} | {_ownership_cell(st)} | "
                 f"{_retries_cell(st.tally)} | {st.wall_s:.0f} |"
             )
+    lines += _criteria_lines(design, groups)
     lines += ["", "## Guided vs unguided steps (paired by initial setting, two-sided Wilcoxon signed-rank)", ""]
     tests = {}
     for s in design.scenarios:
@@ -318,6 +324,25 @@ def _report_lines(
     lines.append(f"- Wall time: the {len(records)} sessions took {sessions_s / 60:.1f} min{runs} (goal ≤ "
                  f"{WALL_GOAL_S / 60:.0f} min for "
                  f"the default experiment: {verdict}).")
+    return lines
+
+
+def _criteria_lines(design: Design, groups: Mapping[tuple[str, str], list[SessionRecord]]) -> list[str]:
+    """Per scenario, each protocol criterion of the final plans: mean value (share passing) per arm."""
+    lines = ["", "## The final plans, criterion by criterion", "",
+             "Mean value of each criterion over an arm's final plans (share of them passing it)."]
+    for s in design.scenarios:
+        arms = [a for a in design.arms if (s, a) in groups]
+        outcomes = {a: final_criteria(groups[(s, a)]) for a in arms}
+        ids = list(dict.fromkeys(cid for a in arms for cid in outcomes[a]))
+        if not ids:
+            continue
+        lines += ["", f"| {s}: criterion | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+        for cid in ids:
+            label = next(outcomes[a][cid].label for a in arms if cid in outcomes[a])
+            cells = [f"{o.mean:.2f} {o.unit} ({100 * o.passed:.0f} %)" if (o := outcomes[a].get(cid)) else "—"
+                     for a in arms]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
