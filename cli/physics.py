@@ -27,6 +27,12 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
                        help="prostate seed of the pyRadPlan comparison (default: first validation seed)")
     bench.set_defaults(func=_bench)
 
+    cases = bench_sub.add_parser("cases", help="what planning a case from a file costs, stage by stage (read, "
+                                              "resample, dij, FMO, RTDOSE body dose), on fresh caches")
+    cases.add_argument("--scenarios", default="tg119,alderson", help="case-file scenarios (default tg119,alderson)")
+    cases.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    cases.set_defaults(func=_bench_cases)
+
     cal = sub.add_parser(
         "calibrate", help="score default/random initial TPPs and search for the maximum score on a cohort"
     )
@@ -80,6 +86,31 @@ def _data(args: argparse.Namespace) -> int:
         how = f"downloaded from {sc.case.fetch.requirement}" if got.downloaded else "present"
         print(f"{sc.name}: {got.path} ({how}, sha256 checked)")
     return 1 if failures else 0
+
+
+def _bench_cases(args: argparse.Namespace) -> int:
+    from m2m.physics.case import CaseFileError
+    from m2m.scenarios import ScenarioError
+    from m2m.scenarios.case_bench import time_case
+
+    rows = []
+    for name in (n.strip() for n in args.scenarios.split(",") if n.strip()):
+        try:
+            r = time_case(name)
+        except (ScenarioError, CaseFileError, ValueError) as exc:
+            print(f"m2m bench cases: {name}: {exc}", file=sys.stderr)
+            return 1
+        rows.append(r)
+        print(f"{name} ({r['file']}): read {r['read_s']:.2f} s ({r['file_voxels']:,} voxels), resample "
+              f"{r['resample_s']:.2f} s to {r['grid']} at {r['spacing_mm']} mm, "
+              f"cached read {r['cached_read_s']:.2f} s; "
+              f"dij {r['dij_s']:.2f} s ({r['beams']} beams, {r['beamlets']} beamlets, {r['dij_rows']:,} rows, "
+              f"{r['dij_nnz'] / 1e6:.2f} M nnz); FMO cold {r['cold_fmo_s']:.2f} s, warm step "
+              f"{1000 * r['warm_step_median_s']:.0f} ms median; RTDOSE body dose {r['body_dose_s']:.1f} s; "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

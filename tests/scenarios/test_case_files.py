@@ -223,3 +223,14 @@ def test_alderson_real_ct_resamples_to_3_mm_keeping_its_structures() -> None:
     assert case.density[~case.structure("body").mask].mean() < 0.1
     assert np.median(case.density[case.structure("femoral_head_l").mask]) > 1.1
     assert dict(sc.roles) == scenario_roles(sc)
+
+
+def test_bench_cases_times_every_stage_of_a_case_file(synthetic_scenario: str) -> None:
+    from m2m.scenarios.case_bench import time_case
+
+    r = time_case(synthetic_scenario)
+    assert r["file_voxels"] == 24 * 40 * 40 and r["spacing_mm"] == [5.0, 4.0, 4.0] and r["beams"] == 5
+    assert r["dij_nnz"] > 0 and r["dij_rows"] > 0 and r["resample_s"] > 0.0
+    for stage in ("read_s", "resample_s", "cached_read_s", "dij_s", "cold_fmo_s", "warm_step_median_s",
+                  "body_dose_s"):
+        assert r[stage] >= 0.0, stage
