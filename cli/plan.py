@@ -159,6 +159,10 @@ def _register_case_file(args: argparse.Namespace) -> Scenario:
         if not eq or not name or not in_file:
             raise UsageError(f"--roles: {item!r} is not planner_name=name_in_file")
         roles[name] = in_file
+    if PTV not in roles:
+        raise UsageError(f"--roles: map the target as {PTV}=<its name in the file>")
+    if len(roles) < 2:
+        raise UsageError(f"--roles: name at least one OAR besides {PTV} (the planner sets TPPs on the PTV and OARs)")
     fmt = "matrad" if path.suffix.lower() == ".mat" else "dicom"
     if fmt == "dicom" and args.rx_gy is None:
         raise UsageError("--rx-gy is needed for a DICOM case (an RTSTRUCT carries no prescription)")
