@@ -226,16 +226,19 @@ def _report_lines(
         + (f" LLM planner: {design.llm_words()}." if any(ARMS[a].impl == "llm" for a in design.arms) else ""),
         f"Sessions finished: {len(records)} of {total}"
         + ("" if design.is_paper_size else " (a reduced design: not the paper's cohort sizes)") + ".",
-        "",
-        "## The paper's table, ours beside it",
-        "",
-        "Scores in protocol points, mean±sd; steps are decisions taken until the maximum score or the cap. "
-        "Paper = the published numbers.",
-        "",
-        "| scenario | setup | initial score (ours / paper) | unguided final / steps (ours) | (paper) "
-        "| guided final / steps (ours) | (paper) |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if any(s in PAPER for s in design.scenarios):
+        lines += [
+            "",
+            "## The paper's table, ours beside it",
+            "",
+            "Scores in protocol points, mean±sd; steps are decisions taken until the maximum score or the cap. "
+            "Paper = the published numbers.",
+            "",
+            "| scenario | setup | initial score (ours / paper) | unguided final / steps (ours) | (paper) "
+            "| guided final / steps (ours) | (paper) |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for s in design.scenarios:
         if s not in PAPER:
             continue  # no published numbers: its arms are in the next table
