@@ -70,11 +70,17 @@ def test_an_unknown_version_is_refused_with_the_file_and_line(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_the_committed_example_report_regenerates_identically(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("example", "sessions"), [
+    (EXAMPLE, 90),
+    (EXAMPLE.parent / "real-cases" / "tg119", 30),
+    (EXAMPLE.parent / "real-cases" / "tg119-guided", 5),
+    (EXAMPLE.parent / "real-cases" / "alderson", 50),
+])
+def test_the_committed_example_report_regenerates_identically(tmp_path: Path, example: Path, sessions: int) -> None:
     folder = tmp_path / "example"
-    shutil.copytree(EXAMPLE, folder)
+    shutil.copytree(example, folder)
     records = list(er.load_records(folder).values())
-    assert len(records) == 90
+    assert len(records) == sessions
     write_report(folder, er.read_design(folder), records, wall_s=er.total_wall(folder))
     for name in ("report.md", "summary.json", "cases.csv", "hierarchy.csv"):
-        assert (folder / name).read_bytes() == (EXAMPLE / name).read_bytes(), name
+        assert (folder / name).read_bytes() == (example / name).read_bytes(), name
