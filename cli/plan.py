@@ -100,11 +100,14 @@ def _check_plan(args: argparse.Namespace) -> tuple[Scenario, int]:
     from m2m.physics.case import CaseFileError
     from m2m.scenarios import ScenarioError, load_scenario, register_scenario
 
-    file_options = [o for o in ("protocol", "roles", "rx_gy", "beams", "dose_grid_mm") if getattr(args, o) is not None]
-    if args.case_file is None and file_options:
+    # Commands that reuse this check without the case-file options (m2m bench demo) simply have none of them.
+    case_file = getattr(args, "case_file", None)
+    file_options = [o for o in ("protocol", "roles", "rx_gy", "beams", "dose_grid_mm")
+                    if getattr(args, o, None) is not None]
+    if case_file is None and file_options:
         raise UsageError(f"--{file_options[0].replace('_', '-')} needs --case-file")
     try:
-        if args.case_file is not None:
+        if case_file is not None:
             sc = _register_case_file(args)
             args.scenario = sc.name
         elif args.scenario.endswith(".toml") or Path(args.scenario).is_file():
@@ -113,7 +116,7 @@ def _check_plan(args: argparse.Namespace) -> tuple[Scenario, int]:
         else:
             sc = load_scenario(args.scenario)
     except (ScenarioError, CaseFileError) as exc:
-        raise UsageError(f"--{'case-file' if args.case_file is not None else 'scenario'}: {exc}") from None
+        raise UsageError(f"--{'case-file' if case_file is not None else 'scenario'}: {exc}") from None
     try:
         seeds = sc.cohorts.get(args.cohort).seeds
     except KeyError as exc:

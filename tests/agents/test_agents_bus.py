@@ -255,7 +255,8 @@ async def _bad_requests(p: Procs, missing_file_scenario: str) -> dict[str, list[
             DosePlanRequest(scenario=SCENARIO, case_seed=SEEDS[0], tpps={**tpps, "t_ptv": 5.0}),
             DosePlanRequest(scenario="no-such-site", case_seed=0, tpps=tpps),
             DosePlanRequest(scenario=SCENARIO, case_seed=SEEDS[0], tpps={"t_ptv": 1.0}),
-            DosePlanRequest(scenario=missing_file_scenario, case_seed=0, tpps=tpps),
+            DosePlanRequest(scenario=missing_file_scenario, case_seed=0,
+                            tpps=load_scenario(missing_file_scenario).default_tpps().as_dict()),
         ],
         EVALUATE: [
             EvaluateRequest(protocol=SCENARIO, metrics={}),
