@@ -231,7 +231,7 @@ def situation_from(
         max_score=evaluation.max_score,
         criteria=tuple(
             CriterionView(label=c.label, structure=c.structure, value=c.value, limit=c.limit, unit=c.unit,
-                          points=c.points, passed=c.passed, upper=c.zero > c.limit)
+                          points=c.points, passed=c.passed, upper=c.zero > c.limit, metric=c.metric)
             for c in evaluation.criteria
         ),
         tpps=dict(plan.tpps),

@@ -199,6 +199,18 @@ def _open_field(problem: FmoProblem, rx_gy: float) -> np.ndarray:
     return np.full(problem.matrix.shape[1], rx_gy / mean, dtype=np.float64)
 
 
+def held_by_normalisation(
+    structure: str, metric: str, unit: str, limit: float, upper: bool, rx_gy: float, *, target: str = PTV
+) -> bool:
+    """Whether every plan :func:`optimize` returns meets this criterion by construction: the target's
+    ``D{100·COVERAGE_FRACTION}%`` (D95) as a lower limit of at most Rx (``unit`` Gy or %Rx), since each plan is
+    scaled to D95 = Rx. No TPP change can move such a criterion (TG-119's PTV D95 ≥ 50 Gy at Rx 50 Gy)."""
+    if structure != target or upper or metric != f"D{100 * COVERAGE_FRACTION:g}%":
+        return False
+    limit_gy = limit if unit == "Gy" else limit * rx_gy / 100.0
+    return limit_gy <= rx_gy * (1.0 + 1e-6)
+
+
 def optimize(
     dij: Dij,
     tpps: TppSet,

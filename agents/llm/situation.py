@@ -151,12 +151,14 @@ class CriterionView:
     points: float
     passed: bool
     upper: bool
+    #: The protocol metric (``"D95%"``); empty where the view was made without it.
+    metric: str = ""
 
     @classmethod
     def of(cls, criterion: Criterion, value: float) -> CriterionView:
         """The view of protocol ``criterion`` at the measured ``value`` (points and pass as the protocol scores)."""
         return cls(criterion.label, criterion.structure, value, criterion.limit, criterion.unit,
-                   criterion.points(value), criterion.passed(value), criterion.upper)
+                   criterion.points(value), criterion.passed(value), criterion.upper, criterion.metric)
 
     @property
     def room(self) -> float:
@@ -251,7 +253,14 @@ def span(situation: Situation, criterion: CriterionView) -> float:
 
 def at_risk(situation: Situation, criterion: CriterionView) -> bool:
     """Fails, or passes with less room than :data:`NEAR_LIMIT_FRACTION` of its span (the guard never loosens its
-    structure; the prompt names it)."""
+    structure; the prompt names it). A criterion the plan normalisation holds (the PTV's D95 lower limit at or below
+    Rx: :func:`~m2m.physics.optimizer.held_by_normalisation`) sits at its limit by construction and is never at
+    risk: no TPP can move it."""
+    from m2m.physics.optimizer import held_by_normalisation  # scipy: imported on first use, not with the module
+
+    if held_by_normalisation(criterion.structure, criterion.metric, criterion.unit, criterion.limit, criterion.upper,
+                             situation.scenario.rx_gy):
+        return False
     return not criterion.passed or criterion.room < NEAR_LIMIT_FRACTION * span(situation, criterion)
 
 

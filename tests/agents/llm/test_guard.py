@@ -403,3 +403,26 @@ def test_safe_action_escalates_past_a_move_that_did_not_raise_the_score():
     assert safe_action(stalled, "unguided", OARS) == ("t_rectum", -1)
     rising = dataclasses.replace(s, history=(StepView(2, Move("lambda_rectum", Direction.RAISE), s.score - 0.5),))
     assert safe_action(rising, "unguided", OARS) == ("lambda_rectum", 1)
+
+
+def test_a_criterion_the_normalisation_holds_is_never_at_risk():
+    """TG-119's PTV D95 ≥ 50 Gy at Rx 50 Gy: every plan is scaled to D95 = Rx, so it sits exactly at its limit and no
+    TPP can move it; it must not make the guard refuse loosening the PTV (it did: 5 raises of lambda_ptv in the
+    TG-119 guided run). A D98 limit, or a D95 limit above Rx, is still judged by its room."""
+    s = prostate()
+    d95 = CriterionView("ptv D95% ≥ 79.2 Gy", "ptv", 79.2, 79.2, "Gy", 1.0, True, False, "D95%")
+    d95_pct = dataclasses.replace(d95, label="ptv D95% ≥ 100 %Rx", value=100.0, limit=100.0, unit="%Rx")
+    d98 = dataclasses.replace(d95, label="ptv D98% ≥ 79.2 Gy", metric="D98%")
+    above = dataclasses.replace(d95, label="ptv D95% ≥ 80 Gy", value=80.0, limit=80.0)
+    assert not at_risk(s, d95) and not at_risk(s, d95_pct)
+    assert at_risk(s, d98) and at_risk(s, above)
+    raised = 2.0 * s.tpps["lambda_ptv"]  # tightens the PTV: loosening its coverage, a lower limit
+
+    def loosening_vetoes(extra: CriterionView) -> list[str]:
+        situation = dataclasses.replace(s, criteria=(*s.criteria, extra))
+        return [v.detail for v in value_vetoes(situation, "lambda_ptv", raised, "guided", OARS)
+                if v.reason == "loosens_at_risk"]
+
+    assert loosening_vetoes(d95) == []
+    assert loosening_vetoes(d98) == [f"raise lambda_ptv ({s.tpps['lambda_ptv']:.3g}->{raised:.3g}) loosens ptv: "
+                                     "ptv D98% ≥ 79.2 Gy is within 0 Gy of its limit"]
