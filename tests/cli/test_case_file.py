@@ -19,33 +19,9 @@ from m2m.scenarios import load_scenario
 from m2m.scenarios.cases import load_file_case
 
 pydicom = pytest.importorskip("pydicom", reason="pydicom not installed (optional extra 'dicom')")
+from support.synthetic_dicom import USER_PROTOCOL as PROTOCOL  # noqa: E402
 from support.synthetic_dicom import write_series  # noqa: E402
 
-PROTOCOL = """
-name = "synthetic"
-description = "a user-written protocol: PTV hot spot, bladder mean dose, rectum V50Gy"
-
-[[criteria]]
-structure = "ptv"
-metric = "D0.03cc"
-unit = "%Rx"
-limit = 107.0
-zero = 110.0
-
-[[criteria]]
-structure = "bladder"
-metric = "Dmean"
-unit = "Gy"
-limit = 30.0
-zero = 40.0
-
-[[criteria]]
-structure = "rectum"
-metric = "V50Gy"
-unit = "%"
-limit = 20.0
-zero = 40.0
-"""
 ROLES = "ptv=PTV,bladder=bladder,rectum=RECTUM"  # names in the file: PTV, Bladder, Rectum (matched ignoring case)
 
 

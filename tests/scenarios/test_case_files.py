@@ -23,32 +23,7 @@ from m2m.scenarios.roles import scenario_roles
 
 pydicom = pytest.importorskip("pydicom", reason="pydicom not installed (optional extra 'dicom')")
 from support.synthetic_dicom import DX, DY, DZ, X0, Y0, Z0, expected_masks, write_series  # noqa: E402
-
-PROTOCOL = """
-name = "synthetic"
-description = "PTV hot spot and two OAR limits of a user-written protocol"
-
-[[criteria]]
-structure = "ptv"
-metric = "D0.03cc"
-unit = "%Rx"
-limit = 107.0
-zero = 110.0
-
-[[criteria]]
-structure = "bladder"
-metric = "Dmean"
-unit = "Gy"
-limit = 30.0
-zero = 40.0
-
-[[criteria]]
-structure = "rectum"
-metric = "V50Gy"
-unit = "%"
-limit = 20.0
-zero = 40.0
-"""
+from support.synthetic_dicom import USER_PROTOCOL as PROTOCOL  # noqa: E402
 
 
 def _scenario_table(case_path: Path, **case: Any) -> dict[str, Any]:

@@ -206,3 +206,31 @@ def _rtstruct(rois: Sequence[tuple[str, str, Box]], study: str, frame: str, empt
                 rc.ContourSequence.append(c)
         ds.ROIContourSequence.append(rc)
     return ds
+
+
+#: A user-written protocol on the synthetic case's structures (PTV hot spot, bladder mean dose, rectum V50Gy).
+USER_PROTOCOL = """
+name = "synthetic"
+description = "a user-written protocol: PTV hot spot, bladder mean dose, rectum V50Gy"
+
+[[criteria]]
+structure = "ptv"
+metric = "D0.03cc"
+unit = "%Rx"
+limit = 107.0
+zero = 110.0
+
+[[criteria]]
+structure = "bladder"
+metric = "Dmean"
+unit = "Gy"
+limit = 30.0
+zero = 40.0
+
+[[criteria]]
+structure = "rectum"
+metric = "V50Gy"
+unit = "%"
+limit = 20.0
+zero = 40.0
+"""
