@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from m2m.agents.drl import DEFAULT_CHECKPOINT, DEFAULT_KNOWLEDGE, file_sha256
+from m2m.agents.drl import DEFAULT_CHECKPOINT, DEFAULT_KNOWLEDGE
 from m2m.agents.drl.env import action_mask, observation_vector
 from m2m.agents.drl.knowledge import decode_knowledge
 from m2m.agents.messages import ADVISE, Advice, AdvisedAction, AdviseRequest, KnowledgeMessage, knowledge_topic
@@ -22,6 +22,7 @@ from m2m.bus.worker import Handlers, RequestContext
 from m2m.physics.dvh import dvh_bins_gy
 from m2m.physics.tpp import Direction, Move, TppSet
 from m2m.scenarios import Scenario, load_scenario
+from m2m.scenarios.cases import file_sha256
 from m2m.scenarios.roles import to_structure_name
 
 if TYPE_CHECKING:

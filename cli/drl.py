@@ -113,7 +113,7 @@ def _knowledge(args: argparse.Namespace) -> int:
     from m2m.agents.drl.advisor import Advisor
     from m2m.agents.drl.evaluate import run_cohort
     from m2m.agents.drl.knowledge import extract_knowledge, save_knowledge
-    from m2m.agents.drl.training import file_sha256
+    from m2m.scenarios.cases import file_sha256
 
     advisor = Advisor.from_checkpoint(args.checkpoint)
     env, seeds = advisor.cohort_env(args.scenario, "knowledge", args.cases)

@@ -183,6 +183,8 @@ class Scenario:
     case: CaseSource | None = None
     #: sha256 of the validated table (with resolved paths): changes whenever the scenario does.
     fingerprint: str = ""
+    #: The protocol file the scenario names (None: a packaged protocol by name).
+    protocol_file: str | None = None
 
     @property
     def oar_names(self) -> tuple[str, ...]:
@@ -268,9 +270,43 @@ def _user_file(name: str) -> Path:
     return user_scenario_dir() / f"{_PREFIX}{name}.json"
 
 
+#: Scenarios already parsed, by name: the files they came from (path, mtime, size) and the scenario. Agents load a
+#: scenario on every request (the dose engine, the evaluator): unchanged files cost a stat, not a parse (~1 ms).
+_LOADED: dict[str, tuple[tuple[tuple[str, int, int], ...], Scenario]] = {}
+
+
+def _stamp(paths: Iterable[Path]) -> tuple[tuple[str, int, int], ...] | None:
+    """(path, mtime, size) of each file; None when one cannot be stat'ed (a packaged resource in a zip, a file gone)."""
+    try:
+        return tuple((str(p), (st := p.stat()).st_mtime_ns, st.st_size) for p in paths)
+    except (OSError, TypeError):
+        return None
+
+
+def _sources(name: str, protocol: str | None = None) -> list[Path]:
+    """The files scenario ``name`` is read from: its packaged TOML or registered JSON, and a protocol file."""
+    packaged = resources.files(__name__) / scenario_file(name)
+    files = [Path(str(packaged)) if packaged.is_file() else _user_file(name)]
+    if protocol is not None and protocol.endswith(".toml"):
+        files.append(Path(protocol))
+    return files
+
+
 def load_scenario(name: str) -> Scenario:
     """Load and validate scenario ``name``: a packaged one (``"prostate-basic"``, ``"prostate-complex"``,
-    ``"liver"``, ``"tg119"``, ``"alderson"``), else a registered user scenario (:func:`register_scenario`)."""
+    ``"liver"``, ``"tg119"``, ``"alderson"``), else a registered user scenario (:func:`register_scenario`). A
+    scenario whose files have not changed since it was last loaded is returned as it was parsed."""
+    known = _LOADED.get(name)
+    if known is not None and known[0] == _stamp(Path(p) for p, _, _ in known[0]):
+        return known[1]
+    scenario = _parse_named(name)
+    stamp = _stamp(_sources(name, scenario.protocol_file))
+    if stamp is not None:
+        _LOADED[name] = (stamp, scenario)
+    return scenario
+
+
+def _parse_named(name: str) -> Scenario:
     where = scenario_file(name)
     if not (resources.files(__name__) / where).is_file():
         user = _user_file(name)
@@ -382,6 +418,7 @@ def parse_scenario(data: Mapping[str, Any], where: str = "<scenario>") -> Scenar
         roles=_roles(file.roles, structures[1:], fail),
         case=file.case,
         fingerprint=fingerprint,
+        protocol_file=file.protocol if file.protocol.endswith(".toml") else None,
     )
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -137,9 +138,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _unpacked(archive: Path) -> Path:
-    """A zipped DICOM case unpacked once into the data cache, in a folder named by the archive's content hash."""
-    digest = file_sha256(archive)[:16]
+def _unpacked(archive: Path, digest: str | None = None) -> Path:
+    """A zipped DICOM case unpacked once into the data cache, in a folder named by the archive's content hash
+    (``digest``, its sha256, when the caller already has it)."""
+    digest = (digest or file_sha256(archive))[:16]
     target = data_dirs()[0] / "unpacked" / f"{archive.stem}-{digest}"
     if not (target / ".complete").exists():
         try:
@@ -242,7 +244,7 @@ def load_file_case(scenario: Scenario) -> LoadedCase:
             return dataclasses.replace(hit, case=dataclasses.replace(hit.case, site=scenario.site))
         except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
             log.warning("case_cache_unreadable", path=str(cached), error=repr(exc))
-    loaded = _load_file_case(scenario, source, path)
+    loaded = _load_file_case(scenario, source, path, digest)
     try:
         _save_case(loaded, cached)
     except OSError as exc:  # a read-only cache costs the next reader the time, nothing else
@@ -250,12 +252,12 @@ def load_file_case(scenario: Scenario) -> LoadedCase:
     return loaded
 
 
-def _load_file_case(scenario: Scenario, source: CaseSource, path: Path) -> LoadedCase:
+def _load_file_case(scenario: Scenario, source: CaseSource, path: Path, digest: str | None) -> LoadedCase:
     started = time.perf_counter()
     if source.format == "dicom":
         from m2m.physics.dicom import load_dicom
 
-        folder = _unpacked(path) if path.suffix.lower() == ".zip" else path
+        folder = _unpacked(path, digest) if path.suffix.lower() == ".zip" else path
         # A DICOM export often puts each modality in a subfolder (CT/, RS/): read the whole tree.
         files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")) \
             if folder.is_dir() else [folder]
@@ -290,13 +292,11 @@ def scenario_bank(scenario: Scenario, seeds: Sequence[int], capacity: int = 48) 
     served for every seed."""
     if scenario.case is None:
         return phantom_bank(scenario, seeds, capacity)
-    loaded: list[PlanningCase] = []
-    one = phantom_bank(scenario, [0], 1, make=lambda _seed: load_file_case(scenario).case)
+    one = phantom_bank(scenario, [0], 1, make=lambda _seed: load_file_case(scenario).case)  # holds its one case
 
     def build(seed: int) -> PlanningCase:
-        if not loaded:
-            loaded.append(one.get(0))
-        return dataclasses.replace(loaded[0], seed=seed) if seed != loaded[0].seed else loaded[0]
+        planning = one.get(0)
+        return planning if seed == planning.seed else dataclasses.replace(planning, seed=seed)
 
     return CaseBank(seeds, build, capacity)
 
@@ -324,6 +324,7 @@ def phantom_bank(scenario: Scenario, seeds: Sequence[int], capacity: int = 48,
         # A case file's one case is kept (reading it again costs seconds).
         kept = (case, beams) if scenario.case is not None else None
 
+        @functools.cache  # once, also for the copies scenario_bank makes of a case file's one case
         def build_report_dij() -> Dij | None:
             # A phantom is made again (≈ 0.4 s, once) rather than kept: a bank of 48 cases would hold ~400 MB of
             # grids for DVHs that training never asks for.

@@ -40,9 +40,9 @@ import structlog
 import torch
 from torch import nn
 
-from m2m.agents.drl import file_sha256
 from m2m.agents.drl.env import SCORE_TOLERANCE, PlanningEnv
 from m2m.agents.drl.evaluate import EpisodeRecord, run_cohort, summarise
+from m2m.scenarios.cases import file_sha256
 
 log = structlog.get_logger()
 

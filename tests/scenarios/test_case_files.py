@@ -256,3 +256,16 @@ def test_alderson_rtdose_read_by_dicompyler_with_the_real_rtstruct_gives_our_dvh
         worst = max(abs(float(dose[case.structure(ours).mask].mean()) - dicompyler(shifted, theirs).mean)
                     for ours, theirs in (("ptv", "PTV"), ("bladder", "Bladder"), ("rectum", "Rectum")))
         assert worst > 3 * tolerance_gy, origin
+
+
+def test_a_scenario_is_parsed_again_only_when_its_files_change(tmp_path: Path) -> None:
+    """Agents load their scenario on every request: unchanged files return the scenario parsed before; registering
+    the scenario again (or editing its protocol file) is seen at once."""
+    (tmp_path / "protocol_synthetic.toml").write_text(PROTOCOL)
+    table = _scenario_table(tmp_path / "patient")
+    first = register_table(table, tmp_path, "mine.toml")
+    assert load_scenario(first.name) is load_scenario(first.name)
+    again = register_table({**table, "description": "edited"}, tmp_path, "mine.toml")
+    assert load_scenario(first.name) is not first and load_scenario(first.name).description == "edited"
+    (tmp_path / "protocol_synthetic.toml").write_text(PROTOCOL.replace('name = "synthetic"', 'name = "renamed"'))
+    assert load_scenario(again.name).protocol.name == "renamed"
