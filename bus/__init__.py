@@ -41,6 +41,9 @@ _EXPORTS = {
     "RemoteError": "m2m.bus.errors",
     "SecurityError": "m2m.bus.errors",
     "BusClosed": "m2m.bus.errors",
+    "BrokerUnavailable": "m2m.bus.errors",
+    "WorkerBusy": "m2m.bus.errors",
+    "TooManyRequests": "m2m.bus.errors",
 }
 
 __all__ = sorted(_EXPORTS)

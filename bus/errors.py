@@ -73,6 +73,29 @@ class WorkerLost(BusError):
     retryable = True
 
 
+class BrokerUnavailable(BusError):
+    """The client lost its broker: no answer to ``liveness`` heartbeats in a row (``heartbeat × liveness`` s),
+    or none at start. Pending requests fail with it; a broker that comes back within that window is re-joined
+    transparently (requests are resent with their idempotency keys)."""
+
+    code = "broker_unavailable"
+    retryable = True
+
+
+class WorkerBusy(BusError):
+    """A worker got a request beyond its capacity (the broker requeues it; a client never sees this)."""
+
+    code = "worker_busy"
+    retryable = True
+
+
+class TooManyRequests(BusError):
+    """The client has more requests pending at the broker than the broker allows per client."""
+
+    code = "too_many_requests"
+    retryable = True
+
+
 class UnhandledMessage(BusError):
     """The service has no handler for this message type."""
 
