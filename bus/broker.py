@@ -5,11 +5,39 @@ Titanic-like transcript of everything it routes.
 Run it with ``m2m broker`` or ``python -m m2m.bus.broker``. The loop is synchronous (one poller, no threads
 besides the ZAP authenticator) and never blocks on a send: every send is non-blocking and a peer that cannot
 take a message loses it with a log line (requests are retried by clients).
+
+What it guarantees (see :mod:`m2m.bus.protocol` for the frames and the request key):
+
+* **Replies come from the worker that holds the request.** A REPLY is accepted only from the worker the request
+  was dispatched to, or from one that reported the key in flight when it (re-)registered; anything else is
+  dropped (not cached, not forwarded) with one warning per peer. Requests are keyed by (service, idempotency key,
+  content digest), so a request that reuses someone else's key with other content is another request and cannot
+  poison their reply. Identical requests from several clients while one is pending are all answered (at most
+  ``clients_per_request``).
+* **Capacity is never exceeded.** A worker's load is the union of what the broker dispatched to it and what it
+  reports in flight in every READY/HEARTBEAT; nothing new goes to a worker at capacity. A request that still
+  reaches a full worker (a race) comes back as :class:`WorkerBusy`, which the broker requeues; the client never
+  sees it.
+* **Exactly once across broker restarts.** Workers register with the keys they are running and the keys whose
+  replies they hold; a request with such a key goes to that worker (at no cost to its capacity: it joins the
+  running job or answers from its cache). A fresh broker holds every dispatch for ``grace`` seconds so that
+  workers can register before the clients' resends are dispatched.
+* **Liveness that load cannot fool.** A worker is dead after ``heartbeat × liveness`` s without a heartbeat; its
+  heartbeats come from a thread independent of its event loop (HEARTBEAT_FOR). When the broker's own loop was
+  not scheduled for longer than a heartbeat, every worker's expiry is extended by that stall before any purge.
+* **Bounded resources.** Every pending request has a deadline (``default_deadline`` when the envelope has none,
+  at most ``max_deadline``) and is dropped with a typed error when it passes; per-client pending requests, queue
+  length, retained topics and bytes, snapshot replies, message size and frame count are capped
+  (:class:`BrokerConfig`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import heapq
+import itertools
 import random
 import signal
 import time
@@ -23,6 +51,7 @@ import structlog
 import zmq
 
 from m2m.bus import protocol as P
+from m2m.bus import reactor
 from m2m.bus.clone import KnowledgeStore
 from m2m.bus.errors import (
     BusError,
@@ -31,31 +60,84 @@ from m2m.bus.errors import (
     ProtocolError,
     RequestTimeout,
     ServiceUnavailable,
+    TooManyRequests,
+    WorkerBusy,
     WorkerLost,
 )
 from m2m.bus.messages import INCARNATION, Envelope, ErrorReply, decode_envelope, decode_payload, encode, new_id
-from m2m.bus.reactor import recv_frames, send_frames
+from m2m.bus.reactor import send_frames
 from m2m.bus.security import ServerKeys, apply_server, require_safe_bind, start_authenticator
-from m2m.bus.transcript import TranscriptWriter
+from m2m.bus.transcript import DEFAULT_KEEP_SEGMENTS, DEFAULT_SEGMENT_BYTES, TranscriptWriter
 
 MiB = 1 << 20
 EXPIRY_MARGIN = 0.02
-"""Queued requests are failed this long before their deadline so the typed error beats the client's timer."""
+"""Queued requests are failed this long (s) before their deadline so the typed error beats the client's timer."""
+WARNED_PEERS = 10_000
+"""Peers remembered for once-per-peer warnings (the set is cleared beyond this)."""
+
+TRIM_AFTER = 5000
+"""Requests forgotten (answered or expired) or messages refused after which the broker hands freed heap back to
+the system."""
+TRIM_EVERY_S = 10.0
+"""... at most this often (s)."""
+
+Key = tuple[str, str, bytes]
+"""A request's key at the broker: (service, idempotency key, content digest)."""
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (None elsewhere). After a burst of requests is freed, glibc keeps the memory in its
+    arenas (the chaos run saw +383 MB kept after 20k requests); trimming returns it to the system."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass
 class BrokerConfig:
+    """Broker settings. Times in seconds, sizes in bytes.
+
+    ``max_message_size``: largest message (all frames); a bigger one gets :class:`MessageTooLarge` and is not
+    copied further while it is received (and ZeroMQ drops a connection that sends a single frame over twice it).
+    ``max_frames``: most frames in one message (beyond: :class:`MessageTooLarge`).
+    ``queue_limit``: most requests queued per service (beyond: :class:`ServiceUnavailable`).
+    ``default_deadline``: deadline of a request whose envelope has none; ``max_deadline``: the most any request
+    is kept (a later envelope deadline is clamped). A pending request is dropped with a typed error at its
+    deadline (a dispatched one ``heartbeat × liveness`` later, so the worker's own timeout reply gets through).
+    ``max_pending_per_client``: requests one client may have pending (beyond: :class:`TooManyRequests`).
+    ``clients_per_request``: clients answered when several send the identical request while it is pending.
+    ``max_retained_topics`` / ``max_retained_bytes``: knowledge kept for late joiners; a value beyond either is
+    published as an event but not retained (logged at warning).
+    ``snapshot_max_bytes``: most bytes of values in one snapshot reply (the rest is left out and KVEND says so).
+    ``grace``: after start, dispatch waits this long so workers can re-register (None: 1.5 heartbeats).
+    ``transcript_max_bytes`` / ``transcript_keep``: the transcript rotates to a new segment at this size and keeps
+    this many closed segments (0: all); see :class:`~m2m.bus.transcript.TranscriptWriter`.
+    """
+
     endpoint: str = P.DEFAULT_ENDPOINT
     pub_endpoint: str = P.DEFAULT_PUB_ENDPOINT
     heartbeat: float = P.DEFAULT_HEARTBEAT_S
     liveness: int = P.DEFAULT_LIVENESS
     max_message_size: int = P.DEFAULT_MAX_MESSAGE_SIZE
+    max_frames: int = 256
     hwm: int = P.DEFAULT_HWM
     pub_hwm: int = P.DEFAULT_PUB_HWM
     queue_limit: int = 10_000
     reply_cache_entries: int = 4096
     reply_cache_bytes: int = 64 * MiB
+    default_deadline: float = 600.0
+    max_deadline: float = 4 * 3600.0
+    max_pending_per_client: int = 1000
+    clients_per_request: int = 8
+    max_retained_topics: int = 10_000
+    max_retained_bytes: int = 256 * MiB
+    snapshot_max_bytes: int = 32 * MiB
+    grace: float | None = None
     transcript: str | Path | None = None
+    transcript_max_bytes: int = DEFAULT_SEGMENT_BYTES
+    transcript_keep: int = DEFAULT_KEEP_SEGMENTS
     curve: ServerKeys | None = None
 
 
@@ -65,24 +147,50 @@ class _Worker:
     service: str
     capacity: int
     expiry: float
-    inflight: set[tuple[str, str]] = field(default_factory=set)
+    """monotonic s after which it is dead unless it sends a heartbeat."""
+    dispatched: set[Key] = field(default_factory=set)
+    """Sent to it by this broker and not answered yet."""
+    reported: set[Key] = field(default_factory=set)
+    """In flight at the worker, by its last READY/HEARTBEAT."""
+    cached: set[Key] = field(default_factory=set)
+    """Replies it holds in its cache, by its last READY."""
+    full: bool = False
+    """It answered WorkerBusy since its last report: send it nothing new until the next one."""
+    skip_until: float = 0.0
+    """monotonic s: unreachable at the last send (its connection is not up yet); no new work until then."""
+    greeted: bool = False
+    """This broker's HEARTBEAT reached it (it answers a new incarnation with READY and its cached keys)."""
+
+    def load(self) -> int:
+        if not self.reported:
+            return len(self.dispatched)
+        return len(self.dispatched) + len(self.reported - self.dispatched)
+
+    def holds(self, key: Key) -> bool:
+        """Whether it is running ``key`` or holds its reply (the request may go to it at no cost)."""
+        return key in self.reported or key in self.cached or key in self.dispatched
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
-    client: bytes
-    service: str
+    key: Key
     env: Envelope
     frames: list[bytes]
     deadline: float
+    """epoch s."""
+    clients: list[bytes] = field(default_factory=list)
     worker: bytes | None = None
+    queued: bool = False
 
 
 @dataclass
 class _Service:
     name: str
     workers: deque[bytes] = field(default_factory=deque)
-    queue: deque[tuple[str, str]] = field(default_factory=deque)
+    queue: deque[_Pending] = field(default_factory=deque)
+    """Requests waiting for a worker, oldest first; entries that are no longer queued are skipped lazily."""
+    waiting: int = 0
+    """Entries of ``queue`` still waiting."""
 
 
 class Broker:
@@ -95,12 +203,20 @@ class Broker:
         self.log = structlog.get_logger("m2m.bus.broker").bind(sender="broker", incarnation=INCARNATION)
         self.workers: dict[bytes, _Worker] = {}
         self.services: dict[str, _Service] = {}
-        self.pending: dict[tuple[str, str], _Pending] = {}
-        self.cache: OrderedDict[tuple[str, str], list[bytes]] = OrderedDict()
+        self.pending: dict[Key, _Pending] = {}
+        self._expiries: list[tuple[float, int, _Pending]] = []  # heap of (epoch s, tie-break, pending)
+        self._tie = itertools.count()
+        self._per_client: dict[bytes, int] = {}
+        self.cache: OrderedDict[Key, list[bytes]] = OrderedDict()
         self._cache_bytes = 0
-        self.knowledge = KnowledgeStore(self.incarnation)
+        self.knowledge = KnowledgeStore(self.incarnation, max_topics=config.max_retained_topics,
+                                        max_bytes=config.max_retained_bytes)
+        self._warned: set[tuple[str, bytes]] = set()
         self._seq = 0
         self._stop = False
+        self._grace = 1.5 * config.heartbeat if config.grace is None else config.grace
+        self._hold_until = 0.0
+        self._holding = self._grace > 0
         self.ctx: zmq.Context[Any] = zmq.Context()
         self._auth = start_authenticator(self.ctx, config.curve) if config.curve else None
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -110,6 +226,8 @@ class Broker:
             if config.curve:
                 apply_server(sock, config.curve)
         self.router.router_mandatory = 1
+        # a worker that reconnects (new socket, same routing id) takes its identity over from the stale connection
+        self.router.router_handover = 1
         self.router.sndhwm = self.router.rcvhwm = config.hwm
         # Frames up to 2x the limit still arrive and get a typed MessageTooLarge reply; beyond that ZeroMQ
         # drops the connection (it cannot tell the sender), which keeps memory bounded.
@@ -117,8 +235,13 @@ class Broker:
         self.pub.sndhwm = config.pub_hwm
         self.router.bind(config.endpoint)
         self.pub.bind(config.pub_endpoint)
-        self.transcript = TranscriptWriter(config.transcript) if config.transcript else None
-        self.stats = {"requests": 0, "replies": 0, "events": 0, "errors": 0, "dropped": 0}
+        self.transcript = (TranscriptWriter(config.transcript, max_bytes=config.transcript_max_bytes,
+                                            keep=config.transcript_keep) if config.transcript else None)
+        self._trim = _malloc_trim()
+        self._forgotten = 0  # requests resolved since the last trim
+        self._trimmed_at = time.monotonic()
+        self.stats = {"requests": 0, "replies": 0, "events": 0, "errors": 0, "dropped": 0, "forged": 0,
+                      "busy": 0, "expired": 0, "stalls": 0}
 
     # ------------------------------------------------------------------------------------------ main loop
     def stop(self, *_: Any) -> None:
@@ -131,26 +254,44 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         next_hb = time.monotonic() + cfg.heartbeat
+        self._hold_until = time.monotonic() + self._grace
         try:
             while not self._stop:
-                queued = any(s.queue for s in self.services.values())
-                wait = max(0.0, next_hb - time.monotonic())
-                if queued:
-                    wait = min(wait, 0.01)
-                if poller.poll(int(min(wait, 0.25) * 1000)):
+                before = time.monotonic()
+                wait = min(next_hb - before, 0.25)
+                if self._holding:
+                    wait = min(wait, self._hold_until - before)
+                if self._expiries:
+                    wait = min(wait, self._expiries[0][0] - time.time())
+                wait = max(0.0, wait)
+                if poller.poll(int(wait * 1000)):
                     for _ in range(1000):
-                        try:
-                            frames = recv_frames(self.router)
-                        except zmq.Again:
+                        got = self._recv()
+                        if got is None:
                             break
-                        self._handle(frames)
-                if queued:
-                    self._expire_queued()
-                if time.monotonic() >= next_hb:
+                        self._handle(*got)
+                now = time.monotonic()
+                stall = now - before - wait
+                if stall > cfg.heartbeat:
+                    self._stalled(stall)
+                self._expire(time.time())
+                if self._holding and now >= self._hold_until:
+                    self._holding = False
+                    for svc in list(self.services.values()):
+                        self._dispatch(svc)
+                if now >= next_hb:
                     self._heartbeat()
                     next_hb = time.monotonic() + cfg.heartbeat
         finally:
             self.close()
+
+    def _stalled(self, stall: float) -> None:
+        """This loop was not scheduled (or worked) for ``stall`` s: heartbeats that arrived meanwhile are still
+        unread, so no worker is blamed for it."""
+        self.stats["stalls"] += 1
+        self.log.warning("broker_stalled", seconds=round(stall, 3), workers=len(self.workers))
+        for w in self.workers.values():
+            w.expiry += stall
 
     def close(self) -> None:
         for ident in list(self.workers):
@@ -164,27 +305,61 @@ class Broker:
         self.ctx.term()
         self.log.info("broker_down", **self.stats)
 
+    def _recv(self) -> tuple[list[bytes], str] | None:
+        """One message from the ROUTER, or None when none is waiting, with a reason when it is over the size or
+        frame-count limit: then only its first frames are kept and the rest is received without a copy into
+        Python and discarded."""
+        sock = self.router
+        try:
+            frames = [reactor._recv(sock, reactor._NB)]
+        except zmq.Again:
+            return None
+        limit, max_frames = self.cfg.max_message_size, self.cfg.max_frames
+        total, over = 0, ""
+        while reactor._get(sock, reactor._RCVMORE):
+            if over:
+                sock.recv(zmq.NOBLOCK, copy=False)
+                continue
+            f = reactor._recv(sock, reactor._NB)
+            frames.append(f)
+            total += len(f)
+            if total > limit:
+                over = f"message over the limit of {limit} bytes ({total} bytes received before it was cut)"
+            elif len(frames) - 1 > max_frames:
+                over = f"message of more than {max_frames} frames"
+            if over:
+                del frames[6:]  # enough to answer it (header, command, route, envelope)
+        return frames, over
+
     def _send(self, identity: bytes, frames: Sequence[bytes]) -> bool:
         try:
             send_frames(self.router, [identity, *frames])
             return True
         except zmq.Again:
             self.stats["dropped"] += 1
-            self.log.warning("peer_full_dropped", peer=identity.hex())
+            self._warn_once("peer_full_dropped", identity)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
             self.stats["dropped"] += 1
             self.log.info("peer_unreachable", peer=identity.hex(), error=str(exc))
         return False
 
+    def _warn_once(self, event: str, peer: bytes, **kw: Any) -> None:
+        """A warning about what ``peer`` sent, logged once per (event, peer): hostile input cannot flood the log."""
+        if (event, peer) in self._warned:
+            return
+        if len(self._warned) >= WARNED_PEERS:
+            self._warned.clear()
+        self._warned.add((event, peer))
+        self.log.warning(event, peer=peer.hex(), **kw)
+
     # ------------------------------------------------------------------------------------------ dispatch
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], over: str = "") -> None:
         identity = frames[0]
         try:
+            if over:
+                raise MessageTooLarge(over)
             if len(frames) < 3:
                 raise ProtocolError(f"{len(frames) - 1} frames is too few")
-            if sum(len(f) for f in frames) > self.cfg.max_message_size:
-                raise MessageTooLarge(f"message of {sum(len(f) for f in frames)} bytes, limit "
-                                      f"{self.cfg.max_message_size}")
             header, cmd = frames[1], frames[2]
             if header == P.CLIENT:
                 self._from_client(identity, cmd, frames[3:])
@@ -192,8 +367,9 @@ class Broker:
                 self._from_worker(identity, cmd, frames[3:])
             else:
                 raise ProtocolError("unknown protocol header")
-        except BusError as exc:
+        except BusError as exc:  # bad input from a peer: a warning and a typed reply, no traceback
             self.stats["errors"] += 1
+            self._forgotten += 1  # a flood of hostile frames leaves freed heap behind like a burst of requests
             env = None
             if len(frames) > 4 and frames[1] in (P.CLIENT, P.WORKER):
                 try:
@@ -233,71 +409,164 @@ class Broker:
         except UnicodeDecodeError:
             raise ProtocolError("service name is not UTF-8") from None
         self.stats["requests"] += 1
-        key = (service, env.idem or env.id)
+        key = (service, env.idem or env.id, P.content_digest(m[1:]))
         cached = self.cache.get(key)
-        pending = self.pending.get(key)
-        # a resend (same idempotency key) is recorded as "retry" so a replay can tell it from new work
-        self._record("in", "retry" if cached is not None or pending is not None else "request", service, cid, env, m)
+        p = self.pending.get(key)
+        # a resend (same key) is recorded as "retry" so a replay can tell it from new work
+        self._record("in", "retry" if cached is not None or p is not None else "request", service, cid, env, m)
         if cached is not None:
             self.cache.move_to_end(key)
             self._send(cid, [P.CLIENT, P.REPLY, service_b, *cached])
             return
-        if pending is not None:  # a retry of a request still in flight or queued: the first reply will do
-            pending.client = cid
+        if p is not None:  # the same request again (a resend, or another client): the one reply answers all
+            if not self._add_client(p, cid):
+                self._error(cid, service, env, TooManyRequests(f"more than {self.cfg.max_pending_per_client} "
+                                                                "requests pending"))
+            elif p.worker is not None:  # in case the worker lost it: it joins the running job or answers again
+                self._send(p.worker, [P.WORKER, P.REQUEST, key[2], *m])
             return
-        if env.deadline and env.deadline - EXPIRY_MARGIN <= time.time():
+        now = time.time()
+        deadline = min(env.deadline or now + self.cfg.default_deadline, now + self.cfg.max_deadline)
+        if env.deadline and deadline - EXPIRY_MARGIN <= now:
             self._error(cid, service, env, RequestTimeout("deadline passed before the request reached the broker"))
             return
-        svc = self._service(service)
-        if len(svc.queue) >= self.cfg.queue_limit:
-            self._error(cid, service, env, ServiceUnavailable(f"{service}: {len(svc.queue)} requests queued"))
+        if self._per_client.get(cid, 0) >= self.cfg.max_pending_per_client:
+            self._error(cid, service, env, TooManyRequests(f"more than {self.cfg.max_pending_per_client} "
+                                                            "requests pending"))
             return
-        self.pending[key] = _Pending(cid, service, env, m, env.deadline)
-        svc.queue.append(key)
+        svc = self._service(service)
+        if svc.waiting >= self.cfg.queue_limit:
+            self._error(cid, service, env, ServiceUnavailable(f"{service}: {svc.waiting} requests queued"))
+            return
+        p = self.pending[key] = _Pending(key, env, m, deadline)
+        self._add_client(p, cid)
+        heapq.heappush(self._expiries, (deadline - EXPIRY_MARGIN, next(self._tie), p))
+        if not self._holding:
+            w = self._affine(svc, key)
+            if w is not None and self._send_to(w, p):
+                return
+        self._enqueue(svc, p)
         self._dispatch(svc)
 
-    def _dispatch(self, svc: _Service) -> None:
-        while svc.queue and svc.workers:
-            chosen = None
-            for _ in range(len(svc.workers)):
-                ident = svc.workers[0]
-                svc.workers.rotate(-1)  # round robin: the chosen one goes to the back
-                w = self.workers[ident]
-                if len(w.inflight) < w.capacity:
-                    chosen = w
-                    break
-            if chosen is None:
-                return
-            key = svc.queue.popleft()
-            p = self.pending.get(key)
-            if p is None:
-                continue
-            p.worker = chosen.identity
-            chosen.inflight.add(key)
-            if not self._send(chosen.identity, [P.WORKER, P.REQUEST, p.client, *p.frames]):
-                chosen.inflight.discard(key)
-                p.worker = None
-                svc.queue.appendleft(key)
-                self._purge(chosen.identity, "unreachable")
+    def _add_client(self, p: _Pending, cid: bytes) -> bool:
+        """Answer ``cid`` too when ``p`` is answered; False when ``cid`` has too many requests pending."""
+        if cid in p.clients:
+            return True
+        n = self._per_client.get(cid, 0)
+        if n >= self.cfg.max_pending_per_client:
+            return False
+        self._per_client[cid] = n + 1
+        p.clients.append(cid)
+        if len(p.clients) > self.cfg.clients_per_request:
+            self._client_done(p.clients.pop(0))
+        return True
 
-    def _expire_queued(self) -> None:
-        now = time.time()
-        for svc in self.services.values():
-            if not svc.queue:
+    def _client_done(self, cid: bytes) -> None:
+        n = self._per_client.get(cid, 0) - 1
+        if n > 0:
+            self._per_client[cid] = n
+        else:
+            self._per_client.pop(cid, None)
+
+    def _resolve(self, p: _Pending) -> None:
+        """Forget ``p`` (answered, expired or its worker lost); its clients are answered by the caller."""
+        if self.pending.get(p.key) is p:
+            del self.pending[p.key]
+        if p.worker is not None:
+            w = self.workers.get(p.worker)
+            if w is not None:
+                w.dispatched.discard(p.key)
+        if p.queued:
+            p.queued = False
+            self._service(p.key[0]).waiting -= 1
+        for c in p.clients:
+            self._client_done(c)
+        self._forgotten += 1
+
+    def _enqueue(self, svc: _Service, p: _Pending, *, front: bool = False) -> None:
+        p.worker = None
+        if not p.queued:
+            p.queued = True
+            svc.waiting += 1
+            if front:
+                svc.queue.appendleft(p)
+            else:
+                svc.queue.append(p)
+
+    def _affine(self, svc: _Service, key: Key) -> _Worker | None:
+        """A live worker that runs ``key`` or holds its reply (after a broker restart or a re-registration)."""
+        for wid in svc.workers:
+            w = self.workers[wid]
+            if w.holds(key):
+                return w
+        return None
+
+    def _free(self, svc: _Service) -> _Worker | None:
+        """The next worker (round robin) with a free slot."""
+        now = time.monotonic()
+        for _ in range(len(svc.workers)):
+            wid = svc.workers[0]
+            svc.workers.rotate(-1)  # the chosen one goes to the back
+            w = self.workers[wid]
+            if not w.full and w.skip_until <= now and w.load() < w.capacity:
+                return w
+        return None
+
+    def _send_to(self, w: _Worker, p: _Pending) -> bool:
+        if not self._send(w.identity, [P.WORKER, P.REQUEST, p.key[2], *p.frames]):
+            w.skip_until = time.monotonic() + self.cfg.heartbeat
+            return False
+        p.worker = w.identity
+        w.dispatched.add(p.key)
+        return True
+
+    def _dispatch(self, svc: _Service) -> None:
+        if self._holding:
+            return
+        q = svc.queue
+        while svc.waiting and svc.workers:
+            p = q[0]
+            if not p.queued or self.pending.get(p.key) is not p:
+                q.popleft()
                 continue
-            keep: deque[tuple[str, str]] = deque()
-            for key in svc.queue:
-                p = self.pending.get(key)
-                if p is None:
+            w = self._affine(svc, p.key) or self._free(svc)
+            if w is None:
+                return
+            q.popleft()
+            p.queued = False
+            svc.waiting -= 1
+            if not self._send_to(w, p):
+                self._enqueue(svc, p, front=True)
+                return
+        if len(q) > 2 * svc.waiting + 64:  # drop entries that stopped waiting
+            svc.queue = deque(p for p in q if p.queued and self.pending.get(p.key) is p)
+
+    def _expire(self, now: float) -> None:
+        """Fail what passed its deadline: queued requests at the deadline, dispatched ones ``heartbeat × liveness``
+        later (the worker's own RequestTimeout normally comes first)."""
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, _, p = heapq.heappop(heap)
+            if self.pending.get(p.key) is not p:
+                continue
+            service = p.key[0]
+            if p.worker is not None:
+                late = p.deadline + self.cfg.heartbeat * self.cfg.liveness
+                if late > now:
+                    heapq.heappush(heap, (late, next(self._tie), p))
                     continue
-                if p.deadline and p.deadline - EXPIRY_MARGIN <= now:
-                    del self.pending[key]
-                    exc: BusError = (ServiceUnavailable(f"no live worker for {svc.name!r}") if not svc.workers
-                                     else RequestTimeout(f"{svc.name!r} workers busy until the deadline"))
-                    self._error(p.client, svc.name, p.env, exc)
-                else:
-                    keep.append(key)
-            svc.queue = keep
+                exc: BusError = RequestTimeout(f"{service!r} worker did not answer before the deadline")
+            elif not self._service(service).workers:
+                exc = ServiceUnavailable(f"no live worker for {service!r}")
+            else:
+                exc = RequestTimeout(f"{service!r} workers busy until the deadline")
+            self.stats["expired"] += 1
+            self._resolve(p)
+            for c in p.clients:
+                self._error(c, service, p.env, exc)
+        if len(heap) > 2 * len(self.pending) + 1024:  # entries of answered requests: drop them
+            self._expiries = [e for e in heap if self.pending.get(e[2].key) is e[2]]
+            heapq.heapify(self._expiries)
 
     def _service(self, name: str) -> _Service:
         svc = self.services.get(name)
@@ -321,88 +590,160 @@ class Broker:
 
     # ------------------------------------------------------------------------------------------ workers
     def _from_worker(self, wid: bytes, cmd: bytes, rest: list[bytes]) -> None:
-        if cmd in (P.READY, P.HEARTBEAT):
-            if len(rest) != 2:
-                raise ProtocolError("READY/HEARTBEAT need service, capacity")
-            try:
-                service, capacity = rest[0].decode(), int(rest[1])
-            except (UnicodeDecodeError, ValueError):
-                raise ProtocolError("bad service name or capacity") from None
-            self._register(wid, service, capacity)
+        if cmd == P.READY:
+            if not 2 <= len(rest) <= 4:
+                raise ProtocolError("READY needs service, capacity[, inflight[, cached]]")
+            self._register(wid, *self._hello(rest[0], rest[1], rest[2] if len(rest) > 2 else None),
+                           cached=P.unpack_keys(rest[3]) if len(rest) > 3 else None, ready=True)
+        elif cmd == P.HEARTBEAT:
+            if not 2 <= len(rest) <= 3:
+                raise ProtocolError("HEARTBEAT needs service, capacity[, inflight]")
+            self._register(wid, *self._hello(rest[0], rest[1], rest[2] if len(rest) > 2 else None))
+        elif cmd == P.HEARTBEAT_FOR:
+            if not 3 <= len(rest) <= 4:
+                raise ProtocolError("HEARTBEAT_FOR needs worker, service, capacity[, inflight]")
+            target = rest[0]
+            if not target or target[0] == 0:  # ids starting with 0 are ZeroMQ's own (clients): never a worker
+                raise ProtocolError("HEARTBEAT_FOR names no worker routing id")
+            self._register(target, *self._hello(rest[1], rest[2], rest[3] if len(rest) > 3 else None))
         elif cmd == P.REPLY:
             if len(rest) < 3:
-                raise ProtocolError("REPLY needs client, envelope, payload")
+                raise ProtocolError("REPLY needs token, envelope, payload")
             self._reply(wid, rest[0], rest[1:])
         elif cmd == P.DISCONNECT:
             self._purge(wid, "disconnect")
         else:
             raise ProtocolError(f"unknown worker command {cmd!r}")
 
-    def _register(self, wid: bytes, service: str, capacity: int) -> None:
+    @staticmethod
+    def _hello(service_b: bytes, capacity_b: bytes, inflight_b: bytes | None) -> tuple[str, int, set[P.Key] | None]:
+        try:
+            service, capacity = service_b.decode(), int(capacity_b)
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError("bad service name or capacity") from None
+        return service, capacity, P.unpack_keys(inflight_b) if inflight_b is not None else None
+
+    def _register(self, wid: bytes, service: str, capacity: int, inflight: set[P.Key] | None, *,
+                  cached: set[P.Key] | None = None, ready: bool = False) -> None:
+        """A READY or heartbeat of worker ``wid``: (re-)register it and take its report of what it runs (and, on
+        READY, what it has cached)."""
         w = self.workers.get(wid)
         expiry = time.monotonic() + self.cfg.heartbeat * self.cfg.liveness
-        if w is not None and w.service == service:
-            w.expiry = expiry
-            w.capacity = max(0, capacity)  # 0: the worker is draining
-        else:
-            if w is not None:
-                self._purge(wid, "service changed")
-            self.workers[wid] = _Worker(wid, service, max(1, capacity), expiry)
-            svc = self._service(service)
+        if w is not None and w.service != service:
+            self._purge(wid, "service changed")
+            w = None
+        svc = self._service(service)
+        new = w is None
+        if w is None:
+            w = self.workers[wid] = _Worker(wid, service, 0, expiry)
             svc.workers.append(wid)
-            self.log.info("worker_ready", worker=wid.hex(), service=service, capacity=capacity)
-        self._dispatch(self._service(service))
+        w.expiry = expiry
+        w.capacity = max(0, capacity)  # 0: the worker is draining
+        if inflight is not None:
+            w.reported = {(service, i, d) for i, d in inflight}
+            w.full = False
+        if cached is not None:
+            w.cached = {(service, i, d) for i, d in cached}
+        if ready:
+            w.skip_until = 0.0  # its own connection is up
+        if new:
+            self.log.info("worker_ready", worker=wid.hex(), service=service, capacity=capacity,
+                          inflight=len(w.reported), cached=len(w.cached))
+        if not w.greeted:
+            # its event loop answers a new broker incarnation with a READY that lists its cached replies; until
+            # its own connection is up (a heartbeat thread may be quicker) this is tried at every heartbeat
+            w.greeted = ready or self._send(wid, [P.WORKER, P.HEARTBEAT, self._inc_bytes])
+        if (new or ready) and not self._holding and svc.waiting:
+            for p in list(svc.queue):  # queued requests that this worker already runs or has answered
+                if p.queued and self.pending.get(p.key) is p and w.holds(p.key):
+                    p.queued = False
+                    svc.waiting -= 1
+                    if not self._send_to(w, p):
+                        self._enqueue(svc, p, front=True)
+        self._dispatch(svc)
 
-    def _reply(self, wid: bytes, cid: bytes, m: list[bytes]) -> None:
+    def _reply(self, wid: bytes, token: bytes, m: list[bytes]) -> None:
         env = decode_envelope(m[0])
         w = self.workers.get(wid)
-        service = w.service if w else env.route
-        key = (service, env.idem or env.corr)
+        if w is None:
+            self._forged(wid, env, "not a registered worker")
+            return
+        key = (w.service, env.idem or env.corr, token)
+        p = self.pending.get(key)
+        if not ((p is not None and p.worker == wid) or key in w.reported or key in w.dispatched):
+            if key in self.cache:
+                return  # the same reply again (a resend the worker answered from its cache)
+            self._forged(wid, env, "request not dispatched to this worker")
+            return
+        w.expiry = max(w.expiry, time.monotonic() + self.cfg.heartbeat * self.cfg.liveness)
+        w.dispatched.discard(key)
+        w.reported.discard(key)
+        err = self._error_reply(env, m)
+        if err is not None and err.code == WorkerBusy.code:
+            # the worker is full (its report was behind): it holds nothing for this key; requeue, client unaware
+            self.stats["busy"] += 1
+            w.full = True
+            w.cached.discard(key)
+            svc = self._service(w.service)
+            if p is not None and p.worker == wid:
+                self._enqueue(svc, p, front=True)
+                self._dispatch(svc)
+            return
         self.stats["replies"] += 1
-        self._record("in", "error" if env.schema == ErrorReply.schema else "reply", service, wid, env, m)
-        p = self.pending.pop(key, None)
-        if w is not None:
-            w.inflight.discard(key)
-            w.expiry = time.monotonic() + self.cfg.heartbeat * self.cfg.liveness
-        if p is not None:
-            cid = p.client
-        if self._cacheable(env, m):
+        service = w.service
+        self._record("in", "error" if err is not None else "reply", service, wid, env, m)
+        if err is None or not err.retryable:
             self._cache_put(key, m)
-        self._send(cid, [P.CLIENT, P.REPLY, service.encode(), *m])
-        if w is not None:
-            self._dispatch(self._service(service))
+        if p is not None:
+            self._resolve(p)
+            out = [P.CLIENT, P.REPLY, service.encode(), *m]
+            for c in p.clients:
+                self._send(c, out)
+        self._dispatch(self._service(service))
 
-    def _cacheable(self, env: Envelope, m: list[bytes]) -> bool:
+    def _forged(self, wid: bytes, env: Envelope, why: str) -> None:
+        """A reply the broker did not ask this peer for: dropped (neither cached nor forwarded)."""
+        self.stats["forged"] += 1
+        self._warn_once("unexpected_reply_dropped", wid, reason=why, idem=env.idem[:80], route=env.route[:80])
+
+    @staticmethod
+    def _error_reply(env: Envelope, m: list[bytes]) -> ErrorReply | None:
+        """The ErrorReply in a worker's reply (None for a normal reply; a retryable one when it does not decode)."""
         if env.schema != ErrorReply.schema:
-            return True
+            return None
         try:
             err = decode_payload(env, m[1], m[2:])
         except DecodeError:
-            return False
-        return isinstance(err, ErrorReply) and not err.retryable
+            return ErrorReply(code=DecodeError.code, retryable=True)
+        return err if isinstance(err, ErrorReply) else ErrorReply(code=DecodeError.code, retryable=True)
 
-    def _cache_put(self, key: tuple[str, str], m: list[bytes]) -> None:
+    def _cache_put(self, key: Key, m: list[bytes]) -> None:
         size = sum(len(f) for f in m)
         if size > self.cfg.reply_cache_bytes // 4:
             return
+        old = self.cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= sum(len(f) for f in old)
         self.cache[key] = m
         self._cache_bytes += size
         while len(self.cache) > self.cfg.reply_cache_entries or self._cache_bytes > self.cfg.reply_cache_bytes:
-            _, old = self.cache.popitem(last=False)
-            self._cache_bytes -= sum(len(f) for f in old)
+            _, gone = self.cache.popitem(last=False)
+            self._cache_bytes -= sum(len(f) for f in gone)
 
     def _purge(self, wid: bytes, reason: str) -> None:
         w = self.workers.pop(wid, None)
         if w is None:
             return
-        self.log.info("worker_gone", worker=wid.hex(), service=w.service, reason=reason, inflight=len(w.inflight))
+        self.log.info("worker_gone", worker=wid.hex(), service=w.service, reason=reason, inflight=len(w.dispatched))
         svc = self._service(w.service)
         with contextlib.suppress(ValueError):
             svc.workers.remove(wid)
-        for key in w.inflight:
-            p = self.pending.pop(key, None)
-            if p is not None:
-                self._error(p.client, w.service, p.env, WorkerLost(f"worker of {w.service!r} died ({reason})"))
+        for key in list(w.dispatched):
+            p = self.pending.get(key)
+            if p is not None and p.worker == wid:
+                self._resolve(p)
+                for c in p.clients:
+                    self._error(c, w.service, p.env, WorkerLost(f"worker of {w.service!r} died ({reason})"))
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -411,6 +752,15 @@ class Broker:
                 self._purge(wid, "heartbeat")
             else:
                 self._send(wid, [P.WORKER, P.HEARTBEAT, self._inc_bytes])
+        for name, svc in list(self.services.items()):  # names clients asked for that nobody serves
+            if not svc.workers and not svc.waiting:
+                del self.services[name]
+        for svc in list(self.services.values()):  # a worker skipped as unreachable may be reachable now
+            self._dispatch(svc)
+        if self._forgotten >= TRIM_AFTER and now - self._trimmed_at >= TRIM_EVERY_S and self._trim is not None:
+            self._forgotten = 0
+            self._trimmed_at = now
+            self._trim(0)
 
     # ------------------------------------------------------------------------------------------ pub/sub
     def _publish(self, cid: bytes, topic: bytes, flags_b: bytes, m: list[bytes]) -> None:
@@ -421,7 +771,11 @@ class Broker:
             topic.decode()
         except UnicodeDecodeError:
             raise ProtocolError("topic is not UTF-8") from None
+        refused = self.knowledge.refused
         header = self.knowledge.stamp(topic, flags_b[0], m)
+        if self.knowledge.refused != refused:
+            self._warn_once("retained_value_refused", cid, topic=topic.decode()[:200],
+                            topics=len(self.knowledge.values), retained_bytes=self.knowledge.bytes)
         self.stats["events"] += 1
         if self.transcript is not None:
             self._record("in", "event", topic.decode("utf-8", "replace"), cid, env, m)
@@ -431,9 +785,13 @@ class Broker:
             self.stats["dropped"] += 1
 
     def _snapshot(self, cid: bytes, prefix: bytes, token: bytes) -> None:
-        for topic, header, m in self.knowledge.snapshot(prefix):
+        items, truncated = self.knowledge.snapshot(prefix, self.cfg.snapshot_max_bytes)
+        for topic, header, m in items:
             self._send(cid, [P.CLIENT, P.KVITEM, token, topic, header, *m])
-        self._send(cid, [P.CLIENT, P.KVEND, token, self._inc_bytes])
+        if truncated:
+            self._warn_once("snapshot_truncated", cid, prefix=prefix.decode("utf-8", "replace")[:200],
+                            sent=len(items), limit=self.cfg.snapshot_max_bytes)
+        self._send(cid, [P.CLIENT, P.KVEND, token, self._inc_bytes, P.TRUNCATED if truncated else P.COMPLETE])
 
     # ------------------------------------------------------------------------------------------ transcript
     def _record(self, direction: str, kind: str, route: str, peer: bytes, env: Envelope, m: list[bytes]) -> None:

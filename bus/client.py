@@ -7,6 +7,12 @@
   subscribers get it first (Clone); this client re-asserts its values after a broker restart.
 * The client pings the broker every heartbeat; a new broker incarnation makes it resend pending requests and
   re-publish its knowledge at once, which is how traffic resumes after a broker restart.
+* Liveness: any frame from the broker (a PONG, a reply, a snapshot item) proves it alive. After ``liveness``
+  heartbeats in a row with none (``heartbeat × liveness`` s, 3 s with the defaults; detected within one more
+  heartbeat), the broker is *lost*: :attr:`BusClient.broker_alive` turns False and every pending request fails at
+  once with :class:`~m2m.bus.errors.BrokerUnavailable`. A request made while the broker is silent waits for it at
+  most the rest of that window (a whole window once it is declared lost) and then fails the same way. A broker
+  that answers again (a restart within the window: a new incarnation) is re-joined transparently.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import zmq
 from m2m.bus import protocol as P
 from m2m.bus.clone import Subscription
 from m2m.bus.errors import (
+    BrokerUnavailable,
     BusClosed,
     BusError,
     DecodeError,
@@ -95,6 +102,10 @@ class BusClient:
         self.broker_incarnation = 0
         self._closed = False
         self._conn: Conn | None = None
+        self._heard = False  # a frame came from the broker since the ping loop last looked
+        self._missed = 0  # heartbeats in a row without a frame from the broker
+        self._lost = False  # declared lost, and nothing heard since
+        self._last_heard = 0.0  # loop time of the last frame from the broker (of the start before the first)
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def _socket(self, kind: int) -> zmq.Socket[Any]:
@@ -117,6 +128,7 @@ class BusClient:
             sock = self._socket(zmq.DEALER)
             sock.connect(self.cfg.endpoint)
             self._conn = Conn(sock, self._on_frames)
+            self._last_heard = self._conn.loop.time()
             self._tasks = [asyncio.get_running_loop().create_task(self._ping_loop())]
         return self
 
@@ -158,6 +170,19 @@ class BusClient:
 
     # ------------------------------------------------------------------------------------------ background
     def _on_frames(self, frames: list[bytes]) -> None:
+        self._heard = True  # whatever it is, only the broker sends on this socket: it is alive
+        self._last_heard = self.conn.loop.time()
+        if self._lost:
+            self._lost = False
+            self.log.info("broker_back", endpoint=self.cfg.endpoint)
+        try:
+            self._dispatch(frames)
+        except BusError:
+            raise
+        except Exception as exc:  # the decode boundary: typed errors only
+            raise DecodeError(f"bad frames from the broker: {type(exc).__name__}: {exc}") from None
+
+    def _dispatch(self, frames: list[bytes]) -> None:
         if len(frames) < 3 or frames[0] != P.CLIENT:
             raise DecodeError("not a client frame")
         cmd = frames[1]
@@ -176,33 +201,75 @@ class BusClient:
                 q.put_nowait(frames[3:] if cmd == P.KVITEM else None)
             if cmd == P.KVEND and len(frames) > 3:
                 self._saw_broker(P.unpack_u64(frames[3]))
+                if len(frames) > 4 and frames[4] == P.TRUNCATED:
+                    self.log.warning("snapshot_truncated", detail="the broker's snapshot byte cap left values out")
 
     def _saw_broker(self, incarnation: int) -> None:
         old = self.broker_incarnation
         self.broker_incarnation = incarnation
-        if old and old != incarnation:
-            self.log.info("broker_restarted", pending=len(self._pending), retained=len(self._retained))
+        if old != incarnation:
+            # a new broker (a restart), or the first one seen: a knowledge value set before any broker answered
+            # (an agent announcing its state while the broker starts) may never have reached it
+            if old:
+                self.log.info("broker_restarted", pending=len(self._pending), retained=len(self._retained))
             for topic, m in self._retained.items():
                 self.conn.send_nowait([P.CLIENT, P.PUBLISH, topic, bytes([P.RETAIN]), *m])
+        if old and old != incarnation:
             for p in self._pending.values():
                 if not p.future.done():
                     self.conn.send_nowait([P.CLIENT, P.REQUEST, p.service, *p.frames])
 
+    @property
+    def broker_alive(self) -> bool:
+        """True while the broker answers: it has answered at least once, and not been silent for ``liveness``
+        heartbeats in a row since (see the module notes). False before the first answer and once it is lost."""
+        return bool(self.broker_incarnation) and not self._lost and self._conn is not None and not self._closed
+
     async def wait_for_broker(self, timeout: float = 10.0) -> int:
-        """Wait until the broker answered a heartbeat; returns its incarnation or raises RequestTimeout."""
+        """Wait (``timeout`` s at most) until the broker answers a heartbeat; returns its incarnation or raises
+        :class:`~m2m.bus.errors.BrokerUnavailable`."""
         loop = self.conn.loop
         end = loop.time() + timeout
-        while not self.broker_incarnation:
+        while not self.broker_alive:
+            if self._closed:
+                raise BusClosed("client closed")
             if loop.time() >= end:
-                raise RequestTimeout(f"no broker at {self.cfg.endpoint} within {timeout:.3g} s")
+                raise BrokerUnavailable(f"no broker answers at {self.cfg.endpoint} (waited {timeout:.3g} s)")
             self.conn.send_nowait([P.CLIENT, P.PING])
             await asyncio.sleep(0.01)
         return self.broker_incarnation
 
     async def _ping_loop(self) -> None:
+        conn = self.conn
         while True:
-            self.conn.send_nowait([P.CLIENT, P.PING])
+            conn.send_nowait([P.CLIENT, P.PING])
             await asyncio.sleep(self.cfg.heartbeat)
+            conn.drain()  # answers that arrived while this loop was busy elsewhere count
+            if self._heard:
+                self._heard = False
+                self._missed = 0
+                continue
+            self._missed += 1
+            if self._missed >= self.cfg.liveness:
+                self._missed = 0  # one window later it is declared again: requests made meanwhile fail then
+                self._broker_lost()
+
+    def _broker_lost(self) -> None:
+        silent = self.conn.loop.time() - self._last_heard
+        if not self._lost:
+            self._lost = True
+            self.log.warning("broker_lost", endpoint=self.cfg.endpoint, silent_s=round(silent, 3),
+                             pending=len(self._pending))
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_result(_LOST)
+
+    def _lost_error(self) -> BrokerUnavailable:
+        silent = self.conn.loop.time() - self._last_heard
+        return BrokerUnavailable(
+            f"the broker at {self.cfg.endpoint} is unavailable: silent for {silent:.1f} s "
+            f"({self.cfg.liveness} heartbeats of {self.cfg.heartbeat:g} s missed)"
+        )
 
     # ------------------------------------------------------------------------------------------ requests
     async def request(
@@ -219,8 +286,9 @@ class BusClient:
         """Send ``msg`` to ``service`` and return the typed reply.
 
         Raises :class:`RequestTimeout` / :class:`ServiceUnavailable` at the deadline (``timeout`` seconds),
-        or the typed error the worker sent. ``session`` tags the request (and so the transcript) with a session id
-        other than the client's. The request is resent with the same idempotency key every
+        :class:`BrokerUnavailable` as soon as the broker is lost (``heartbeat × liveness`` s of silence, whatever
+        the deadline), or the typed error the worker sent. ``session`` tags the request (and so the transcript)
+        with a session id other than the client's. The request is resent with the same idempotency key every
         ``timeout / (retries + 1)`` seconds without a reply, and at once when its worker is lost.
         """
         if self._closed:
@@ -232,6 +300,8 @@ class BusClient:
         if existing is not None:  # the same key already in flight from this client: share its reply
             while True:
                 got = await asyncio.shield(existing.future)
+                if got is _LOST:
+                    raise self._lost_error()
                 if got is not _TIMEOUT:
                     env, m = got
                     return self._result(env, m, expect)
@@ -266,6 +336,8 @@ class BusClient:
                     got = await fut
                 finally:
                     timer.cancel()
+                if got is _LOST:
+                    raise self._lost_error()
                 if got is _TIMEOUT:
                     if deadline - loop.time() <= 0:
                         break
@@ -346,7 +418,7 @@ class BusClient:
             try:
                 _, msg = decode(item[2:])
                 out[item[0].decode()] = msg
-            except (BusError, UnicodeDecodeError) as exc:
+            except (BusError, UnicodeDecodeError, IndexError) as exc:
                 self.log.warning("bad_retained_value", prefix=prefix, error=str(exc)[:200])
         return out
 
@@ -369,6 +441,7 @@ class BusClient:
 
 
 _TIMEOUT: Any = object()
+_LOST: Any = object()  # a pending request's result when the broker is declared lost
 _RETAIN = bytes([P.RETAIN])
 _EVENT = b"\x00"
 

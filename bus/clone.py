@@ -35,25 +35,63 @@ CATCH_UP_S = 0.5
 
 
 class KnowledgeStore:
-    """Broker side: numbers every published message per topic and keeps the last value of knowledge topics."""
+    """Broker side: numbers every published message per topic and keeps the last value of knowledge topics.
 
-    def __init__(self, incarnation: int) -> None:
+    Retention is bounded: at most ``max_topics`` retained topics holding at most ``max_bytes`` bytes of frames
+    (topic names included). A knowledge value that would go beyond either cap is refused: :meth:`stamp` returns a
+    header without the RETAIN flag (the value still goes out as an event) and counts it in ``refused``; a refused
+    update of a topic already retained also drops that topic's old value, so a late joiner never gets a value
+    its publisher has since replaced.
+    """
+
+    def __init__(self, incarnation: int, *, max_topics: int = 10_000, max_bytes: int = 256 << 20) -> None:
         self.incarnation = incarnation
+        self.max_topics = max_topics
+        self.max_bytes = max_bytes
         self.seq: dict[bytes, int] = {}
         self.values: dict[bytes, tuple[bytes, list[bytes]]] = {}  # topic → (header, frames)
+        self.bytes = 0
+        """Bytes retained now (frames and topic names)."""
+        self.refused = 0
 
     def stamp(self, topic: bytes, flags: int, frames: list[bytes]) -> bytes:
-        """The header for the next message on ``topic``; keeps it when it is knowledge."""
+        """The header for the next message on ``topic``; keeps it when it is knowledge and fits the caps (the
+        header's flags then carry RETAIN; see the class docstring for a refused value)."""
         seq = self.seq.get(topic, 0) + 1
         self.seq[topic] = seq
-        header = P.pack_header(self.incarnation, seq, flags)
         if flags & P.RETAIN:
+            old = self.values.pop(topic, None)
+            if old is not None:
+                self.bytes -= self._size(topic, old[1])
+            size = self._size(topic, frames)
+            if len(self.values) >= self.max_topics or self.bytes + size > self.max_bytes:
+                self.refused += 1
+                return P.pack_header(self.incarnation, seq, flags & ~P.RETAIN)
+            header = P.pack_header(self.incarnation, seq, flags)
             self.values[topic] = (header, frames)
-        return header
+            self.bytes += size
+            return header
+        return P.pack_header(self.incarnation, seq, flags)
 
-    def snapshot(self, prefix: bytes) -> list[tuple[bytes, bytes, list[bytes]]]:
-        """(topic, header, frames) of every knowledge value under ``prefix``."""
-        return [(t, h, m) for t, (h, m) in self.values.items() if t.startswith(prefix)]
+    def snapshot(self, prefix: bytes, max_bytes: int | None = None) -> tuple[list[tuple[bytes, bytes, list[bytes]]],
+                                                                           bool]:
+        """(topic, header, frames) of the knowledge values under ``prefix``, and whether some were left out
+        because the items would have gone beyond ``max_bytes`` in all (None: no cap)."""
+        out: list[tuple[bytes, bytes, list[bytes]]] = []
+        total = 0
+        for t, (h, m) in self.values.items():
+            if not t.startswith(prefix):
+                continue
+            size = self._size(t, m)
+            if max_bytes is not None and total + size > max_bytes:
+                return out, True
+            total += size
+            out.append((t, h, m))
+        return out, False
+
+    @staticmethod
+    def _size(topic: bytes, frames: list[bytes]) -> int:
+        return len(topic) + sum(len(f) for f in frames)
 
 
 @dataclass(frozen=True)
@@ -89,6 +127,8 @@ class Subscription:
         self.broker_incarnation = 0
         self.gaps = 0
         self.errors = 0
+        """Messages under the prefix that could not be decoded (each counted and logged once, then skipped)."""
+        self._bad: dict[int, None] = {}  # keys of the bad messages seen (bounded, oldest dropped first)
         self._buf: deque[Delivery] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._need_snapshot = snapshot
@@ -173,31 +213,56 @@ class Subscription:
                 self._buf.append(d)
 
     def _accept(self, frames: list[bytes], *, snapshot: bool) -> Delivery | None:
+        """The delivery in ``frames`` (live ``[topic, header, *M]`` or a snapshot item), or None for a duplicate or
+        a message that cannot be decoded. A bad message (hostile bytes, a poisoned retained value) is counted in
+        :attr:`errors` and logged at warning level once, however often a snapshot brings it again; the follower
+        loop goes on with the next message."""
         try:
-            if len(frames) < 4:
-                raise DecodeError("too few frames")
-            incarnation, seq, flags = P.unpack_header(frames[1])
-            topic = frames[0].decode()
-            if incarnation != self.broker_incarnation:
-                if self.broker_incarnation and self.want_snapshot and not snapshot:
-                    self._need_snapshot = True  # a new broker: fetch the re-asserted knowledge
-                self.broker_incarnation = incarnation
-                self.last.clear()
-            last = self.last.get(topic)
-            gap = 0
-            if last is not None:
-                if seq <= last:
-                    return None  # duplicate (snapshot and update overlap)
-                gap = seq - last - 1
-            self.last[topic] = seq
-            if gap:
-                self.gaps += gap
-            env, msg = decode(frames[2:])
-        except (DecodeError, struct.error, UnicodeDecodeError) as exc:
-            self.errors += 1
-            self.client.log.warning("bad_delivery", prefix=self.prefix.decode("utf-8", "replace"), error=str(exc))
+            return self._delivery(frames, snapshot)
+        except Exception as exc:  # nothing a peer sends may stop a follower
+            self._bad_message(frames, exc)
             return None
+
+    def _delivery(self, frames: list[bytes], snapshot: bool) -> Delivery | None:
+        if len(frames) < 4:
+            raise DecodeError("too few frames")
+        try:
+            incarnation, seq, flags = P.unpack_header(frames[1])
+        except struct.error as exc:
+            raise DecodeError(f"bad header: {exc}") from None
+        topic = frames[0].decode()
+        if incarnation != self.broker_incarnation:
+            if self.broker_incarnation and self.want_snapshot and not snapshot:
+                self._need_snapshot = True  # a new broker: fetch the re-asserted knowledge
+            self.broker_incarnation = incarnation
+            self.last.clear()
+        last = self.last.get(topic)
+        gap = 0
+        if last is not None:
+            if seq <= last:
+                return None  # duplicate (snapshot and update overlap)
+            gap = seq - last - 1
+        self.last[topic] = seq
+        if gap:
+            self.gaps += gap
+        env, msg = decode(frames[2:])
         return Delivery(topic, msg, env, seq, bool(flags & P.RETAIN), snapshot, gap)
+
+    BAD_KEYS = 1024
+    """How many bad messages a subscription remembers so as to count and log each once."""
+
+    def _bad_message(self, frames: list[bytes], exc: Exception) -> None:
+        key = hash((bytes(frames[0]), bytes(frames[1]))) if len(frames) >= 2 else hash(tuple(map(bytes, frames)))
+        if key in self._bad:
+            return
+        self._bad[key] = None
+        if len(self._bad) > self.BAD_KEYS:
+            del self._bad[next(iter(self._bad))]
+        self.errors += 1
+        topic = bytes(frames[0][:200]).decode("utf-8", "replace") if frames else ""
+        error = exc if isinstance(exc, DecodeError) else DecodeError(f"{type(exc).__name__}: {exc}")
+        self.client.log.warning("bad_delivery", prefix=self.prefix.decode("utf-8", "replace"), topic=topic,
+                                error=str(error)[:300])
 
     def close(self) -> None:
         if not self._closed:

@@ -15,7 +15,6 @@ subclass. Fields unknown to this process (sent by a newer minor revision) are ig
 
 from __future__ import annotations
 
-import struct
 import threading
 import uuid
 from collections.abc import Sequence
@@ -142,16 +141,28 @@ def _dec_hook(typ: type, obj: Any) -> Any:
 
 
 def _array_from_frame(spec: ArraySpec, frame: bytes) -> np.ndarray:
+    """The read-only array a frame holds; raises :class:`DecodeError` (and nothing else) for any spec and bytes:
+    numpy answers hostile dtype strings with whatever it likes (``SyntaxError`` for ``","``, ``TypeError``,
+    ``ValueError`` ...), so every failure is wrapped here, at the decode boundary."""
+    try:
+        return _checked_array(spec, frame)
+    except DecodeError:
+        raise
+    except Exception as exc:  # hostile input: numpy's errors are not a closed set
+        raise DecodeError(f"bad array frame ({spec.dtype!r}, {spec.shape!r}): {type(exc).__name__}: {exc}") from None
+
+
+def _checked_array(spec: ArraySpec, frame: bytes) -> np.ndarray:
     if len(spec.shape) > MAX_ARRAY_DIMS or any(d < 0 for d in spec.shape):
-        raise ValueError(f"bad array shape {spec.shape}")
+        raise DecodeError(f"bad array shape {spec.shape}")
     dtype = np.dtype(spec.dtype)
-    if dtype.kind not in _ARRAY_KINDS:
-        raise ValueError(f"array dtype {spec.dtype!r} not allowed")
+    if dtype.kind not in _ARRAY_KINDS or dtype.subdtype is not None or dtype.fields is not None:
+        raise DecodeError(f"array dtype {spec.dtype!r} not allowed")
     count = 1
     for d in spec.shape:
         count *= d
     if count * dtype.itemsize != len(frame):
-        raise ValueError(f"array frame of {len(frame)} bytes does not hold {spec.shape} of {dtype}")
+        raise DecodeError(f"array frame of {len(frame)} bytes does not hold {spec.shape} of {dtype}")
     return np.frombuffer(frame, dtype=dtype).reshape(spec.shape)  # read-only, zero copy
 
 
@@ -159,16 +170,6 @@ def _array_from_frame(spec: ArraySpec, frame: bytes) -> np.ndarray:
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _plain_encoder = msgspec.msgpack.Encoder()
 _env_decoder = msgspec.msgpack.Decoder(Envelope)
-_HOSTILE = (
-    msgspec.DecodeError,  # includes ValidationError
-    UnicodeDecodeError,
-    RecursionError,
-    ValueError,
-    TypeError,
-    OverflowError,
-    struct.error,
-    MemoryError,
-)
 
 INCARNATION = uuid.uuid4().hex[:16]
 """This process's incarnation: new at every start, so a swapped-in agent is told apart from its predecessor."""
@@ -200,9 +201,10 @@ def encode(msg: Message, env: Envelope) -> list[bytes | memoryview]:
 
 
 def decode_envelope(data: bytes) -> Envelope:
+    """The envelope in ``data``; raises :class:`DecodeError` and nothing else, whatever the bytes."""
     try:
         env = _env_decoder.decode(data)
-    except _HOSTILE as exc:
+    except Exception as exc:  # the decode boundary: any failure on hostile bytes is a DecodeError
         raise DecodeError(f"bad envelope: {type(exc).__name__}: {exc}") from None
     return env
 
@@ -219,7 +221,9 @@ def decode_payload(env: Envelope, payload: bytes, arrays: Sequence[bytes] = ()) 
             decoder = _DECODERS[cls] = msgspec.msgpack.Decoder(cls, dec_hook=_dec_hook)
         msg: Message = decoder.decode(payload)
         return msg
-    except _HOSTILE as exc:
+    except DecodeError:  # raised by the array hook
+        raise
+    except Exception as exc:  # the decode boundary (KeyboardInterrupt/SystemExit pass through)
         raise DecodeError(f"bad {env.schema} v{env.version} payload: {type(exc).__name__}: {exc}") from None
     finally:
         _ctx.inp, _ctx.specs = (), ()

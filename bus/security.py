@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,27 @@ import zmq.auth
 
 from m2m.bus.errors import SecurityError
 
-_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
-
 
 def is_local(endpoint: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// on a loopback address."""
+    """True for ipc://, inproc:// and tcp:// on a loopback address: ``localhost``, an IPv4 address in
+    127.0.0.0/8 or ``[::1]``, parsed as an address (``127.evil.com`` is a host name, not a loopback address;
+    ``0.0.0.0`` and ``*`` listen on every interface)."""
     scheme, _, rest = endpoint.partition("://")
     if scheme in ("ipc", "inproc"):
         return True
     if scheme != "tcp":
         return False
-    host = rest.rsplit(":", 1)[0]
-    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name or an interface name: not provably loopback
+        return False
 
 
 def require_safe_bind(endpoint: str, curve: bool) -> None:

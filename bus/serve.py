@@ -6,10 +6,16 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from m2m.bus import protocol as P
 from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
+
+if TYPE_CHECKING:
+    import zmq
 
 
 def add_broker_args(p: argparse.ArgumentParser) -> None:
@@ -27,10 +33,37 @@ def add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-size", type=int, default=P.DEFAULT_MAX_MESSAGE_SIZE, help="bytes (%(default)s)")
     p.add_argument("--hwm", type=int, default=P.DEFAULT_HWM, help="ROUTER high-water mark (%(default)s)")
     p.add_argument("--pub-hwm", type=int, default=P.DEFAULT_PUB_HWM, help="PUB high-water mark (%(default)s)")
+    limits = p.add_argument_group("bounds (default: m2m.bus.broker.BrokerConfig's, listed in the README)")
+    for field in _BOUNDS:
+        limits.add_argument("--" + field.name.replace("_", "-"), type=field.type, default=None, help=field.help)
+
+
+@dataclass(frozen=True)
+class _Bound:
+    name: str
+    type: type
+    help: str
+
+
+_BOUNDS = (
+    _Bound("max_frames", int, "most frames in one message"),
+    _Bound("default_deadline", float, "deadline of a request that names none, s"),
+    _Bound("max_deadline", float, "longest any request is kept, s"),
+    _Bound("max_pending_per_client", int, "requests one client may have pending"),
+    _Bound("max_retained_topics", int, "knowledge topics kept"),
+    _Bound("max_retained_bytes", int, "knowledge bytes kept"),
+    _Bound("snapshot_max_bytes", int, "bytes of values in one snapshot"),
+    _Bound("transcript_max_bytes", int, "transcript segment size before it rotates, bytes"),
+    _Bound("transcript_keep", int, "closed transcript segments kept (0: all)"),
+)
 
 
 def run_broker(args: argparse.Namespace) -> int:
+    """Run the broker until SIGTERM/SIGINT; exit status 2 with one line on stderr when it cannot start (a bind
+    that fails, refused insecure endpoints, unreadable keys or transcript)."""
     from pathlib import Path
+
+    import zmq
 
     from m2m.bus.broker import BrokerConfig, serve_forever
     from m2m.bus.errors import BusError
@@ -46,13 +79,33 @@ def run_broker(args: argparse.Namespace) -> int:
     cfg = BrokerConfig(
         endpoint=args.endpoint, pub_endpoint=args.pub_endpoint, heartbeat=args.heartbeat, liveness=args.liveness,
         max_message_size=args.max_message_size, hwm=args.hwm, pub_hwm=args.pub_hwm, transcript=args.transcript,
-        curve=curve,
+        curve=curve, **{b.name: getattr(args, b.name) for b in _BOUNDS if getattr(args, b.name) is not None},
     )
     try:
         return serve_forever(cfg)
     except BusError as exc:
         print(f"m2m broker: {exc}", file=sys.stderr)
         return 2
+    except zmq.ZMQError as exc:  # a bind that failed: address in use, no permission, bad address
+        endpoint, reason = bind_failure(exc, args.endpoint)
+        print(f"m2m broker: cannot bind {endpoint}: {reason}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a transcript that cannot be opened
+        print(f"m2m broker: {exc}", file=sys.stderr)
+        return 2
+
+
+_ADDR = re.compile(r"(?s)(.*?)\s*\(addr='(.*)'\)\s*$")
+
+
+def bind_failure(exc: zmq.ZMQError, default_endpoint: str) -> tuple[str, str]:
+    """(endpoint, reason) of a failed bind: pyzmq appends ``(addr='...')`` to the error text; without it the
+    endpoint is ``default_endpoint``."""
+    text = str(exc.strerror or exc)
+    m = _ADDR.match(text)
+    if m:
+        return m.group(2), m.group(1).rstrip(". ") or text
+    return default_endpoint, text
 
 
 def main_broker(argv: list[str] | None = None) -> int:

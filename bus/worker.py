@@ -1,18 +1,29 @@
 """Paranoid-Pirate worker, run by :meth:`BusClient.serve <m2m.bus.client.BusClient.serve>`.
 
-Heartbeats both ways; when the broker falls silent for ``liveness`` heartbeats the worker drops its socket and
-reconnects with back-off; any HEARTBEAT it sends registers it again with a restarted broker. Requests are
-answered once per idempotency key: a resend that arrives while the handler runs waits for the same result, and
-later ones get the cached reply (bounded LRU) instead of doing the work twice. A malformed request gets a typed
-error reply; a handler that raises gets :class:`RemoteError`; one that runs past the deadline gets
-:class:`RequestTimeout`. Nothing a peer sends stops the worker.
+Heartbeats both ways. The worker's heartbeats go out from a daemon thread with its own DEALER socket
+(HEARTBEAT_FOR naming the worker's routing id, which the worker sets itself: random, never shown to other peers),
+so a handler that keeps the event loop busy does not make the worker look dead; a stopped process sends nothing
+and is declared dead after ``heartbeat × liveness``. Each heartbeat carries the keys the worker is running, so the
+broker never hands it more than its capacity, even after the worker re-registered. When the broker falls silent
+for ``liveness`` heartbeats the worker drops its socket and reconnects with back-off; whenever it sees a new
+broker incarnation it registers again (READY) with the keys it runs and the keys of the replies it holds, so a
+restarted broker sends resends of those requests back to it.
+
+Requests are answered once per key (idempotency key and content digest, see :mod:`m2m.bus.protocol`): a resend
+that arrives while the handler runs waits for the same result, and later ones get the cached reply (bounded LRU)
+instead of doing the work twice. A new request beyond the capacity (a race with the broker) is answered
+:class:`WorkerBusy`, which the broker requeues. A malformed request gets a typed error reply; a handler that
+raises gets :class:`RemoteError`; one that runs past the deadline gets :class:`RequestTimeout`. Nothing a peer
+sends stops the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +39,7 @@ from m2m.bus.errors import (
     RemoteError,
     RequestTimeout,
     UnhandledMessage,
+    WorkerBusy,
 )
 from m2m.bus.messages import Envelope, ErrorReply, Message, decode, decode_envelope, encode, frames_size
 from m2m.bus.reactor import Conn
@@ -58,19 +70,30 @@ class Worker:
         self.capacity = max(1, capacity)
         self.handlers = handlers
         self.log = client.log.bind(service=service)
-        self._cache: OrderedDict[str, list[bytes]] = OrderedDict()
-        self._inflight: dict[str, asyncio.Future[list[bytes]]] = {}
+        self.identity = b"W" + uuid.uuid4().bytes
+        """The routing id of this worker's socket (the heartbeat thread names it in HEARTBEAT_FOR)."""
+        self._cache: OrderedDict[P.Key, list[bytes]] = OrderedDict()
+        self._inflight: dict[P.Key, asyncio.Future[list[bytes]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._jobs: set[asyncio.Task[None]] = set()
+        self._beat: _HeartbeatThread | None = None
+        self._hello_frames: list[bytes] = []
         self.conn: Conn | None = None
+        self.broker_incarnation = 0
         self.last_seen = 0.0
         self.handled = 0
         self.reconnects = 0
+        self._refresh()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._beat = _HeartbeatThread(self)
+        self._beat.start()
 
     async def stop(self) -> None:
+        if self._beat is not None:
+            self._beat.stop()
+            self._beat = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -82,13 +105,14 @@ class Worker:
     async def drain(self, timeout: float) -> bool:
         """Stop taking requests, let those in progress finish (at most ``timeout`` s), then leave the broker.
 
-        The broker routes nothing more once it sees capacity 0, so no request is lost; a job still running at
-        the timeout is cancelled and its client retries elsewhere (it gets :class:`WorkerLost`). Returns True
-        when every job finished.
+        The broker routes nothing more once it sees capacity 0 (a request that crosses it is answered
+        :class:`WorkerBusy` and requeued), so no request is lost; a job still running at the timeout is cancelled
+        and its client retries elsewhere (it gets :class:`WorkerLost`). Returns True when every job finished.
         """
         self.capacity = 0
+        self._refresh()
         if self.conn is not None:
-            self.conn.send_nowait([P.WORKER, P.HEARTBEAT, *self._hello()])
+            self.conn.send_nowait([P.WORKER, P.HEARTBEAT, *self._hello_frames])
         finished = True
         if self._jobs:
             _, pending = await asyncio.wait(list(self._jobs), timeout=timeout)
@@ -96,8 +120,16 @@ class Worker:
         await self.stop()
         return finished
 
-    def _hello(self) -> list[bytes]:
-        return [self.service.encode(), str(self.capacity).encode()]
+    def _refresh(self) -> None:
+        """Rebuild the heartbeat frames (service, capacity, keys in flight) after a change. The list is replaced,
+        never changed in place: the heartbeat thread reads it without a lock."""
+        self._hello_frames = [self.service.encode(), str(self.capacity).encode(), P.pack_keys(self._inflight)]
+
+    def _ready(self) -> None:
+        """Register with the broker: capacity, keys in flight and the keys of the newest cached replies."""
+        if self.conn is not None:
+            cached = list(self._cache)[-P.MAX_KEYS:]
+            self.conn.send_nowait([P.WORKER, P.READY, *self._hello_frames, P.pack_keys(cached)])
 
     async def _run(self) -> None:
         cfg = self.client.cfg
@@ -106,13 +138,14 @@ class Worker:
         try:
             while True:
                 sock = self.client._socket(zmq.DEALER)
+                sock.setsockopt(zmq.ROUTING_ID, self.identity)
                 sock.connect(cfg.endpoint)
                 self.conn = Conn(sock, self._on_frames)
-                self.conn.send_nowait([P.WORKER, P.READY, *self._hello()])
+                self._ready()
                 self.last_seen = loop.time()
                 while True:
                     await asyncio.sleep(cfg.heartbeat)
-                    self.conn.send_nowait([P.WORKER, P.HEARTBEAT, *self._hello()])
+                    self.conn.drain()  # a busy loop may not have read the broker's heartbeats yet: read them now
                     if loop.time() - self.last_seen > cfg.heartbeat * cfg.liveness:
                         self.log.warning("broker_silent_reconnecting", backoff=backoff)
                         break
@@ -136,20 +169,25 @@ class Worker:
             job = asyncio.get_running_loop().create_task(self._handle(frames[2], frames[3:]))
             self._jobs.add(job)
             job.add_done_callback(self._jobs.discard)
+        elif cmd == P.HEARTBEAT:
+            if len(frames) > 2 and len(frames[2]) == 8:
+                incarnation = P.unpack_u64(frames[2])
+                if incarnation != self.broker_incarnation:  # a new broker: tell it what we run and hold
+                    self.broker_incarnation = incarnation
+                    self._ready()
         elif cmd == P.DISCONNECT:
             # The broker does not know us (it restarted) or is going down: register again.
-            if self.conn is not None:
-                self.conn.send_nowait([P.WORKER, P.READY, *self._hello()])
-        elif cmd != P.HEARTBEAT:
+            self._ready()
+        else:
             self.log.warning("bad_frames_from_broker", command=cmd.hex())
 
-    async def _handle(self, cid: bytes, m: list[bytes]) -> None:
+    async def _handle(self, token: bytes, m: list[bytes]) -> None:
         try:
-            reply = await self._reply_for(m)
+            reply = await self._reply_for(token, m)
         except Exception as exc:  # never let one request kill the worker
             self.log.exception("worker_failed", error=repr(exc))
             return
-        out = [P.WORKER, P.REPLY, cid, *reply]
+        out = [P.WORKER, P.REPLY, token, *reply]
         conn = self.conn
         if conn is None or conn.send_nowait(out):
             return
@@ -159,22 +197,30 @@ class Worker:
         except RequestTimeout:
             self.log.warning("reply_lost", reason="broker not taking messages")  # a retry hits the cache
 
-    async def _reply_for(self, m: list[bytes]) -> list[bytes]:
+    async def _reply_for(self, token: bytes, m: list[bytes]) -> list[bytes]:
         try:
             env = decode_envelope(m[0])
         except DecodeError as exc:
             self.log.warning("bad_request", error=str(exc)[:200])
             return self._encode_error(None, exc)
-        key = env.idem or env.id
+        # the broker's token is the content digest; compute it when it is not one
+        digest = token if len(token) == P.DIGEST_SIZE else P.content_digest(m[1:])
+        key = (env.idem or env.id, digest)
         cached = self._cache.get(key)
         if cached is not None:
-            self.log.info("request_replayed_from_cache", msg_id=env.id, idem=key, requester=env.sender)
+            self._cache.move_to_end(key)
+            self.log.info("request_replayed_from_cache", msg_id=env.id, idem=key[0], requester=env.sender)
             return cached
         running = self._inflight.get(key)
         if running is not None:
             return await asyncio.shield(running)
+        if len(self._inflight) >= self.capacity:
+            self.log.info("request_over_capacity", msg_id=env.id, inflight=len(self._inflight),
+                          capacity=self.capacity)
+            return self._encode_error(env, WorkerBusy(f"{self.service!r} worker at capacity {self.capacity}"))
         fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
+        self._refresh()
         try:
             reply, cacheable = await self._run_handler(env, m)
             if cacheable:
@@ -192,6 +238,7 @@ class Worker:
             raise
         finally:
             del self._inflight[key]
+            self._refresh()
 
     async def _run_handler(self, env: Envelope, m: list[bytes]) -> tuple[list[bytes], bool]:
         try:
@@ -213,9 +260,10 @@ class Worker:
                 raise RequestTimeout(f"{self.service!r} handler ran past the deadline") from None
             if not isinstance(result, Message):
                 raise RemoteError(f"handler returned {type(result).__name__}, not a Message")
-        except BusError as exc:
-            if not isinstance(exc, DecodeError | UnhandledMessage | RequestTimeout):
-                self.log.warning("handler_error", msg_id=env.id, error=repr(exc))
+        except BusError as exc:  # bad input or a typed refusal: a warning without a traceback
+            log = self.log.info if isinstance(exc, RequestTimeout) else self.log.warning
+            log("handler_error", msg_id=env.id, requester=env.sender, error=type(exc).__name__,
+                detail=str(exc)[:200])
             return self._encode_error(env, exc), not exc.retryable
         except Exception as exc:
             self.log.exception("handler_raised", msg_id=env.id, requester=env.sender)
@@ -239,3 +287,39 @@ class Worker:
             env.session = req.session
         frames = encode(ErrorReply(code=exc.code, message=str(exc)[:2000], retryable=exc.retryable), env)
         return [bytes(f) for f in frames]
+
+
+class _HeartbeatThread(threading.Thread):
+    """Sends the worker's heartbeat (HEARTBEAT_FOR its routing id, with its capacity and keys in flight) every
+    half ``heartbeat`` from its own DEALER socket, whatever the worker's event loop is doing. Twice per heartbeat
+    and a quick reconnect: a restarted broker learns the keys in flight well within its grace (1.5 heartbeats)
+    before it dispatches resent requests. Heartbeats are not queued while the broker is unreachable
+    (ZMQ_IMMEDIATE), so a returning broker gets no stale burst."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name=f"m2m-heartbeat-{worker.service}", daemon=True)
+        self.worker = worker
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Stop and wait for the thread (it closes its socket before the client's context is terminated)."""
+        self._stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=5.0)
+
+    def run(self) -> None:
+        w = self.worker
+        cfg = w.client.cfg
+        sock = w.client._socket(zmq.DEALER)
+        try:
+            sock.sndhwm = max(1, cfg.liveness)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.RECONNECT_IVL, max(10, int(cfg.heartbeat * 250)))
+            sock.connect(cfg.endpoint)
+            while not self._stopped.wait(cfg.heartbeat / 2):
+                with contextlib.suppress(zmq.ZMQError):  # Again: the broker is not reachable now
+                    sock.send_multipart([P.WORKER, P.HEARTBEAT_FOR, w.identity, *w._hello_frames], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the context is being terminated
+            w.log.info("heartbeat_thread_stopped", error=str(exc))
+        finally:
+            sock.close(0)

@@ -18,6 +18,7 @@ from zmq.utils.monitor import recv_monitor_message
 from m2m.bus import protocol as P
 from m2m.bus.client import BusClient
 from m2m.bus.errors import (
+    BrokerUnavailable,
     MessageTooLarge,
     RemoteError,
     RequestTimeout,
@@ -150,10 +151,10 @@ def test_no_live_worker_gives_typed_error_within_deadline(procs: Procs) -> None:
 def test_no_broker_at_all_gives_timeout_not_a_hang(procs: Procs) -> None:
     async def main() -> None:
         async with client(procs) as bus:
-            with pytest.raises(RequestTimeout):
+            with pytest.raises(BrokerUnavailable):
                 await bus.wait_for_broker(0.2)
             t0 = time.monotonic()
-            with pytest.raises(RequestTimeout):
+            with pytest.raises((RequestTimeout, BrokerUnavailable)):
                 await bus.request("echo", Echo(text="?"), timeout=0.3)
             assert time.monotonic() - t0 < 0.3 + 0.5
 
@@ -280,23 +281,35 @@ def test_malformed_payloads_reach_worker_and_it_stays_up(procs: Procs) -> None:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("down_for", [0.3, 1.5], ids=["quick", "past-liveness"])
 def test_broker_killed_and_restarted_traffic_resumes(procs: Procs, down_for: float) -> None:
-    """``past-liveness``: the broker stays down longer than 3 heartbeats, so the worker goes through its
-    Paranoid-Pirate reconnect (new socket, back-off) before the new broker appears."""
+    """``quick``: the broker is back within the client's liveness window (here 15 heartbeats, 3 s): the pending
+    request is resent to the new broker and served. ``past-liveness``: the broker stays down longer than the
+    window (3 heartbeats), so the pending request fails with :class:`BrokerUnavailable` (typed, at once, not at
+    its 30 s deadline); the same request sent again (same key) once the broker is back is served, once; the worker
+    went through its Paranoid-Pirate reconnect (new socket, back-off) meanwhile."""
     broker = procs.broker()
     w = procs.worker()
     marker = procs.dir / "marker"
+    quick = down_for < 3 * HB
 
     async def main() -> None:
-        async with client(procs) as bus:
+        async with client(procs, liveness=15 if quick else 3) as bus:
             await until_pids(bus, 1)
             broker.send_signal(signal.SIGKILL)
             broker.wait(timeout=10)
             # a request sent while no broker runs: it must be served once a new broker is up
-            task = asyncio.create_task(bus.request("echo", Work(key="r", marker=str(marker)), timeout=30))
+            work = Work(key="r", marker=str(marker))
+            task = asyncio.create_task(bus.request("echo", work, timeout=30, idempotency_key="r"))
             await asyncio.sleep(down_for)
-            assert not task.done()
+            if quick:
+                assert not task.done()
+            else:
+                with pytest.raises(BrokerUnavailable):
+                    await task
             t0 = time.monotonic()
             procs.broker(ready=False)  # in the coroutine: no blocking wait
+            if not quick:  # a lost broker: wait for the new one, then ask again
+                await bus.wait_for_broker(20)
+                task = asyncio.create_task(bus.request("echo", work, timeout=30, idempotency_key="r"))
             reply = await task
             recovery = time.monotonic() - t0
             assert reply.pid == w.pid  # the same worker re-registered with the new broker

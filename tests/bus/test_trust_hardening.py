@@ -1,0 +1,69 @@
+"""The loopback check parses addresses; a broker that cannot bind says so in one line and exits 2."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+from support.procs import Procs
+
+from m2m.bus.errors import SecurityError
+from m2m.bus.security import is_local, require_safe_bind
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize(("endpoint", "local"), [
+    ("tcp://127.0.0.1:5555", True),
+    ("tcp://127.3.4.5:5555", True),
+    ("tcp://localhost:5555", True),
+    ("tcp://[::1]:5555", True),
+    ("ipc:///tmp/x", True),
+    ("inproc://x", True),
+    ("tcp://127.evil.com:5555", False),
+    ("tcp://127.0.0.1.evil.com:5555", False),
+    ("tcp://0.0.0.0:5555", False),
+    ("tcp://*:5555", False),
+    ("tcp://[::]:5555", False),
+    ("tcp://10.0.0.1:5555", False),
+    ("tcp://eth0;127.0.0.1:5555", False),
+    ("tcp://127.0.0.1", False),
+    ("udp://127.0.0.1:5555", False),
+])
+def test_is_local_parses_the_address(endpoint: str, local: bool) -> None:
+    assert is_local(endpoint) is local
+
+
+def test_insecure_bind_beyond_loopback_is_refused() -> None:
+    with pytest.raises(SecurityError):
+        require_safe_bind("tcp://127.evil.com:5555", curve=False)
+    require_safe_bind("tcp://127.evil.com:5555", curve=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_second_broker_on_the_same_port_says_so_in_one_line(procs: Procs) -> None:
+    ep = f"tcp://127.0.0.1:{_free_port()}"
+    procs.broker(endpoint=ep, pub=f"tcp://127.0.0.1:{_free_port()}")
+    r = subprocess.run([sys.executable, "-m", "m2m.cli.main", "broker", "--endpoint", ep,
+                        "--pub-endpoint", f"tcp://127.0.0.1:{_free_port()}"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == [f"m2m broker: cannot bind {ep}: Address already in use"], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_bad_address_says_so_in_one_line(procs: Procs) -> None:
+    ep = f"ipc://{procs.dir}/no-such-folder/bus"
+    r = subprocess.run([sys.executable, "-m", "m2m.bus.broker", "--endpoint", ep, "--pub-endpoint",
+                        f"ipc://{procs.dir}/pub"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"m2m broker: cannot bind {ep}: "), r.stderr
