@@ -90,12 +90,18 @@ class DoseEngine(Agent):
             raise ValueError(f"warm start has {warm.shape} weights; the case has {case.dij.n_beamlets} beamlets")
         plan = await asyncio.to_thread(optimize, case.dij, tpps, sc.rx_gy, warm_start=warm)
         solve_s = time.perf_counter() - started
-        dose = {**plan.dose, **await asyncio.to_thread(case.report_doses, plan.fluence)}
-        bins = report_bins_gy(sc.rx_gy)
-        metrics = measure_all(sc.protocol, plan, case.dij.voxel_volume_cc, sc.rx_gy)
+
+        def report() -> tuple[np.ndarray, list[StructureDose], dict[str, float]]:
+            # DVHs and metrics over every voxel: a thread's work, so the event loop (and its heartbeats) keeps going
+            dose = {**plan.dose, **case.report_doses(plan.fluence)}
+            bins = report_bins_gy(sc.rx_gy)
+            return bins, structure_doses(dose, bins), measure_all(sc.protocol, plan, case.dij.voxel_volume_cc,
+                                                                  sc.rx_gy)
+
+        bins, structures, metrics = await asyncio.to_thread(report)
         self.log.info("dose_planned", case=case.case_id, solve_s=round(solve_s, 3), iterations=plan.iterations)
         return DosePlanResult(
             scenario=msg.scenario, case_id=case.case_id, case_seed=msg.case_seed, rx_gy=sc.rx_gy,
-            tpps=tpps.as_dict(), dvh_bins_gy=bins, structures=structure_doses(dose, bins), metrics=metrics,
+            tpps=tpps.as_dict(), dvh_bins_gy=bins, structures=structures, metrics=metrics,
             fluence=plan.fluence, solve_s=solve_s, iterations=plan.iterations, engine=self.ctx.name,
         )

@@ -8,6 +8,7 @@ Options: ``checkpoint=PATH`` and ``knowledge=PATH`` (default: the package assets
 from __future__ import annotations
 
 import asyncio
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -41,7 +42,10 @@ class DrlAdvisorAgent(Agent):
         for path, command in ((checkpoint, "m2m drl train"), (knowledge_path, "m2m drl knowledge")):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: produce it with `{command}` (see the README)")
-        from m2m.agents.drl.advisor import Advisor  # torch: imported here, so that checking a stack config is cheap
+        # torch: imported here, so that checking a stack config is cheap, and in a thread, so that the seconds it
+        # takes do not stall the event loop (its watchdog beats; see m2m.agents.runtime.Watchdog)
+        await asyncio.to_thread(importlib.import_module, "m2m.agents.drl.advisor")
+        from m2m.agents.drl.advisor import Advisor
 
         self.advisor: Advisor = await asyncio.to_thread(Advisor.from_checkpoint, checkpoint)
         self.sha256 = file_sha256(checkpoint)

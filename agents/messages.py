@@ -434,8 +434,9 @@ class SessionResult(Message):
 #: An agent process's life: ``starting`` (setting up), ``ready`` (serving), ``draining`` (finishing its requests
 #: before it stops), ``stopped``, or ``failed`` (its setup raised; ``detail`` says why, and it exits).
 AgentState = Literal["starting", "ready", "draining", "stopped", "failed"]
-#: What the supervisor shows for a process: the agent's own state, or ``exited`` once the process is gone.
-ProcessState = Literal["starting", "ready", "draining", "stopped", "failed", "exited"]
+#: What the supervisor shows for a process: the agent's own state, ``unresponsive`` while its watchdog is silent
+#: (hung or stopped; killed and restarted after the stack's ``hang_timeout_s``), or ``exited`` once it is gone.
+ProcessState = Literal["starting", "ready", "draining", "stopped", "failed", "unresponsive", "exited"]
 
 
 class AgentStatus(Message):

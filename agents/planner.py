@@ -25,7 +25,10 @@ Modes: ``unguided`` (DVH, criteria, TPPs) and ``guided`` (the same plus the know
 ``knowledge.tpp.<site>``, which also constrains the guard). Nothing else differs between the modes.
 
 Exactly-once steps: every dose/evaluation request carries the idempotency key ``<session>:<step>:…``, so a step
-redone after a takeover is answered from the broker's reply cache instead of being planned twice.
+redone after a takeover is answered from the broker's reply cache instead of being planned twice. A nested call that
+fails with a retryable error (:data:`NESTED_RETRYABLE`: a lost worker or broker, no worker yet, a deadline) is sent
+again with the same key until its budget (:data:`DOSE_TIMEOUT_S`, :data:`EVALUATE_TIMEOUT_S`,
+:data:`ADVISE_TIMEOUT_S`) is spent.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ from m2m.agents.messages import (
 )
 from m2m.agents.runtime import Agent, AgentConfigError
 from m2m.bus.client import BusClient
-from m2m.bus.errors import BusError, WorkerLost
+from m2m.bus.errors import BrokerUnavailable, BusError, RequestTimeout, ServiceUnavailable, WorkerLost
 from m2m.bus.worker import Handlers, RequestContext
 from m2m.physics.protocol import SCORE_TOLERANCE
 from m2m.physics.tpp import Direction, Move, TppSet, clamp_value
@@ -93,8 +96,18 @@ HISTORY_STEPS = 3
 """Past steps shown to the LLM: the context stays bounded whatever the step cap."""
 DOSE_TIMEOUT_S = 600.0
 """A cold 180-beam plan takes minutes on 2 cores; a 7-beam plan well under a second."""
-ADVISE_TIMEOUT_S = 30.0
+EVALUATE_TIMEOUT_S = 60.0
+"""Scoring takes microseconds; the budget covers a lost evaluator's replacement and a restarting broker."""
+ADVISE_TIMEOUT_S = 60.0
 KNOWLEDGE_WAIT_S = 30.0
+RETRY_PAUSE_S = 0.5
+"""Pause before a nested call (dose, evaluate, advise) is sent again after a retryable error (s; doubled up to
+:data:`RETRY_PAUSE_MAX_S` per retry, always within the call's budget)."""
+RETRY_PAUSE_MAX_S = 4.0
+NESTED_RETRYABLE: tuple[type[BusError], ...] = (WorkerLost, RequestTimeout, ServiceUnavailable, BrokerUnavailable)
+"""Errors of a nested call that the planner retries with the same idempotency key while the call's budget lasts."""
+KNOWLEDGE_RETRY_WARN_S = 10.0
+"""How often a knowledge follower that has no broker to subscribe through says so (s)."""
 ADVICE_K = 5
 DEFAULT_FORM: DecisionForm = "quantile"
 """The ``llm`` planner's default decision form (``decision`` option); in the unguided mode, which has no knowledge
@@ -276,23 +289,58 @@ class SessionRunner:
             task.cancel()
 
     def follow_knowledge(self) -> None:
-        """Subscribe to every site's knowledge (the retained value arrives at once) and keep the latest."""
+        """Subscribe to every site's knowledge (the retained value arrives at once) and keep the latest. Without a
+        broker yet (a planner started first) the subscription is tried again until one answers, with a warning every
+        :data:`KNOWLEDGE_RETRY_WARN_S` s; a value that does not decode is skipped with a warning."""
         sub = self.bus.subscribe("knowledge.tpp.", snapshot=True)
 
         async def listen() -> None:
-            async for delivery in sub:
-                msg = delivery.message
-                if not isinstance(msg, KnowledgeMessage):
-                    continue
+            waiting_since = time.monotonic()
+            warned = 0.0
+            while True:
                 try:
-                    self.knowledge[msg.site] = decode_knowledge(msg.knowledge_json, delivery.topic)
-                except (ValueError, msgspec.DecodeError) as exc:
-                    log.warning("bad_knowledge", topic=delivery.topic, error=str(exc)[:200])
-                    continue
-                self.knowledge_arrived.set()
-                log.info("knowledge_received", site=msg.site, checkpoint=msg.checkpoint_sha256[:12])
+                    async for delivery in sub:
+                        self._on_knowledge(delivery.topic, delivery.message)
+                    return  # the subscription was closed: the planner is stopping
+                except (TimeoutError, BusError) as exc:  # no broker (yet), or one restarting: subscribe again
+                    waited = time.monotonic() - waiting_since
+                    if not self.knowledge and waited - warned >= KNOWLEDGE_RETRY_WARN_S:
+                        warned = waited
+                        log.warning("knowledge_waiting_for_broker", waited_s=round(waited, 1),
+                                    error=f"{type(exc).__name__}: {exc}"[:200])
+                    await asyncio.sleep(self.bus.cfg.heartbeat)
 
         self._listener = asyncio.get_running_loop().create_task(listen())
+
+    def _on_knowledge(self, topic: str, msg: object) -> None:
+        if not isinstance(msg, KnowledgeMessage):
+            return
+        try:
+            self.knowledge[msg.site] = decode_knowledge(msg.knowledge_json, topic)
+        except (ValueError, msgspec.DecodeError, BusError) as exc:
+            log.warning("bad_knowledge", topic=topic, error=str(exc)[:200])
+            return
+        self.knowledge_arrived.set()
+        log.info("knowledge_received", site=msg.site, checkpoint=msg.checkpoint_sha256[:12])
+
+    async def _call(self, service: str, msg: Any, *, budget_s: float, key: str, expect: type[Any], sid: str) -> Any:
+        """A nested request, retried with the same idempotency key on a retryable error (:data:`NESTED_RETRYABLE`)
+        until ``budget_s`` seconds are spent; the last error is raised then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget_s
+        pause = RETRY_PAUSE_S
+        while True:
+            try:
+                return await self.bus.request(service, msg, timeout=max(deadline - loop.time(), RETRY_PAUSE_S),
+                                              idempotency_key=key, expect=expect, session=sid)
+            except NESTED_RETRYABLE as exc:
+                remaining = deadline - loop.time()
+                if remaining <= pause:
+                    raise
+                log.warning("nested_call_retry", session=sid, service=service, key=key, error=type(exc).__name__,
+                            remaining_s=round(remaining, 1))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_PAUSE_MAX_S)
 
     def stop_following(self) -> None:
         if self._listener is not None:
@@ -374,14 +422,14 @@ class SessionRunner:
         while True:
             t0 = time.perf_counter()
             await self._phase(sid, step, "planning")
-            plan: DosePlanResult = await self.bus.request(
+            plan: DosePlanResult = await self._call(
                 DOSE_PLAN, DosePlanRequest(scenario=req.scenario, case_seed=req.case_seed, tpps=tpps, warm_start=warm),
-                timeout=DOSE_TIMEOUT_S, idempotency_key=f"{sid}:{step}:dose", expect=DosePlanResult, session=sid,
+                budget_s=DOSE_TIMEOUT_S, key=f"{sid}:{step}:dose", expect=DosePlanResult, sid=sid,
             )
             await self._phase(sid, step, "scoring")
-            evaluation: Evaluation = await self.bus.request(
+            evaluation: Evaluation = await self._call(
                 EVALUATE, EvaluateRequest(protocol=sc.protocol.name, metrics=plan.metrics, scenario=sc.name),
-                idempotency_key=f"{sid}:{step}:evaluate", expect=Evaluation, session=sid,
+                budget_s=EVALUATE_TIMEOUT_S, key=f"{sid}:{step}:evaluate", expect=Evaluation, sid=sid,
             )
             plan_s = time.perf_counter() - t0
             if state is None:
@@ -405,10 +453,10 @@ class SessionRunner:
             advice = None
             if req.mode == "guided" or self.decider.needs_advice:
                 await self._phase(sid, step, "advising", evaluation)
-                advice = await self.bus.request(
+                advice = await self._call(
                     ADVISE, AdviseRequest(scenario=req.scenario, tpps=plan.tpps, dvh_bins_gy=plan.dvh_bins_gy,
                                           structures=plan.structures, k=ADVICE_K),
-                    timeout=ADVISE_TIMEOUT_S, idempotency_key=f"{sid}:{step}:advise", expect=Advice, session=sid,
+                    budget_s=ADVISE_TIMEOUT_S, key=f"{sid}:{step}:advise", expect=Advice, sid=sid,
                 )
             situation = situation_from(sc, step, req.step_cap, plan, evaluation, state.history, knowledge, advice,
                                        knowledge_site)

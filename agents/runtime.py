@@ -1,7 +1,9 @@
 """One base for every agent process: connect to the broker, serve the role's services, announce the agent's
 state on ``agents.status.<name>`` (retained, so a supervisor that starts later still sees it), log with the
 agent's name and incarnation, and stop gracefully on SIGTERM/SIGINT (drain: finish the requests in progress,
-take no new ones; a planner hands its sessions over at once instead, see :meth:`Agent.begin_drain`). A signal
+take no new ones; a planner hands its sessions over at once instead, see :meth:`Agent.begin_drain`; with
+:data:`FINISH_SIGNAL` it finishes them). Started by a supervisor, it beats on the supervisor's watchdog pipe and
+exits when the supervisor dies (:class:`Watchdog`). A signal
 during :meth:`Agent.setup` (a model load) stops the agent at once. The process exits promptly even when work it
 gave up on still runs in a worker thread (a model's computation, which cannot be interrupted): it does not wait for
 that thread.
@@ -20,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ import structlog
 
 from m2m.agents.messages import AgentState, AgentStatus, status_topic
 from m2m.bus.client import BusClient, BusConfig
-from m2m.bus.errors import RequestTimeout
+from m2m.bus.errors import BrokerUnavailable, BusError, RequestTimeout
 from m2m.bus.worker import Handlers, Worker
 
 EXIT_OK = 0
@@ -43,6 +46,16 @@ THREAD_PREFIX = "m2m-agent-worker"
 """Name prefix of an agent process's worker threads (its event loop's default executor)."""
 THREAD_EXIT_WAIT_S = 0.5
 """How long a stopping agent process waits for its worker threads before it exits without them."""
+FINISH_SIGNAL = signal.SIGUSR1
+"""Stop gracefully *and finish the work in progress* (``m2m down`` drains the planners with it; SIGTERM instead
+hands a planner's sessions over at once, as a swap wants). A SIGTERM after it hands the rest over."""
+WATCHDOG_FD_ENV = "M2M_WATCHDOG_FD"
+"""Names the write end of the pipe a supervisor gave this agent process (:func:`start_watchdog`)."""
+WATCHDOG_BEAT_S = 1.0
+"""Seconds between two watchdog beats (one byte each) on that pipe."""
+LOOP_STALL_S = 3.0
+"""An event loop that has not ticked for this many seconds is stalled: the watchdog stops beating, and the
+supervisor kills and restarts the agent after its ``hang_timeout_s`` of silence."""
 
 #: role → implementation name → "module:Class". The first implementation of a role is its default.
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
@@ -175,7 +188,10 @@ async def _announce(agent: Agent, state: AgentState, services: list[str], detail
         name=ctx.name, role=ctx.role, impl=ctx.impl, pid=os.getpid(), incarnation=ctx.incarnation,
         state=state, services=services, detail=detail,
     )
-    await ctx.bus.publish(status_topic(ctx.name), msg, retain=True)
+    try:
+        await ctx.bus.publish(status_topic(ctx.name), msg, retain=True)
+    except BusError as exc:  # no broker yet (started before it): the client re-asserts the value once one answers
+        (ctx.log or structlog.get_logger(ctx.role)).warning("status_not_announced", state=state, error=str(exc)[:200])
 
 
 async def serve_agent(
@@ -195,15 +211,30 @@ async def serve_agent(
     log = structlog.get_logger(role).bind(agent=name, role=role, impl=impl, incarnation=incarnation)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    _watchdog = start_watchdog()  # before the setup: a model load in a thread keeps the loop (and the beats) going
+    finish = asyncio.Event()  # FINISH_SIGNAL: drain without handing work over
+    handed_over = False
+    agent: Agent | None = None
+
+    def on_signal(sig: int) -> None:
+        nonlocal handed_over
+        if sig == FINISH_SIGNAL and not stop.is_set():
+            finish.set()
+        elif finish.is_set() and agent is not None and not handed_over:
+            handed_over = True  # a SIGTERM during a finishing drain: hand the rest over now
+            log.info("agent_handing_over")
+            agent.begin_drain()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, FINISH_SIGNAL):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread: tests, embedding
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     async with BusClient(name, config or BusConfig()) as bus:
         ctx = AgentContext(name, role, impl, incarnation, dict(options or {}), bus, log)
         agent = cls(ctx)
         try:  # so that a setup failure's status reaches the supervisor before the socket closes
             await bus.wait_for_broker(timeout=BROKER_WAIT_S)
-        except RequestTimeout:
+        except (RequestTimeout, BrokerUnavailable):
             log.warning("no_broker_yet", endpoint=bus.cfg.endpoint)  # the workers keep trying to register
         await _announce(agent, "starting", [])
         setup = asyncio.ensure_future(agent.setup())
@@ -234,14 +265,92 @@ async def serve_agent(
         await _announce(agent, "ready", services)
         log.info("agent_ready", services=services, pid=os.getpid())
         await stop.wait()
-        log.info("agent_draining")
+        log.info("agent_draining", finish=finish.is_set())
         await _announce(agent, "draining", services)
-        agent.begin_drain()
+        if not finish.is_set():
+            handed_over = True
+            agent.begin_drain()
         drained = await asyncio.gather(*(w.drain(DRAIN_TIMEOUT_S) for w in workers))
         await agent.close()
         await _announce(agent, "stopped", [], "" if all(drained) else "drain timed out")
         log.info("agent_stopped", drained=all(drained))
     return EXIT_OK
+
+
+class Watchdog:
+    """Proof of life for the supervisor and the end of an orphan (see :func:`start_watchdog`).
+
+    A loop task stamps :attr:`last_tick` every :data:`WATCHDOG_BEAT_S` s; a daemon thread (independent of the
+    loop, so CPU-bound work in other threads does not silence it) writes one byte to the supervisor's pipe every
+    :data:`WATCHDOG_BEAT_S` s while the loop ticked within :data:`LOOP_STALL_S` s. A SIGSTOPped or wedged process
+    therefore falls silent. The thread also ends the process (exit :data:`EXIT_FATAL`) when its parent changed (the
+    supervisor died and the process was re-parented) or the pipe broke (the supervisor closed it)."""
+
+    def __init__(self, fd: int, parent: int) -> None:
+        self.fd = fd
+        self.parent = parent
+        self.last_tick = time.monotonic()
+        self._ticker: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._beat, name="m2m-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        self._thread.start()
+
+    async def _tick(self) -> None:
+        while True:
+            self.last_tick = time.monotonic()
+            await asyncio.sleep(WATCHDOG_BEAT_S / 2)
+
+    def _beat(self) -> None:
+        while True:
+            if os.getppid() != self.parent:
+                _orphan_exit("the supervisor is gone")
+            if time.monotonic() - self.last_tick < LOOP_STALL_S:
+                try:
+                    os.write(self.fd, b".")
+                except BlockingIOError:
+                    pass  # the supervisor reads late (it is busy): the pipe is full of proof of life already
+                except OSError:
+                    _orphan_exit("the supervisor closed the watchdog pipe")
+            time.sleep(WATCHDOG_BEAT_S)
+
+
+def _orphan_exit(why: str) -> None:
+    structlog.get_logger("agent").warning("agent_orphaned_exiting", reason=why)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_FATAL)
+
+
+def start_watchdog() -> Watchdog | None:
+    """Start the :class:`Watchdog` when a supervisor started this process (``$M2M_WATCHDOG_FD`` names the pipe);
+    None otherwise (an agent started by hand). Call it from the running event loop."""
+    value = os.environ.pop(WATCHDOG_FD_ENV, None)  # popped: processes this agent starts get no inherited pipe
+    if not value:
+        return None
+    try:
+        fd = int(value)
+        os.set_blocking(fd, False)
+    except (ValueError, OSError) as exc:
+        structlog.get_logger("agent").warning("watchdog_pipe_unusable", value=value, error=str(exc))
+        return None
+    dog = Watchdog(fd, os.getppid())
+    dog.start()
+    return dog
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``); a supervisor
+    runs it in each child between fork and exec. A no-op where prctl is missing (not Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
 
 
 def run_agent(

@@ -38,8 +38,11 @@ def run_transcript_show(args: argparse.Namespace) -> int:
             env.id[:8] if env else "?", env.corr[:8] if env else "", body,
         )
     console.print(table)
+    if contents.skipped:  # each was logged once, with its place and reason, as it was read
+        console.print(f"[yellow]{len(contents.skipped)} unreadable record(s) skipped[/]")
     if contents.torn_at is not None:
-        console.print(f"[yellow]torn or corrupt record at byte {contents.torn_at}; everything before it shown[/]")
+        console.print(f"[yellow]torn or corrupt record at byte {contents.torn_at} of {contents.torn_file}; "
+                      "everything before it shown[/]")
     return 0
 
 
@@ -57,7 +60,7 @@ def _body(rec: Any, env: Any) -> str:
         return f"<{type(exc).__name__}: {exc}>"
     try:
         fields = msgspec.msgpack.decode(rec.payload)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except Exception:  # hostile bytes: whatever msgspec raises, the row says so and the table goes on
         return f"<{len(rec.payload)} undecodable bytes>"
     arrays = ", ".join(f"array#{i} {a.dtype}{list(a.shape)}" for i, a in enumerate(env.arrays))
     return f"{env.schema}{fields!r}" + (f" [{arrays}]" if arrays else "")

@@ -83,7 +83,7 @@ def add_bus_arguments(p: argparse.ArgumentParser, *, default: str = "the only ru
     p.add_argument("--heartbeat", type=float, default=None, help="heartbeat interval in s (must match the broker's)")
 
 
-def _with_keys(args: argparse.Namespace, endpoint: str, pub_endpoint: str) -> BusConfig:
+def with_keys(args: argparse.Namespace, endpoint: str, pub_endpoint: str) -> BusConfig:
     """A client config for these endpoints with the command line's CURVE keys and heartbeat."""
     from m2m.bus.client import BusConfig
     from m2m.bus.security import ClientKeys
@@ -117,7 +117,7 @@ def named_bus(args: argparse.Namespace) -> BusConfig | None:
         raise UsageError("--pub-connect goes with --connect")
     if args.stack is not None:
         entry = registry.find_stack(args.stack)
-        return _with_keys(args, entry.endpoint, entry.pub_endpoint)
+        return with_keys(args, entry.endpoint, entry.pub_endpoint)
     if args.connect is None:
         return None
     pub = args.pub_connect
@@ -130,7 +130,7 @@ def named_bus(args: argparse.Namespace) -> BusConfig | None:
         else:
             raise UsageError(f"--pub-connect is needed with --connect {args.connect}: no running stack is "
                              "registered there")
-    return _with_keys(args, args.connect, pub)
+    return with_keys(args, args.connect, pub)
 
 
 def hand_started_bus(args: argparse.Namespace) -> BusConfig:
@@ -138,7 +138,7 @@ def hand_started_bus(args: argparse.Namespace) -> BusConfig:
     (``m2m agent``: the supervisor always names its stack's)."""
     from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
 
-    return named_bus(args) or _with_keys(args, DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT)
+    return named_bus(args) or with_keys(args, DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT)
 
 
 def bus_config(args: argparse.Namespace) -> BusConfig:
@@ -152,7 +152,7 @@ def bus_config(args: argparse.Namespace) -> BusConfig:
         return named
     stacks = registry.running_stacks()
     if len(stacks) == 1:
-        return _with_keys(args, stacks[0].endpoint, stacks[0].pub_endpoint)
+        return with_keys(args, stacks[0].endpoint, stacks[0].pub_endpoint)
     if len(stacks) > 1:
         listing = "; ".join(e.describe() for e in stacks)
         raise UsageError(f"{len(stacks)} stacks run: name one with --stack ID ({listing})")
@@ -204,7 +204,7 @@ def prepare_stack(args: argparse.Namespace, command: str, needs: set[str] | froz
         raise UsageError(str(exc)) from None
     if bus is None and not config.isolated:
         assert config.endpoint is not None and config.pub_endpoint is not None
-        bus = _with_keys(args, config.endpoint, config.pub_endpoint)
+        bus = with_keys(args, config.endpoint, config.pub_endpoint)
     if args.stack is None:
         if missing := sorted(set(needs) - config.roles):
             raise UsageError(f"the stack config {config.source} runs no {', '.join(missing)} agent, which m2m "

@@ -169,7 +169,7 @@ async def _paper_on_bus(args: argparse.Namespace, use: Any, design: Any) -> int:
             view.title("")
             if started:
                 view.activity("taking the stack down")
-                await take_down(config, timeout=60.0)
+                await take_down(config, timeout=60.0, drain=not interrupted)
             elif previous_planner is not None and not interrupted:
                 view.activity(f"swapping the planner back to {previous_planner}")
                 await swap(config, "planner", previous_planner, design.llm if previous_planner == "llm" else {})

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "m2m.cli.plan",
     "m2m.cli.stack",
     "m2m.cli.experiment",
+    "m2m.cli.chaos",
 )
 
 

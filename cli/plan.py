@@ -341,7 +341,7 @@ async def _interrupted(args: argparse.Namespace, view: ProgressView, session_id:
         folder = _new_folder(args.out, session_folder_name(args.scenario, result.header.case_id, args.mode))
     # The plots are drawn while the stack goes down; the transcript is copied once its broker wrote the last record.
     await asyncio.gather(
-        take_down(config, timeout=60.0) if stop_stack else asyncio.sleep(0),
+        take_down(config, timeout=60.0, drain=False) if stop_stack else asyncio.sleep(0),
         asyncio.to_thread(write_bus_session_folder, folder, result, transcript, copy_transcript=False)
         if folder is not None and result is not None else asyncio.sleep(0),
     )

@@ -6,7 +6,8 @@ at the ``await`` it is at, instead of raising :class:`KeyboardInterrupt` whereve
 command catches :class:`asyncio.CancelledError`, sees from :attr:`Sigint.count` that it was the user, calls
 :func:`resume_after_interrupt` and cleans up (keeps what was done, takes down a stack it started), then returns
 :data:`EXIT_INTERRUPTED` after one line on stderr. A second Ctrl-C cancels that clean-up as well: ``asyncio.run``
-then raises ``CancelledError``, which the command turns into one line too.
+then raises ``CancelledError``, which the command turns into one line too. SIGTERM (a ``kill``, a job scheduler
+stopping the command) is handled as a Ctrl-C, so a stack the command started goes down with it (:data:`STOP_SIGNALS`).
 
 **A stack coming up.** :class:`StackStart` is the ``starting`` view of :func:`m2m.cli.common.ensure_stack`: it finds
 the stack this process is starting in the registry (a new runtime folder whose supervisor is this process's child;
@@ -49,9 +50,14 @@ class Sigint:
     count: int = 0
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""The signals that stop a long-running command cleanly inside :func:`sigint_cancels`."""
+
+
 @contextlib.contextmanager
 def sigint_cancels() -> Iterator[Sigint]:
-    """While the block runs, SIGINT cancels the current task (see the module docstring). Call from a coroutine."""
+    """While the block runs, SIGINT or SIGTERM cancels the current task (see the module docstring). Call from a
+    coroutine."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     state = Sigint()
@@ -61,11 +67,13 @@ def sigint_cancels() -> Iterator[Sigint]:
         if task is not None and not task.done():
             task.cancel()
 
-    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_sigint)
     try:
         yield state
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def resume_after_interrupt() -> None:
@@ -182,6 +190,6 @@ async def bring_up(
     except StackError:
         stack = None
     if stack is not None and stack.started:
-        await take_down(stack.bus, timeout=60.0)
+        await take_down(stack.bus, timeout=60.0, drain=False)
     print(f"m2m {command}: interrupted while the stack came up; {nothing_done}", file=sys.stderr)
     return EXIT_INTERRUPTED

@@ -23,6 +23,7 @@ from m2m.cli.common import (
     bus_config,
     check_writable_folder,
     named_bus,
+    with_keys,
 )
 
 if TYPE_CHECKING:
@@ -64,12 +65,40 @@ def _error(console: Console, text: str) -> None:
     console.print(text, style="red", markup=False, highlight=False)
 
 
+def config_bus(args: argparse.Namespace) -> BusConfig | None:
+    """The bus of the stack ``--config FILE`` describes (None without ``--config``): its ``[bus]`` endpoints, or, for
+    a config without endpoints, the one running stack started from that file. :class:`UsageError` for a config that
+    cannot be read or goes with ``--stack``/``--connect``; a ``StackError`` when no (or more than one) stack runs
+    from a config without endpoints."""
+    from m2m.stack import registry
+    from m2m.stack.config import StackConfigError, StackError, load_stack_config
+
+    path = getattr(args, "config", None)
+    if path is None:
+        return None
+    if args.stack is not None or args.connect is not None:
+        raise UsageError("--config names the stack by its file: give no --stack or --connect with it")
+    try:
+        config = load_stack_config(path)
+    except StackConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if config.endpoint is not None and config.pub_endpoint is not None:
+        return with_keys(args, config.endpoint, config.pub_endpoint)
+    wanted = Path(path).resolve()
+    matches = [e for e in registry.running_stacks() if e.config and Path(e.config).resolve() == wanted]
+    if len(matches) != 1:
+        raise StackError(f"{len(matches) or 'no'} running stacks were started from {path} (it gives no [bus] "
+                         "endpoints): name one with --stack ID")
+    return with_keys(args, matches[0].endpoint, matches[0].pub_endpoint)
+
+
 def _bus(args: argparse.Namespace, err: Console) -> BusConfig | int:
-    """The bus of the stack the command line names or the only running one; else the exit code, reported."""
+    """The bus of the stack the command line names (``--config`` too) or the only running one; else the exit code,
+    reported."""
     from m2m.stack.config import StackError
 
     try:
-        return bus_config(args)
+        return config_bus(args) or bus_config(args)
     except UsageError as exc:  # arguments that do not go together, several stacks and none named, CURVE keys
         _error(err, f"m2m {args.command}: error: {exc}")
         return EXIT_USAGE
@@ -136,7 +165,7 @@ def _status(args: argparse.Namespace) -> int:
 
     out, err = _consoles()
     try:
-        named = named_bus(args)
+        named = config_bus(args) or named_bus(args)
     except UsageError as exc:
         _error(err, f"m2m status: error: {exc}")
         return EXIT_USAGE
@@ -151,6 +180,11 @@ def _status(args: argparse.Namespace) -> int:
         print_stack(out, status)
         return 0
     stacks = registry.running_stacks()
+    stale = registry.stale_stacks()
+    for entry in stale:
+        left = ", ".join(f"{name} (pid {pid})" for name, pid in registry.live_children(entry))
+        _error(err, f"stack {entry.id}: its supervisor (pid {entry.pid}) is gone but {left} still run: stop them "
+                    "with m2m down")
     if not stacks:
         _error(err, "no stack runs (start one with m2m up)")
         return EXIT_FAILED
@@ -204,14 +238,25 @@ def _down(args: argparse.Namespace) -> int:
     from m2m.stack.control import shutdown
 
     out, err = _consoles()
+    unnamed = args.stack is None and args.connect is None and args.config is None
+    stale = registry.stale_stacks() if unnamed else []
+    for entry in stale:  # what a killed supervisor left: its process groups are killed, its folder removed
+        stopped = registry.stop_orphans(entry)
+        out.print(f"stack {entry.id} (its supervisor pid {entry.pid} was gone): stopped "
+                  f"{', '.join(stopped) or 'nothing'}", markup=False, highlight=False)
     if args.all:
-        if args.stack is not None or args.connect is not None:
-            _error(err, "m2m down: error: --all stops every running stack: give no --stack or --connect with it")
+        if not unnamed:
+            _error(err, "m2m down: error: --all stops every running stack: give no --stack, --connect or --config "
+                        "with it")
             return EXIT_USAGE
         targets = [BusConfig(endpoint=e.endpoint, pub_endpoint=e.pub_endpoint) for e in registry.running_stacks()]
         if not targets:
+            if stale:
+                return 0
             _error(err, "no stack runs")
             return EXIT_FAILED
+    elif stale and not registry.running_stacks():
+        return 0
     else:
         config = _bus(args, err)
         if isinstance(config, int):
@@ -227,6 +272,10 @@ def _down(args: argparse.Namespace) -> int:
         out.print(f"stack at {target.endpoint} down; stopped {', '.join(result.stopped) or 'no agents'}",
                   markup=False, highlight=False)
     return code
+
+
+CONFIG_HELP = ("the stack config the stack was started with: its [bus] endpoints (or, without them, the one stack "
+               "running from that file)")
 
 
 def add_commands(sub: Any, bench_sub: Any) -> None:
@@ -245,6 +294,7 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
 
     st = sub.add_parser("status", help="the running stacks' agents, endpoints and transcripts")
     add_bus_arguments(st)
+    st.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the supervisor (%(default)s)")
     st.set_defaults(func=_status)
 
@@ -254,10 +304,12 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     sw.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="implementation option")
     sw.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the swap (%(default)s)")
     add_bus_arguments(sw)
+    sw.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
     sw.set_defaults(func=_swap)
 
     dn = sub.add_parser("down", help="stop a running stack (agents drain, the broker stops last)")
     add_bus_arguments(dn)
+    dn.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
     dn.add_argument("--all", action="store_true", help="stop every running stack")
     dn.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the stop (%(default)s)")
     dn.set_defaults(func=_down)

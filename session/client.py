@@ -286,7 +286,11 @@ def recorded_sessions(path: Path) -> dict[str, SessionResult]:
         except SchemaVersionError as exc:
             old.append(str(exc))
             continue
-        except BusError:
+        except BusError as exc:  # a poisoned record: one warning, and the other sessions still replay
+            import structlog
+
+            structlog.get_logger("m2m.session.replay").warning("bad_session_record", file=str(path), record=rec.n,
+                                                               error=str(exc)[:300])
             continue
         if isinstance(msg, SessionResult):
             out[msg.header.session_id] = msg

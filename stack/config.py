@@ -70,6 +70,9 @@ class StackConfig:
     window_s: float = 30.0
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 60.0
+    hang_timeout_s: float = 10.0
+    """An agent whose watchdog pipe stays silent this long (SIGSTOPped, its event loop wedged) is killed and
+    restarted (:mod:`m2m.stack.supervisor`)."""
     source: str = ""
 
     def override(
@@ -123,6 +126,7 @@ class _RestartTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     window_s: _Seconds = StackConfig.window_s
     ready_timeout_s: _Seconds = StackConfig.ready_timeout_s
     stop_timeout_s: _Seconds = StackConfig.stop_timeout_s
+    hang_timeout_s: _Seconds = StackConfig.hang_timeout_s
 
 
 class _AgentTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -158,6 +162,7 @@ def parse_stack_config(data: Mapping[str, Any], where: str = "<stack config>") -
         window_s=file.restart.window_s,
         ready_timeout_s=file.restart.ready_timeout_s,
         stop_timeout_s=file.restart.stop_timeout_s,
+        hang_timeout_s=file.restart.hang_timeout_s,
         source=where,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -80,13 +81,20 @@ async def shutdown(config: BusConfig, timeout: float = 60.0) -> DownResult | Non
     return result
 
 
-async def take_down(config: BusConfig, timeout: float = 60.0) -> DownResult | None:
+async def take_down(config: BusConfig, timeout: float = 60.0, *, drain: bool = True) -> DownResult | None:
     """:func:`shutdown`, then, for a stack this process started (:func:`start_detached`), wait until its
     supervisor has exited (SIGTERM, then SIGKILL, when it does not): its broker and agents are gone and its runtime
-    folder removed when this returns, so no process of it outlives the command that started it."""
+    folder removed when this returns, so no process of it outlives the command that started it. Without ``drain``
+    (an interrupted command, whose sessions nobody waits for) a stack this process started is stopped with SIGINT:
+    its planners hand their sessions back at once instead of finishing them."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    result = await shutdown(config, timeout)
+    proc = _DETACHED.get(config.endpoint)
+    if not drain and proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        result = DownResult(stopped=[])
+    else:
+        result = await shutdown(config, timeout)
     proc = _DETACHED.pop(config.endpoint, None)
     if proc is not None:
         await asyncio.to_thread(_reap, proc, max(deadline - loop.time(), 0.0) + BROKER_STOP_TIMEOUT_S)

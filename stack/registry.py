@@ -15,8 +15,10 @@ Every stack a supervisor runs has a **stack id** (8 hex digits) and a runtime fo
   the supervisor removes the folder when it stops;
 * a folder whose supervisor is gone (killed with SIGKILL, a crash, a reboot: the pid is dead, a zombie, or was
   reused by another process, which its start time tells) is **stale**: :func:`running_stacks` skips it and
-  removes it. A folder without ``stack.json`` is one being made; it is removed only after
-  :data:`UNCLAIMED_GRACE_S`.
+  removes it — unless children it recorded (``children``) still run: :func:`stale_stacks` lists such a stack
+  (``m2m status``), :func:`stop_orphans` kills its process groups and removes it (``m2m down``, and ``m2m up`` /
+  ``m2m plan`` before they start a stack at its endpoint). A folder without ``stack.json`` is one being made; it is
+  removed only after :data:`UNCLAIMED_GRACE_S`.
 
 Commands find a stack by id (``--stack ID``, any unique prefix: :func:`find_stack`), by endpoint
 (:func:`stack_at`), or as the only one running (:func:`running_stacks`).
@@ -25,11 +27,13 @@ Commands find a stack by id (``--stack ID``, any unique prefix: :func:`find_stac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import time
 from dataclasses import asdict, dataclass
@@ -71,6 +75,9 @@ class StackEntry:
     run_dir: str = ""
     config: str = ""
     started_utc: str = ""
+    children: tuple[tuple[str, int, int | None], ...] = ()
+    """The supervisor's current children: (name, pid, start time); each leads its own process group. What
+    :func:`stop_orphans` kills when the supervisor died without stopping them."""
 
     @property
     def path(self) -> Path:
@@ -189,9 +196,57 @@ def read_entry(folder: Path) -> StackEntry | None:
     """The folder's ``stack.json``; None when it has none or an unreadable one."""
     try:
         data = json.loads((folder / ENTRY_NAME).read_text())
+        data["children"] = tuple((str(n), int(p), None if t is None else int(t))
+                                 for n, p, t in data.get("children", ()))
         return StackEntry(**data)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
+
+
+def record_children(entry: StackEntry, children: list[tuple[str, int]]) -> StackEntry:
+    """The entry with its supervisor's current children (name, pid) recorded (with their start times), written."""
+    recorded = tuple((name, pid, _process_start(pid)) for name, pid in children)
+    return write_entry(dataclasses.replace(entry, children=recorded))
+
+
+def live_children(entry: StackEntry) -> list[tuple[str, int]]:
+    """The recorded children of a stack that still run (a reused pid, told by its start time, is not one)."""
+    return [(name, pid) for name, pid, start in entry.children if _alive(pid, start)]
+
+
+def stop_orphans(entry: StackEntry, grace_s: float = 5.0) -> list[str]:
+    """Stop what is left of a stack whose supervisor is gone: SIGTERM to each recorded child's process group, SIGKILL
+    after ``grace_s`` s to what still runs; then remove its runtime folder. Returns the names of the children that
+    were still running."""
+    left = live_children(entry)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for _, pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+                os.killpg(pid, signal.SIGCONT)  # a stopped process acts on its SIGTERM
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(pid, None) for _, pid in left):
+            time.sleep(0.05)
+        if not any(_alive(pid, None) for _, pid in left):
+            break
+    remove(entry)
+    return [name for name, _ in left]
+
+
+def stale_stacks() -> list[StackEntry]:
+    """Registered stacks whose supervisor is gone but some recorded child still runs (a ``kill -9``ed supervisor):
+    what ``m2m status`` reports and ``m2m down`` stops (:func:`stop_orphans`). :func:`running_stacks` leaves
+    their folders alone."""
+    try:
+        folders = [f for f in runtime_root().iterdir() if _ID.match(f.name) and f.is_dir()]
+    except (StackError, OSError):
+        return []
+    found = []
+    for folder in folders:
+        entry = read_entry(folder)
+        if entry is not None and not _alive(entry.pid, entry.pid_start) and live_children(entry):
+            found.append(entry)
+    return sorted(found, key=lambda e: (e.started_utc, e.id))
 
 
 def running_stacks(*, clean: bool = True) -> list[StackEntry]:
@@ -208,8 +263,8 @@ def running_stacks(*, clean: bool = True) -> list[StackEntry]:
         if entry is not None and _alive(entry.pid, entry.pid_start):
             found.append(entry)
             continue
-        if not clean:
-            continue
+        if not clean or (entry is not None and live_children(entry)):
+            continue  # a dead supervisor's children still run: stale_stacks() reports them, stop_orphans() ends them
         if entry is None:
             with contextlib.suppress(OSError):
                 if time.time() - folder.stat().st_mtime < UNCLAIMED_GRACE_S:

@@ -20,7 +20,15 @@ it running and answers ``supervisor.control`` (:data:`~m2m.agents.messages.CONTR
   returns 1 and :attr:`Supervisor.failure` names the agent.
 * **Control**: :class:`StatusRequest` → :class:`StackStatus`; :class:`SwapRequest` starts the new
   implementation's instances, waits until they are ready, then stops the old ones (SIGTERM: they drain;
-  SIGKILL after ``stop_timeout_s``); :class:`DownRequest` (or SIGTERM/SIGINT) stops the agents, then the broker.
+  SIGKILL after ``stop_timeout_s``); :class:`DownRequest` (or SIGTERM) drains: the planners finish their
+  running sessions (at most ``stop_timeout_s``; then hand them back) while the agents they call still run, then the
+  other agents stop, then the broker. SIGINT (Ctrl-C; a command that was interrupted stops the stack it started
+  with it) skips the planners' finishing: their sessions are handed back at once.
+* **Hung agents**: every agent beats on a watchdog pipe of its own (:class:`m2m.agents.runtime.Watchdog`); one
+  silent for :data:`SUSPECT_AFTER_S` shows as not ready, for ``hang_timeout_s`` it is killed and restarted.
+* **No orphans**: every child gets SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``; an agent's watchdog
+  also exits when re-parented), and ``stack.json`` records the children, so ``m2m status/down`` find and stop
+  what a ``kill -9``ed supervisor left (:func:`m2m.stack.registry.stop_orphans`).
 
 Clients talk to it through :mod:`m2m.stack.control`.
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -58,9 +67,17 @@ from m2m.agents.messages import (
     SwapResult,
     status_topic,
 )
-from m2m.agents.runtime import EXIT_USAGE, AgentConfigError, check_agent, parse_options
+from m2m.agents.runtime import (
+    EXIT_USAGE,
+    FINISH_SIGNAL,
+    WATCHDOG_FD_ENV,
+    AgentConfigError,
+    check_agent,
+    parse_options,
+    set_parent_death_signal,
+)
 from m2m.bus.client import BusClient, BusConfig
-from m2m.bus.errors import RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
+from m2m.bus.errors import BrokerUnavailable, RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
 from m2m.bus.worker import RequestContext
 from m2m.stack import registry
 from m2m.stack.config import StackConfig, StackError
@@ -74,13 +91,21 @@ BROKER_NAME = "broker"
 FAILURE_PREFIX = "stack failed: "
 """How ``m2m up`` reports a failure on stderr; :func:`start_detached` finds the reason in the log by it."""
 
+SUSPECT_AFTER_S = 3.0
+"""Watchdog silence (s) after which an agent counts as not ready (it is killed after ``hang_timeout_s``)."""
+HANG_CHECK_S = 0.5
+"""How often the supervisor looks at its children's watchdog pipes."""
+DRAIN_FIRST = frozenset({"planner"})
+"""Roles stopped first on a down, finishing their sessions while the agents they call still run."""
+HANDOVER_WAIT_S = 10.0
+"""After its finishing time, how long a planner gets to hand its sessions back before SIGKILL."""
 BROKER_START_TIMEOUT_S = 30.0
 BROKER_STOP_TIMEOUT_S = 10.0
 DETACH_MARGIN_S = 60.0
 """What :func:`start_detached` waits beyond ``ready_timeout_s``: interpreter start, broker, probes."""
 
 #: The errors that mean "no supervisor answered".
-NO_ANSWER = (RequestTimeout, ServiceUnavailable, WorkerLost)
+NO_ANSWER = (RequestTimeout, ServiceUnavailable, WorkerLost, BrokerUnavailable)
 
 
 def new_run_dir(transcript_dir: Path) -> Path:
@@ -120,6 +145,12 @@ class _Child:
     stopping: bool = False
     restarts: int = 0
     restart_times: deque[float] = field(default_factory=deque)
+    watchdog: int | None = None
+    """The read end of the child's watchdog pipe (agents only; see :class:`m2m.agents.runtime.Watchdog`)."""
+    last_beat: float | None = None
+    """When the watchdog pipe last said something (monotonic s); None before the first beat."""
+    suspected: bool = False
+    """Silent on the watchdog pipe for over :data:`SUSPECT_AFTER_S`: shown not ready until it beats again."""
 
     def describe(self) -> str:
         """The child's name, exit code, last reported state and log, for error messages."""
@@ -184,6 +215,7 @@ class Supervisor:
         self._changed = asyncio.Event()
         self._swap_lock = asyncio.Lock()
         self._stopping = False
+        self._drain = True
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     @property
@@ -221,6 +253,8 @@ class Supervisor:
 
     def _on_signal(self, sig: int) -> None:
         self.log.info("signal_received", signal=signal.Signals(sig).name)
+        if sig == signal.SIGINT:  # Ctrl-C, or a command interrupted itself: its sessions' clients are gone
+            self._drain = False
         self.request_down()
 
     def _fail(self, reason: str) -> None:
@@ -251,6 +285,7 @@ class Supervisor:
         self._bus = await BusClient("supervisor", cfg.bus_config()).start()
         await self._wait_for_broker(self._bus)
         self._spawn_task(self._follow_status(self._bus))
+        self._spawn_task(self._watch_hangs())
         children = [
             self._new_agent(spec.role, spec.impl, spec.options) for spec in cfg.agents for _ in range(spec.instances)
         ]
@@ -273,7 +308,7 @@ class Supervisor:
             try:
                 await bus.wait_for_broker(0.5)
                 return
-            except RequestTimeout:
+            except (RequestTimeout, BrokerUnavailable):
                 if time.monotonic() > deadline:
                     broker = self._broker
                     where = f" (log {broker.log_path})" if broker else ""
@@ -283,10 +318,18 @@ class Supervisor:
                     ) from None
 
     async def _teardown(self) -> None:
+        """Stop in order: the planners first, which (on a requested down) finish their running sessions within
+        ``stop_timeout_s`` (:data:`~m2m.agents.runtime.FINISH_SIGNAL`; then SIGTERM hands the rest back to their
+        clients with a typed error) while the dose engines, evaluators and advisors they call still run; then the
+        other agents (SIGTERM: they drain); the broker last."""
         self._stopping = True
         self._down.set()
         timeout = self.config.stop_timeout_s
-        await asyncio.gather(*(self._stop_child(c, timeout) for c in list(self._agents.values())))
+        agents = list(self._agents.values())
+        first = [c for c in agents if c.role in DRAIN_FIRST]
+        if self.failure is None and self._drain:
+            await asyncio.gather(*(self._stop_child(c, timeout, finish=True) for c in first))
+        await asyncio.gather(*(self._stop_child(c, timeout) for c in agents))
         if self._bus is not None:
             await self._bus.close()
         if self._broker is not None:
@@ -332,23 +375,109 @@ class Supervisor:
         await c.spawning
 
     async def _spawn(self, c: _Child) -> None:
-        with open(c.log_path, "ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv(c), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self._env,
-                process_group=0,  # a terminal's Ctrl-C must reach only the supervisor, which stops children in order
-            )
+        self._close_watchdog(c)
+        env, write_end = self._env, None
+        pass_fds: tuple[int, ...] = ()
+        if c.role != BROKER_NAME:  # an agent beats on a pipe of its own (the broker runs no agent runtime)
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            c.watchdog = read_end
+            env, pass_fds = {**self._env, WATCHDOG_FD_ENV: str(write_end)}, (write_end,)
+        try:
+            with open(c.log_path, "ab") as out:
+                proc = await asyncio.create_subprocess_exec(
+                    *self._argv(c), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                    process_group=0,  # a terminal's Ctrl-C must reach only the supervisor, which stops them in order
+                    pass_fds=pass_fds, preexec_fn=functools.partial(_child_setup, os.getpid()),  # dies with us
+                )
+        except BaseException:
+            self._close_watchdog(c)
+            raise
+        finally:
+            if write_end is not None:
+                os.close(write_end)
         c.process = proc
         c.started = time.monotonic()
         c.state, c.detail, c.ready, c.exit_code = "starting", "", False, None
+        c.last_beat, c.suspected = None, False
+        if c.watchdog is not None:
+            asyncio.get_running_loop().add_reader(c.watchdog, self._on_beat, c, c.watchdog)
         self.log.info("process_started", name=c.name, pid=proc.pid, incarnation=c.incarnation)
+        self._record_children()
         self._spawn_task(self._watch(c, proc))
         self._changed.set()
+
+    def _on_beat(self, c: _Child, fd: int) -> None:
+        """The child's watchdog pipe is readable: beats (proof of life), or its end (the process is gone)."""
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_watchdog(c)
+            return
+        c.last_beat = time.monotonic()
+        if c.suspected:
+            c.suspected = False
+            self.log.info("agent_beats_again", name=c.name)
+            self._changed.set()
+
+    def _close_watchdog(self, c: _Child) -> None:
+        fd, c.watchdog = c.watchdog, None
+        if fd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _record_children(self) -> None:
+        """Write the current children's pids into ``stack.json``, so that ``m2m status/down`` can find and stop them
+        should this supervisor die without stopping them."""
+        if self.runtime is None:
+            return
+        procs = [c for c in [self._broker, *self._agents.values()] if c is not None and c.process is not None
+                 and c.process.returncode is None]
+        with contextlib.suppress(OSError):
+            self.runtime = registry.record_children(self.runtime, [(c.name, c.process.pid) for c in procs
+                                                                   if c.process is not None])
+
+    async def _watch_hangs(self) -> None:
+        """Kill (SIGKILL to its process group) an agent silent on its watchdog pipe for ``hang_timeout_s`` s; its
+        exit then restarts it as any unasked exit does (and counts toward ``max_restarts``). From
+        :data:`SUSPECT_AFTER_S` of silence on it shows as not ready."""
+        while True:
+            await asyncio.sleep(HANG_CHECK_S)
+            now = time.monotonic()
+            for c in list(self._agents.values()):
+                proc = c.process
+                if proc is None or proc.returncode is not None or c.stopping or self._stopping:
+                    continue
+                # Before its first beat a process is importing: it has ready_timeout_s to say something.
+                since = c.last_beat if c.last_beat is not None else c.started
+                limit = self.config.hang_timeout_s if c.last_beat is not None else self.config.ready_timeout_s
+                silent = now - since
+                if silent > min(SUSPECT_AFTER_S, limit) and c.last_beat is not None and not c.suspected:
+                    c.suspected = True
+                    self.log.warning("agent_unresponsive", name=c.name, pid=proc.pid, silent_s=round(silent, 1))
+                    self._changed.set()
+                if silent > limit:
+                    c.ready = False
+                    c.state, c.detail = "failed", f"no watchdog beat for {silent:.0f} s: killed"
+                    self.log.warning("agent_hung_killing", name=c.name, pid=proc.pid, silent_s=round(silent, 1),
+                                     hang_timeout_s=limit)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    c.last_beat = now  # not killed twice while the exit is on its way
+                    self._changed.set()
 
     async def _watch(self, c: _Child, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         c.exit_code = code
         c.ready = False
         self._changed.set()
+        self._record_children()
         if c.stopping or self._stopping or self._down.is_set():
             c.state = "stopped"
             self.log.info("process_exited", name=c.name, pid=proc.pid, code=code)
@@ -380,8 +509,10 @@ class Supervisor:
         except OSError as exc:
             self._fail(f"cannot restart {c.name}: {exc}")
 
-    async def _stop_child(self, c: _Child, timeout: float) -> None:
-        """SIGTERM (an agent drains), wait at most ``timeout`` s, then SIGKILL; returns once the process is gone."""
+    async def _stop_child(self, c: _Child, timeout: float, *, finish: bool = False) -> None:
+        """SIGTERM (an agent drains), wait at most ``timeout`` s, then SIGKILL; returns once the process is gone.
+        With ``finish``: :data:`~m2m.agents.runtime.FINISH_SIGNAL` first (the agent finishes its work in progress)
+        and ``timeout`` s for it, then the SIGTERM with :data:`HANDOVER_WAIT_S` s before the SIGKILL."""
         c.stopping = True
         if c.spawning is not None:
             with contextlib.suppress(Exception):
@@ -389,16 +520,22 @@ class Supervisor:
         proc = c.process
         if proc is None or proc.returncode is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            async with asyncio.timeout(timeout):
-                await proc.wait()
-        except TimeoutError:
-            self.log.warning("stop_timed_out_killing", name=c.name, pid=proc.pid, timeout_s=timeout)
+        steps: list[tuple[Callable[[], None], float]] = [(proc.terminate, timeout)]
+        if finish:
+            steps = [(functools.partial(proc.send_signal, FINISH_SIGNAL), timeout), (proc.terminate, HANDOVER_WAIT_S)]
+        for step, wait_s in steps:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+                step()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await proc.wait()
+                return
+            except TimeoutError:
+                self.log.warning("stop_step_timed_out", name=c.name, pid=proc.pid, timeout_s=wait_s)
+        self.log.warning("stop_timed_out_killing", name=c.name, pid=proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
     async def _wait_ready(self, children: Sequence[_Child], timeout: float) -> None:
         """Until every child in ``children`` reported ready; :class:`StackError` naming the culprit otherwise."""
@@ -463,7 +600,8 @@ class Supervisor:
         agents = [
             AgentInfo(
                 name=c.name, role=c.role, impl=c.impl, pid=c.process.pid if c.process else 0,
-                state=c.state if c.exit_code is None else "exited", restarts=c.restarts,
+                state=("exited" if c.exit_code is not None else "unresponsive" if c.suspected else c.state),
+                restarts=c.restarts,
                 uptime_s=round(now - c.started, 3) if c.process and c.exit_code is None else 0.0,
             )
             for c in self._agents.values()
@@ -533,8 +671,21 @@ class Supervisor:
             return result
 
 
+def _child_setup(supervisor: int) -> None:
+    """Run in each child between fork and exec: it gets SIGTERM when the supervisor dies (no orphans); a supervisor
+    that died before this ran is noticed at once."""
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != supervisor:
+        os._exit(1)
+
+
 def refuse_registered(endpoint: str, own: str | None = None) -> None:
-    """:class:`StackError` when a running stack other than ``own`` is registered at ``endpoint``."""
+    """:class:`StackError` when a running stack other than ``own`` is registered at ``endpoint``; what is left of a
+    stack there whose supervisor died (:func:`m2m.stack.registry.stale_stacks`) is stopped instead."""
+    for stale in registry.stale_stacks():
+        if stale.endpoint == endpoint and stale.id != own:
+            left = registry.stop_orphans(stale)
+            log.warning("stale_stack_replaced", stack=stale.id, endpoint=endpoint, stopped=left)
     for other in registry.running_stacks():
         if other.endpoint == endpoint and other.id != own:
             raise StackError(f"stack {other.id} already runs at {endpoint}: stop it first (m2m down --stack "
@@ -550,7 +701,7 @@ async def _refuse_running_bus(config: BusConfig) -> None:
     async with BusClient(f"m2m-probe-{os.getpid()}", config) as probe:
         try:
             await probe.wait_for_broker(0.5)
-        except RequestTimeout:
+        except (RequestTimeout, BrokerUnavailable):
             return
     raise StackError(f"a broker already answers at {endpoint}: stop that stack first (m2m down --connect {endpoint}), "
                      "or leave the endpoints out to get a stack of its own")

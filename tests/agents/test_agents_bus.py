@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.procs import Procs, run_m2m, running
+from support.procs import Procs, run_m2m, running, wait_until
 
 from m2m.agents.drl import DEFAULT_KNOWLEDGE
 from m2m.agents.drl.knowledge import load_knowledge, relabel_knowledge
@@ -392,3 +392,25 @@ def test_agent_joins_a_curve_broker_over_tcp_with_its_keys(tmp_path: Path, procs
 
     ev = asyncio.run(main())
     assert ev.total == 9.0 and not ev.failing  # every metric exactly at its limit passes
+
+
+def test_a_planner_started_before_the_broker_gets_the_knowledge_later(procs: Procs) -> None:
+    """Started first, the planner waits for a broker (saying so at warning level), then for the knowledge; once the
+    broker, the other agents and the drl-advisor appear, a guided session (which needs the knowledge) succeeds."""
+    procs.heartbeat = AGENT_HB
+    procs.agent("planner", "planner-rules", impl="rules")
+    log = procs.log("planner-rules")
+    wait_until(lambda: "knowledge_waiting_for_broker" in log.read_text(errors="replace"),
+               "the planner says it waits for a broker", timeout=60)
+    assert procs["planner-rules"].poll() is None
+    procs.broker("--transcript", str(procs.transcript))
+    procs.agent("dose-engine", "dose-engine-1")
+    procs.agent("evaluator", "evaluator-1")
+    procs.wait_ready("dose-engine-1", "evaluator-1")
+    procs.agent("drl-advisor", "drl-advisor-1")
+    procs.wait_ready("drl-advisor-1")
+    wait_until(lambda: "knowledge_received" in log.read_text(errors="replace"), "the planner got the knowledge",
+               timeout=60)
+    result = _session(procs, "guided", SEEDS[0], cap=1)
+    assert result.header.mode == "guided" and result.header.planner == "rules:planner-rules"
+    assert len(result.steps) >= 1

@@ -95,3 +95,46 @@ def test_ctrl_c_during_a_decision_keeps_the_steps_and_leaves_no_process() -> Non
         for pid in _pids_mentioning(str(d)):
             kill_tree(pid)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sigterm_stops_an_experiment_and_the_stack_it_started() -> None:
+    """``kill`` (SIGTERM) of ``m2m experiment paper`` is a clean stop as Ctrl-C is: the stack it started goes down
+    with it (before, its detached supervisor and every agent kept running)."""
+    d = Path(tempfile.mkdtemp(prefix="m2mterm", dir="/tmp"))
+    proc: subprocess.Popen[str] | None = None
+    try:
+        (d / "stack.toml").write_text(stack_toml(d, planner="rules", drl_advisor=False))
+        env = {**os.environ, "M2M_RUNTIME_DIR": str(d / "rt")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "m2m.cli.main", "experiment", "paper", "--arms", "rules", "--scenarios",
+             "prostate-basic", "--cases", "3", "--config", str(d / "stack.toml"), "--out", str(d / "exp")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        lines: list[str] = []
+        started = threading.Event()
+
+        def read_stderr() -> None:
+            assert proc is not None and proc.stderr is not None
+            for line in proc.stderr:
+                lines.append(line.rstrip("\n"))
+                if "started stack" in line:
+                    started.set()
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+        wait_until(lambda: started.is_set() or proc.poll() is not None, "the stack is up", timeout=300)
+        assert proc.poll() is None, "\n".join(lines[-30:])
+        assert _pids_mentioning(str(d / "rt"))  # the stack's supervisor and agents run
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130, "\n".join(lines[-30:])
+        reader.join(timeout=10)
+        assert not any("Traceback" in line for line in lines), "\n".join(lines)
+        assert not _pids_mentioning(str(d)), "\n".join(lines[-30:])
+        assert not list((d / "rt").iterdir())  # its registration removed with it
+    finally:
+        if proc is not None and proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=10)
+        for pid in _pids_mentioning(str(d)):
+            kill_tree(pid)
+        shutil.rmtree(d, ignore_errors=True)

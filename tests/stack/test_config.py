@@ -13,7 +13,7 @@ def test_default_stack_config() -> None:
     cfg = load_stack_config(None)
     assert [(a.role, a.impl, a.instances, dict(a.options)) for a in cfg.agents] == [
         ("dose-engine", "pencil-beam", 2, {}),
-        ("evaluator", "protocol", 1, {}),
+        ("evaluator", "protocol", 2, {}),  # one lost or hung evaluator does not stall the sessions
         ("drl-advisor", "dqn", 1, {}),
         ("planner", "llm", 1, {"model": "embedded"}),
     ]
@@ -21,6 +21,7 @@ def test_default_stack_config() -> None:
     assert (cfg.endpoint, cfg.pub_endpoint, cfg.isolated) == (None, None, True)
     assert cfg.transcript_dir == Path("runs/stack")
     assert (cfg.max_restarts, cfg.window_s, cfg.ready_timeout_s, cfg.stop_timeout_s) == (3, 30.0, 300.0, 60.0)
+    assert cfg.hang_timeout_s == 10.0
     assert cfg.source.endswith("stack/stack.toml")
 
 
@@ -51,7 +52,7 @@ EVALUATOR = '[[agent]]\nrole = "evaluator"\n'
         (EVALUATOR + 'colour = "red"\n', "agent[0].colour", "unknown key; expected one of role, impl, instances, "
                                                             "options"),
         ("[restart]\nwindow = 3\n" + EVALUATOR, "restart.window",
-         "unknown key; expected one of max_restarts, window_s, ready_timeout_s, stop_timeout_s"),
+         "unknown key; expected one of max_restarts, window_s, ready_timeout_s, stop_timeout_s, hang_timeout_s"),
         ('[[agent]]\nrole = "drl-advisor"\noptions = { checkpoint = 3 }\n', "agent[0].options.checkpoint",
          "expected a string, got 3"),
         ('bus = "x"\n' + EVALUATOR, "bus", 'expected a table, got "x"'),
