@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from support.procs import children_of
+from support.stacks import RULES_AGENTS
 
 from m2m.cli.main import main
 from m2m.stack import registry
@@ -47,17 +48,7 @@ def _config(tmp_path: Path, agents: str, name: str = "stack.toml") -> str:
     return str(path)
 
 
-GOOD_AGENTS = """
-[[agent]]
-role = "dose-engine"
-
-[[agent]]
-role = "evaluator"
-
-[[agent]]
-role = "planner"
-impl = "rules"
-"""
+GOOD_AGENTS = RULES_AGENTS
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
-from support.procs import children_of, gone, kill_tree, reap, stop_stack, wait_until
+from support.procs import WatchedCommand, children_of, gone, reap, stop_stack
 
 from m2m.bus.client import BusConfig
 from m2m.cli.main import main
@@ -40,7 +37,7 @@ def test_config_names_the_stack_and_plan_reports_a_lost_broker_in_one_line(
     bus = BusConfig(endpoint=f"ipc://{d}/bus", pub_endpoint=f"ipc://{d}/pub")
     status = start_detached(config)
     supervisor = int((Path(status.transcript).parent / PID_FILE_NAME).read_text())
-    proc: subprocess.Popen[str] | None = None
+    cmd: WatchedCommand | None = None
     try:
         assert main(["status", "--config", str(config)]) == 0
         assert status.stack_id in capsys.readouterr().out
@@ -48,45 +45,28 @@ def test_config_names_the_stack_and_plan_reports_a_lost_broker_in_one_line(
         assert "evaluator now runs protocol" in capsys.readouterr().out
 
         env = {**os.environ, "M2M_RUNTIME_DIR": str(d / "rt")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "m2m.cli.main", "plan", "--mode", "unguided", "--step-cap", "20",
-             "--config", str(config), "--out", str(d / "runs")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        lines: list[str] = []
-        first_step = threading.Event()
-
-        def read_stderr() -> None:
-            assert proc is not None and proc.stderr is not None
-            for line in proc.stderr:
-                lines.append(line.rstrip("\n"))
-                if FIRST_STEP.search(line):
-                    first_step.set()
-
-        reader = threading.Thread(target=read_stderr, daemon=True)
-        reader.start()
-        wait_until(lambda: first_step.is_set() or proc.poll() is not None, "the first step is shown", timeout=120)
-        assert proc.poll() is None, "\n".join(lines[-30:])
+        cmd = WatchedCommand("plan", "--mode", "unguided", "--step-cap", "20", "--config", str(config),
+                             "--out", str(d / "runs"), env=env)
+        cmd.wait_for(FIRST_STEP.search, "the first step is shown", timeout=120)
+        lines = cmd.lines
         assert any("joining the running stack" in line for line in lines), "\n".join(lines)  # --config's endpoints
         [broker] = [pid for pid in children_of(supervisor)
                     if b"\0broker\0" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         os.kill(supervisor, signal.SIGSTOP)  # nothing restarts the broker while the session waits
         os.kill(broker, signal.SIGKILL)
-        assert proc.wait(timeout=60) == 1, "\n".join(lines[-30:])
-        reader.join(timeout=10)
+        assert cmd.wait(timeout=60) == 1, cmd.tail()
         assert not any("Traceback" in line for line in lines), "\n".join(lines)
         last = lines[-1]
-        assert last.startswith("m2m plan: ") and "broker" in last and str(d / "bus") in last, "\n".join(lines[-10:])
-        assert proc.stdout is not None and "session folder" not in proc.stdout.read()
+        assert last.startswith("m2m plan: ") and "broker" in last and str(d / "bus") in last, cmd.tail(10)
+        assert "session folder" not in cmd.stdout()
 
         os.kill(supervisor, signal.SIGCONT)  # it restarts the broker; m2m down --config stops the stack
         assert gone(broker)
         assert main(["down", "--config", str(config)]) == 0
         assert reap(supervisor, 60) == 0
     finally:
-        if proc is not None and proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.wait(timeout=10)
+        if cmd is not None:
+            cmd.close()
         if not gone(supervisor):
             os.kill(supervisor, signal.SIGCONT)
         stop_stack(bus, supervisor)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from support.procs import children_of, gone, kill_tree, reap, stop_stack, wait_until
+from support.stacks import RULES_AGENTS
 
 from m2m.agents.messages import SessionRequest, SessionResult, StackStatus, new_session_id
 from m2m.bus.client import BusConfig
@@ -32,17 +33,7 @@ from m2m.stack.supervisor import PID_FILE_NAME, refuse_registered
 
 pytestmark = pytest.mark.timeout(180)
 
-AGENTS = """
-[[agent]]
-role = "dose-engine"
-
-[[agent]]
-role = "evaluator"
-
-[[agent]]
-role = "planner"
-impl = "rules"
-"""
+AGENTS = RULES_AGENTS
 
 
 @dataclass

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -135,6 +136,47 @@ def kill_tree(pid: int) -> None:
     for p in seen:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+
+
+class WatchedCommand:
+    """``python -m m2m.cli.main ARGS`` as a child whose stderr lines a thread collects (:attr:`lines`), so a test
+    can wait for a line (:meth:`wait_for`), signal the command and check what it printed; :meth:`close` kills it
+    (and whatever it started) when it still runs."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "m2m.cli.main", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, match: Callable[[str], object], what: str, *, timeout: float) -> None:
+        """Wait until a stderr line satisfies ``match``; fails (with the last lines) when the command exits first."""
+        wait_until(lambda: any(match(line) for line in list(self.lines)) or self.proc.poll() is not None, what,
+                   timeout=timeout)
+        assert self.proc.poll() is None, self.tail()
+
+    def wait(self, timeout: float) -> int:
+        """The exit status, once every stderr line was read."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def stdout(self) -> str:
+        return self.proc.stdout.read() if self.proc.stdout is not None else ""
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.lines[-n:])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            kill_tree(self.proc.pid)
+            self.proc.wait(timeout=10)
 
 
 def stop_stack(bus: BusConfig, supervisor_pid: int | None) -> None:

@@ -6,6 +6,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+RULES_AGENTS = """
+[[agent]]
+role = "dose-engine"
+
+[[agent]]
+role = "evaluator"
+
+[[agent]]
+role = "planner"
+impl = "rules"
+"""
+"""The ``[[agent]]`` tables of the smallest stack that plans: one dose engine, the evaluator, the rules planner."""
+
 
 def stack_toml(
     d: Path,
