@@ -12,6 +12,12 @@ refused, name one). ``m2m plan``, ``m2m replay`` and ``m2m experiment paper`` ne
 told to: without ``--stack``/``--connect`` (or ``[bus]`` endpoints in ``--config``) each brings up a stack of its
 own on new sockets (:mod:`m2m.stack.registry`) and takes that one down when it ends (:func:`prepare_stack`,
 :func:`ensure_stack`); told an address where a stack runs, it says that it joins it and leaves it running.
+
+**CURVE** (a stack whose config has ``[bus]`` curve keys, :class:`~m2m.stack.config.CurveSettings`): a command
+uses ``--curve-secret``/``--curve-server`` when given (another machine: its own key, authorised in the broker's
+``curve_clients``), else the client keys of ``--config``, else, for a stack registered on this machine, those of
+the config it was started from; so on the stack's machine ``m2m status/plan/down`` need no key options. Given
+client keys but no config with broker keys, ``m2m plan`` only joins: it never starts a stack it could not reach.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
     from m2m.agents.messages import StackStatus
     from m2m.bus.client import BusConfig
     from m2m.stack.config import StackConfig
+    from m2m.stack.registry import StackEntry
 
 EXIT_FAILED = 1
 """The command could not do its work: no stack answers, the stack did not come up, the session failed."""
@@ -83,8 +90,11 @@ def add_bus_arguments(p: argparse.ArgumentParser, *, default: str = "the only ru
     p.add_argument("--heartbeat", type=float, default=None, help="heartbeat interval in s (must match the broker's)")
 
 
-def with_keys(args: argparse.Namespace, endpoint: str, pub_endpoint: str) -> BusConfig:
-    """A client config for these endpoints with the command line's CURVE keys and heartbeat."""
+def with_keys(
+    args: argparse.Namespace, endpoint: str, pub_endpoint: str, stack: StackConfig | None = None
+) -> BusConfig:
+    """A client config for these endpoints with the command line's CURVE keys and heartbeat; without keys on the
+    command line, those of the stack config ``stack`` (its ``[bus]`` ``curve_client_secret``), if it has any."""
     from m2m.bus.client import BusConfig
     from m2m.bus.security import ClientKeys
 
@@ -96,14 +106,46 @@ def with_keys(args: argparse.Namespace, endpoint: str, pub_endpoint: str) -> Bus
         curve = ClientKeys.load(args.curve_secret, args.curve_server) if args.curve_secret else None
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read the CURVE keys: {exc}") from None
+    if curve is None and stack is not None and stack.curve is not None:
+        curve = stack.curve.client
     config = BusConfig(endpoint=endpoint, pub_endpoint=pub_endpoint, curve=curve)
     if args.heartbeat is not None:
         config.heartbeat = args.heartbeat
     return config
 
 
-def named_bus(args: argparse.Namespace) -> BusConfig | None:
-    """The bus the command line names with ``--stack`` or ``--connect``; None when it names none. Raises
+def registered_config(entry: StackEntry) -> StackConfig | None:
+    """The stack config a registered stack was started from (``stack.json``'s ``config``), when it can still be
+    read: its CURVE keys let this machine's commands reach a CURVE stack by its id or endpoint without keys on the
+    command line. ``None`` when the entry names no config or it no longer reads."""
+    from m2m.stack.config import StackConfigError, load_stack_config
+
+    if not entry.config or not Path(entry.config).is_file():
+        return None
+    try:
+        return load_stack_config(Path(entry.config))
+    except StackConfigError:
+        return None
+
+
+def registered_bus(entry: StackEntry, args: argparse.Namespace | None = None) -> BusConfig:
+    """A client config for a registered stack: its endpoints, the command line's keys (``args``) or else those of
+    the config it was started from (:func:`registered_config`)."""
+    from m2m.bus.client import BusConfig
+
+    if args is not None:
+        keys_given = args.curve_secret is not None
+        return with_keys(args, entry.endpoint, entry.pub_endpoint, None if keys_given else registered_config(entry))
+    config = registered_config(entry)
+    if config is not None:
+        return config.client_bus(entry.endpoint, entry.pub_endpoint)
+    return BusConfig(endpoint=entry.endpoint, pub_endpoint=entry.pub_endpoint)
+
+
+def named_bus(args: argparse.Namespace, *, registered_keys: bool = True) -> BusConfig | None:
+    """The bus the command line names with ``--stack`` or ``--connect``; None when it names none. CURVE keys: the
+    command line's, else (with ``registered_keys``), for a stack registered on this machine, those of the config it
+    was started from (:func:`registered_bus`). Raises
     :class:`UsageError` for arguments that do not go together and :class:`~m2m.stack.registry.NoSuchStack` (a
     ``StackError``) for an id no running stack has."""
     from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
@@ -116,16 +158,18 @@ def named_bus(args: argparse.Namespace) -> BusConfig | None:
     if args.pub_connect is not None and args.connect is None:
         raise UsageError("--pub-connect goes with --connect")
     if args.stack is not None:
-        entry = registry.find_stack(args.stack)
-        return with_keys(args, entry.endpoint, entry.pub_endpoint)
+        return registered_bus(registry.find_stack(args.stack), args)
     if args.connect is None:
         return None
     pub = args.pub_connect
+    if pub is None or (registered_keys and args.curve_secret is None):
+        entry = next((e for e in registry.running_stacks(clean=False) if e.endpoint == args.connect), None)
+        if entry is not None and pub in (None, entry.pub_endpoint):
+            if registered_keys:
+                return registered_bus(entry, args)
+            return with_keys(args, entry.endpoint, entry.pub_endpoint)
     if pub is None:
-        entry = registry.stack_at(args.connect)
-        if entry is not None:
-            pub = entry.pub_endpoint
-        elif args.connect == DEFAULT_ENDPOINT:
+        if args.connect == DEFAULT_ENDPOINT:
             pub = DEFAULT_PUB_ENDPOINT  # a broker started by hand with m2m broker's defaults
         else:
             raise UsageError(f"--pub-connect is needed with --connect {args.connect}: no running stack is "
@@ -138,7 +182,7 @@ def hand_started_bus(args: argparse.Namespace) -> BusConfig:
     (``m2m agent``: the supervisor always names its stack's)."""
     from m2m.bus.protocol import DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT
 
-    return named_bus(args) or with_keys(args, DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT)
+    return named_bus(args, registered_keys=False) or with_keys(args, DEFAULT_ENDPOINT, DEFAULT_PUB_ENDPOINT)
 
 
 def bus_config(args: argparse.Namespace) -> BusConfig:
@@ -152,7 +196,7 @@ def bus_config(args: argparse.Namespace) -> BusConfig:
         return named
     stacks = registry.running_stacks()
     if len(stacks) == 1:
-        return with_keys(args, stacks[0].endpoint, stacks[0].pub_endpoint)
+        return registered_bus(stacks[0], args)
     if len(stacks) > 1:
         listing = "; ".join(e.describe() for e in stacks)
         raise UsageError(f"{len(stacks)} stacks run: name one with --stack ID ({listing})")
@@ -160,12 +204,18 @@ def bus_config(args: argparse.Namespace) -> BusConfig:
 
 
 # ------------------------------------------------------------------------------------------------ own stack
+JOIN_PROBE_S = 2.0
+"""How long a command waits for a stack at its address to answer before it starts one there (s)."""
+JOIN_PROBE_CURVE_S = 5.0
+"""The same over CURVE (a TCP connect and a CURVE handshake, possibly over a network, come first)."""
+
 @dataclass
 class StackUse:
     """How a command gets the stack it needs, decided and checked by :func:`prepare_stack` before anything
     starts: join the stack at ``bus`` (``--stack``/``--connect``/the config's ``[bus]`` endpoints), or start
-    ``config_path``'s stack there when none answers (not with ``--stack``), or, with no address at all
-    (``bus`` None), start a stack of its own on new sockets."""
+    ``config_path``'s stack there when none answers (not with ``--stack``, nor with CURVE keys given on the command
+    line for a config that has none: ``join_only``), or, with no address at all (``bus`` None), start a stack of
+    its own on new sockets."""
 
     command: str
     config_path: Path | None
@@ -204,14 +254,20 @@ def prepare_stack(args: argparse.Namespace, command: str, needs: set[str] | froz
         raise UsageError(str(exc)) from None
     if bus is None and not config.isolated:
         assert config.endpoint is not None and config.pub_endpoint is not None
-        bus = with_keys(args, config.endpoint, config.pub_endpoint)
+        bus = with_keys(args, config.endpoint, config.pub_endpoint, config)
+    elif bus is not None and bus.curve is None and config.curve is not None:
+        bus.curve = config.curve.client  # --connect to the stack that --config describes, with its keys
+    # Client keys the config cannot serve (no [bus] curve keys of its own): only a CURVE stack that runs already
+    # answers them, and a stack started here from that config would not.
+    join_only = args.stack is not None or (bus is not None and bus.curve is not None and config.curve is None)
+    # A CURVE stack's roles may run on other machines (m2m agent ROLE --connect ...): ensure_stack checks the bus.
     if args.stack is None:
-        if missing := sorted(set(needs) - config.roles):
+        if config.curve is None and (missing := sorted(set(needs) - config.roles)):
             raise UsageError(f"the stack config {config.source} runs no {', '.join(missing)} agent, which m2m "
                              f"{command} needs")
         check_writable_folder(config.transcript_dir, f"the stack config's bus.transcript_dir ({config.source})")
     return StackUse(command=command, config_path=args.config, config=config, bus=bus,
-                    join_only=args.stack is not None, needs=frozenset(needs))
+                    join_only=join_only, needs=frozenset(needs))
 
 
 async def ensure_stack(
@@ -228,14 +284,16 @@ async def ensure_stack(
     ``m2m plan`` and ``m2m experiment paper`` show their progress view, :mod:`m2m.session.progress`)."""
     from rich.console import Console
 
-    from m2m.bus.client import BusConfig
     from m2m.stack.config import StackError
-    from m2m.stack.control import stack_status, start_detached
+    from m2m.stack.control import bus_roles, stack_status, start_detached
 
     if use.bus is not None:
-        status = await stack_status(use.bus, timeout=2.0)
+        # A CURVE handshake over a network takes longer than an ipc hello.
+        status = await stack_status(use.bus, timeout=JOIN_PROBE_CURVE_S if use.bus.curve else JOIN_PROBE_S)
         if status is not None:
             roles = {a.role for a in status.agents}
+            if use.needs - roles:  # agents that joined from other machines are on the bus, not in the supervisor's
+                roles |= await bus_roles(use.bus)
             if missing := sorted(use.needs - roles):
                 raise StackError(f"not joining the stack at {use.bus.endpoint}: it runs no {', '.join(missing)} "
                                  f"agent, which m2m {use.command} needs (its roles: {', '.join(sorted(roles))})")
@@ -245,8 +303,10 @@ async def ensure_stack(
                   "this command", file=sys.stderr)
             return StackInUse(use.bus, Path(status.transcript) if status.transcript else None, False, status,
                               status.stack_id)
-        if use.join_only:
-            raise StackError(f"no stack answers at {use.bus.endpoint}")  # --stack: never start one there
+        if use.join_only:  # --stack, or client keys only: never start one there
+            hint = (" (with CURVE: is this client's public key in the broker's curve_clients folder, and "
+                    "--curve-server the broker's public key?)" if use.bus.curve else "")
+            raise StackError(f"no stack answers at {use.bus.endpoint}{hint}")
     if starting is None:
         def starting() -> AbstractContextManager[object]:
             return Console(stderr=True).status(
@@ -259,8 +319,8 @@ async def ensure_stack(
             )
         except StackError as exc:
             raise StackError(f"the stack did not come up: {exc}") from None
-    # a stack of its own: local ipc sockets, no keys, the broker's default heartbeat
-    bus = use.bus or BusConfig(endpoint=status.endpoint, pub_endpoint=status.pub_endpoint)
+    # a stack of its own: local ipc sockets, the config's keys if it has any, the broker's default heartbeat
+    bus = use.bus or use.config.client_bus(status.endpoint, status.pub_endpoint)
     after = (f"it stays up (--keep-up): stop it with m2m down --stack {status.stack_id}" if keep_up
              else "it goes down when this command ends")
     print(f"m2m {use.command}: started stack {status.stack_id} at {status.endpoint} (logs "

@@ -136,7 +136,7 @@ class StackStart:
         return next((e for e in registry.running_stacks(clean=False) if e.id not in self._before and _ours(e)), None)
 
     async def _watch(self) -> None:
-        from m2m.bus.client import BusConfig
+        from m2m.cli.common import registered_bus
         from m2m.session.progress import watch_stack
 
         while self.entry is None:
@@ -144,7 +144,7 @@ class StackStart:
             self.entry = self._find()
             if self.entry is None:
                 await asyncio.sleep(FIND_POLL_S)
-        bus = self.bus or BusConfig(endpoint=self.entry.endpoint, pub_endpoint=self.entry.pub_endpoint)
+        bus = self.bus or registered_bus(self.entry)  # a CURVE stack's keys come from its config
         await watch_stack(bus, self.view, lambda: self.what, since=self.since)
 
     async def stop(self, timeout: float = 5.0) -> bool:

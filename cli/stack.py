@@ -23,6 +23,7 @@ from m2m.cli.common import (
     bus_config,
     check_writable_folder,
     named_bus,
+    registered_bus,
     with_keys,
 )
 
@@ -83,13 +84,13 @@ def config_bus(args: argparse.Namespace) -> BusConfig | None:
     except StackConfigError as exc:
         raise UsageError(str(exc)) from None
     if config.endpoint is not None and config.pub_endpoint is not None:
-        return with_keys(args, config.endpoint, config.pub_endpoint)
+        return with_keys(args, config.endpoint, config.pub_endpoint, config)
     wanted = Path(path).resolve()
     matches = [e for e in registry.running_stacks() if e.config and Path(e.config).resolve() == wanted]
     if len(matches) != 1:
         raise StackError(f"{len(matches) or 'no'} running stacks were started from {path} (it gives no [bus] "
                          "endpoints): name one with --stack ID")
-    return with_keys(args, matches[0].endpoint, matches[0].pub_endpoint)
+    return with_keys(args, matches[0].endpoint, matches[0].pub_endpoint, config)
 
 
 def _bus(args: argparse.Namespace, err: Console) -> BusConfig | int:
@@ -190,12 +191,8 @@ def _status(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
     async def ask_all() -> list[StackStatus | None]:
-        from m2m.bus.client import BusConfig
-
-        return await asyncio.gather(*(
-            stack_status(BusConfig(endpoint=e.endpoint, pub_endpoint=e.pub_endpoint), timeout=args.timeout)
-            for e in stacks
-        ))
+        # each with the keys of the config it was started from (a CURVE stack answers no one else)
+        return await asyncio.gather(*(stack_status(registered_bus(e), timeout=args.timeout) for e in stacks))
 
     for entry, status in zip(stacks, asyncio.run(ask_all()), strict=True):
         if status is None:
@@ -233,7 +230,6 @@ def _swap(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from m2m.bus.client import BusConfig
     from m2m.stack import registry
     from m2m.stack.control import shutdown
 
@@ -249,7 +245,7 @@ def _down(args: argparse.Namespace) -> int:
             _error(err, "m2m down: error: --all stops every running stack: give no --stack, --connect or --config "
                         "with it")
             return EXIT_USAGE
-        targets = [BusConfig(endpoint=e.endpoint, pub_endpoint=e.pub_endpoint) for e in registry.running_stacks()]
+        targets = [registered_bus(e) for e in registry.running_stacks()]
         if not targets:
             if stale:
                 return 0
@@ -274,8 +270,8 @@ def _down(args: argparse.Namespace) -> int:
     return code
 
 
-CONFIG_HELP = ("the stack config the stack was started with: its [bus] endpoints (or, without them, the one stack "
-               "running from that file)")
+CONFIG_HELP = ("the stack config the stack was started with: its [bus] endpoints and CURVE client keys (or, "
+               "without endpoints, the one stack running from that file)")
 
 
 def add_commands(sub: Any, bench_sub: Any) -> None:

@@ -12,10 +12,19 @@ any process starts.
 
 ``[bus]`` endpoints are optional: without them (the packaged default) every stack gets its own ipc sockets in its
 runtime folder (:mod:`m2m.stack.registry`), so stacks never collide; give both to run a stack at a known address.
+
+**CURVE** (agents on other machines): ``[bus]`` ``curve_secret`` (the broker's secret key file), ``curve_clients``
+(the folder of authorised client public keys, ``*.key``) and ``curve_client_secret`` (the key pair the supervisor
+and its local agents use; its public key must be in ``curve_clients``) go together; paths are relative to the
+config file. They are read and checked here (:class:`CurveSettings`): a missing file, a file without a secret key, a
+client key the broker would refuse are each a :class:`StackConfigError` naming the field. An endpoint that other
+machines can reach (a tcp address that is not loopback, ``*``, ``0.0.0.0``) without them is refused here too
+(:func:`m2m.bus.security.is_local`), before the broker would refuse to bind it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Mapping
@@ -25,10 +34,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+import zmq.auth
 from msgspec import Meta
 
 from m2m.agents.runtime import IMPLEMENTATIONS, AgentConfigError, check_agent, default_impl
 from m2m.bus.client import BusConfig
+from m2m.bus.errors import SecurityError
+from m2m.bus.security import ClientKeys, is_local, load_secret
 from m2m.physics.config_file import ConfigError, convert, expected, key_path, read_toml, toml_repr
 
 DEFAULT_CONFIG_NAME = "stack.toml"
@@ -58,6 +70,30 @@ class AgentSpec:
 
 
 @dataclass(frozen=True)
+class CurveSettings:
+    """A stack's CURVE keys (``[bus]`` ``curve_*``), as absolute paths, checked when the config was read.
+
+    ``server_public`` is the broker's public key file that the local agents get as ``--curve-server``: the ``.key``
+    next to ``secret`` (as ``m2m keys`` writes them) when it holds the same key, else ``secret`` itself (a client
+    reads only the public key from it). ``client`` holds the loaded keys of ``client_secret`` and the broker's
+    public key: what :meth:`StackConfig.bus_config` gives every client built from the config."""
+
+    secret: Path
+    clients: Path
+    client_secret: Path
+    server_public: Path
+    client: ClientKeys
+
+    def broker_args(self) -> list[str]:
+        """``m2m broker``'s arguments for these keys."""
+        return ["--curve-secret", str(self.secret), "--curve-clients", str(self.clients)]
+
+    def agent_args(self) -> list[str]:
+        """``m2m agent``'s (and every bus client command's) arguments for these keys."""
+        return ["--curve-secret", str(self.client_secret), "--curve-server", str(self.server_public)]
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """A whole stack: bus endpoints, run folders, restart policy and the agents to run. ``endpoint`` and
     ``pub_endpoint`` are both ``None`` (the stack gets its own sockets in its runtime folder) or both set."""
@@ -73,6 +109,9 @@ class StackConfig:
     hang_timeout_s: float = 10.0
     """An agent whose watchdog pipe stays silent this long (SIGSTOPped, its event loop wedged) is killed and
     restarted (:mod:`m2m.stack.supervisor`)."""
+    curve: CurveSettings | None = None
+    """The broker's CURVE keys and those of the supervisor and its agents; ``None``: no CURVE (ipc or loopback
+    endpoints only)."""
     source: str = ""
 
     def override(
@@ -90,6 +129,7 @@ class StackConfig:
             missing = "pub_endpoint" if new.pub_endpoint is None else "endpoint"
             raise StackConfigError("missing; give both endpoints (ROUTER and PUB), or neither", self.source,
                                    f"bus.{missing}")
+        check_reach(new.endpoint, new.pub_endpoint, new.curve is not None, self.source)
         return new
 
     @property
@@ -105,7 +145,24 @@ class StackConfig:
         """A client's view of this stack's bus (its endpoints must be set: see :func:`m2m.stack.registry`)."""
         if self.endpoint is None or self.pub_endpoint is None:
             raise StackError("this stack's endpoints are not known before its runtime folder is made")
-        return BusConfig(endpoint=self.endpoint, pub_endpoint=self.pub_endpoint)
+        return self.client_bus(self.endpoint, self.pub_endpoint)
+
+    def client_bus(self, endpoint: str, pub_endpoint: str) -> BusConfig:
+        """A client config for these endpoints (e.g. a stack of this config's in its own runtime folder) with this
+        config's client CURVE keys, if it has any."""
+        return BusConfig(endpoint=endpoint, pub_endpoint=pub_endpoint,
+                         curve=self.curve.client if self.curve is not None else None)
+
+
+def check_reach(endpoint: str | None, pub_endpoint: str | None, curve: bool, where: str) -> None:
+    """:class:`StackConfigError` for an endpoint other machines can reach (:func:`m2m.bus.security.is_local` is
+    false) in a stack without CURVE keys: the broker would refuse to bind it; this says which key to add."""
+    for key, value in (("endpoint", endpoint), ("pub_endpoint", pub_endpoint)):
+        if value is not None and not curve and not is_local(value):
+            raise StackConfigError(
+                f"{value} can be reached from other machines, which needs CURVE: give bus.curve_secret, "
+                "bus.curve_clients and bus.curve_client_secret (m2m keys makes key pairs), or use ipc:// or a "
+                "loopback address", where, f"bus.{key}")
 
 
 # ------------------------------------------------------------------------------------------------ the file
@@ -119,6 +176,9 @@ class _BusTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     endpoint: _Text | None = None
     pub_endpoint: _Text | None = None
     transcript_dir: _Text = str(StackConfig.transcript_dir)
+    curve_secret: _Text | None = None
+    curve_clients: _Text | None = None
+    curve_client_secret: _Text | None = None
 
 
 class _RestartTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -142,8 +202,9 @@ class _StackFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     restart: _RestartTable = _RestartTable()
 
 
-def parse_stack_config(data: Mapping[str, Any], where: str = "<stack config>") -> StackConfig:
-    """A validated :class:`StackConfig` from a parsed TOML document; ``where`` names it in errors."""
+def parse_stack_config(data: Mapping[str, Any], where: str = "<stack config>", base: Path | None = None) -> StackConfig:
+    """A validated :class:`StackConfig` from a parsed TOML document; ``where`` names it in errors, ``base`` is the
+    folder that relative key paths start from (default: the current one)."""
     file = convert(data, _StackFile, where, StackConfigError)
     agents: list[AgentSpec] = []
     for i, table in enumerate(file.agent):
@@ -153,17 +214,75 @@ def parse_stack_config(data: Mapping[str, Any], where: str = "<stack config>") -
         missing = "bus.pub_endpoint" if pub_endpoint is None else "bus.endpoint"
         raise StackConfigError("missing; give both endpoints, or neither (the stack then gets its own sockets in "
                                "its runtime folder)", where, missing)
+    endpoint = None if endpoint is None else endpoint.strip()
+    pub_endpoint = None if pub_endpoint is None else pub_endpoint.strip()
+    curve = _curve(file.bus, where, base or Path.cwd())
+    check_reach(endpoint, pub_endpoint, curve is not None, where)
     return StackConfig(
         agents=tuple(agents),
-        endpoint=None if endpoint is None else endpoint.strip(),
-        pub_endpoint=None if pub_endpoint is None else pub_endpoint.strip(),
+        endpoint=endpoint,
+        pub_endpoint=pub_endpoint,
         transcript_dir=Path(file.bus.transcript_dir.strip()),
         max_restarts=file.restart.max_restarts,
         window_s=file.restart.window_s,
         ready_timeout_s=file.restart.ready_timeout_s,
         stop_timeout_s=file.restart.stop_timeout_s,
         hang_timeout_s=file.restart.hang_timeout_s,
+        curve=curve,
         source=where,
+    )
+
+
+_CURVE_KEYS = ("curve_secret", "curve_clients", "curve_client_secret")
+
+
+def _curve(bus: _BusTable, where: str, base: Path) -> CurveSettings | None:
+    """The ``[bus]`` CURVE keys, read and checked: all three or none; files that hold what they should; the
+    supervisor's own key among the authorised ones (else the broker would refuse its own stack)."""
+    given = {k: getattr(bus, k).strip() for k in _CURVE_KEYS if getattr(bus, k) is not None}
+    if not given:
+        return None
+    for k in _CURVE_KEYS:
+        if k not in given:
+            raise StackConfigError("missing; curve_secret, curve_clients and curve_client_secret go together",
+                                   where, f"bus.{k}")
+    paths = {k: (base / Path(v).expanduser()).resolve() for k, v in given.items()}
+
+    def keys_of(k: str) -> tuple[bytes, bytes]:
+        path = paths[k]
+        if not path.is_file():
+            raise StackConfigError(f"no such file: {path}", where, f"bus.{k}")
+        hint = "give the .key_secret file that m2m keys writes"
+        try:
+            return load_secret(path)
+        except SecurityError:  # a public key file
+            raise StackConfigError(f"{path} holds no secret key; {hint}", where, f"bus.{k}") from None
+        except (OSError, ValueError) as exc:  # unreadable, or no key in it at all
+            raise StackConfigError(f"{path} is not a key file ({exc}); {hint}", where, f"bus.{k}") from None
+
+    server_public_key, _ = keys_of("curve_secret")
+    clients = paths["curve_clients"]
+    if not clients.is_dir():
+        raise StackConfigError(f"no such folder: {clients}", where, "bus.curve_clients")
+    try:
+        authorised = set(zmq.auth.load_certificates(str(clients)))
+    except (OSError, ValueError) as exc:
+        raise StackConfigError(f"cannot read the public keys in {clients}: {exc}", where, "bus.curve_clients") from None
+    client_public, client_secret = keys_of("curve_client_secret")
+    if client_public not in authorised:
+        raise StackConfigError(f"its public key is not in bus.curve_clients ({clients}): the broker would refuse "
+                               f"the stack's own agents; copy the .key next to it there", where,
+                               "bus.curve_client_secret")
+    secret = paths["curve_secret"]
+    server_public = secret
+    if secret.name.endswith("_secret"):  # m2m keys NAME: NAME.key next to NAME.key_secret
+        public = secret.with_name(secret.name.removesuffix("_secret"))
+        with contextlib.suppress(OSError, ValueError):
+            if public.is_file() and zmq.auth.load_certificate(str(public))[0] == server_public_key:
+                server_public = public
+    return CurveSettings(
+        secret=secret, clients=clients, client_secret=paths["curve_client_secret"], server_public=server_public,
+        client=ClientKeys(public=client_public, secret=client_secret, server_public=server_public_key),
     )
 
 
@@ -198,4 +317,5 @@ def load_stack_config(path: Path | None = None) -> StackConfig:
     Raises :class:`StackConfigError` naming the file and the key for anything unusable."""
     source = resources.files("m2m.stack") / DEFAULT_CONFIG_NAME if path is None else Path(path)
     where = str(source)
-    return parse_stack_config(read_toml(source, where, StackConfigError), where)
+    base = Path(path).resolve().parent if path is not None else None
+    return parse_stack_config(read_toml(source, where, StackConfigError), where, base)

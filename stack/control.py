@@ -1,5 +1,6 @@
-"""The clients of a running stack: :func:`stack_status`, :func:`swap`, :func:`shutdown` (``m2m status/swap/down``)
-and :func:`start_detached` (``m2m up --detach``, and the commands that bring a stack up when none runs).
+"""The clients of a running stack: :func:`stack_status`, :func:`swap`, :func:`shutdown` (``m2m status/swap/down``),
+:func:`bus_roles` (what runs on its bus, agents from other machines included) and :func:`start_detached` (``m2m up
+--detach``, and the commands that bring a stack up when none runs).
 
 They speak to the supervisor's ``supervisor.control`` service (:mod:`m2m.stack.supervisor`). Which stack: a
 :class:`~m2m.bus.client.BusConfig` (its endpoints); :mod:`m2m.stack.registry` finds a running stack's by id.
@@ -21,16 +22,18 @@ import structlog
 
 from m2m.agents.messages import (
     CONTROL,
+    AgentStatus,
     DownRequest,
     DownResult,
     StackStatus,
     StatusRequest,
     SwapRequest,
     SwapResult,
+    status_topic,
 )
 from m2m.agents.runtime import AgentConfigError, check_agent, parse_options
 from m2m.bus.client import BusClient, BusConfig
-from m2m.bus.errors import RemoteError
+from m2m.bus.errors import BusError, RemoteError
 from m2m.stack import registry
 from m2m.stack.config import StackConfig, StackError, load_stack_config
 from m2m.stack.supervisor import (
@@ -58,6 +61,18 @@ async def stack_status(config: BusConfig, timeout: float = 5.0) -> StackStatus |
         except NO_ANSWER:
             return None
     return status
+
+
+async def bus_roles(config: BusConfig, timeout: float = 5.0) -> set[str]:
+    """The roles of every agent that announces itself ready on the bus (its retained ``agents.status.*``), the
+    supervisor's own and those that joined it from other machines (``m2m agent ROLE --connect ...``), which
+    :func:`stack_status` does not list. Empty when the bus does not answer within ``timeout`` seconds."""
+    async with _client("roles", config) as bus:
+        try:
+            statuses = await asyncio.wait_for(bus.retained(status_topic("")), timeout)
+        except (TimeoutError, BusError):
+            return set()
+    return {m.role for m in statuses.values() if isinstance(m, AgentStatus) and m.state == "ready"}
 
 
 async def shutdown(config: BusConfig, timeout: float = 60.0) -> DownResult | None:

@@ -10,9 +10,12 @@ it running and answers ``supervisor.control`` (:data:`~m2m.agents.messages.CONTR
   start where another stack is registered or a broker answers.
 * **Start**: the broker first (``m2m broker --transcript <transcript_dir>/<UTC stamp>/bus.m2mt``), then every
   agent (``m2m agent ROLE --name ROLE-N --incarnation K``); the stack is up when every agent announced ``ready``
-  on ``agents.status.<name>``. Each child's stdout/stderr go to ``<run folder>/<name>.log``; each child has its
-  own process group, so a Ctrl-C in the supervisor's terminal reaches only the supervisor, which stops the
-  children in order (as supervisord does).
+  on ``agents.status.<name>``. With ``[bus]`` CURVE keys (:class:`~m2m.stack.config.CurveSettings`) the broker
+  gets ``--curve-secret/--curve-clients``, every agent ``--curve-secret <curve_client_secret> --curve-server
+  <the broker's public key>``, and the supervisor's own client uses the same client keys; agents on other
+  machines join with keys of their own that are in ``curve_clients``. Each child's stdout/stderr go to
+  ``<run folder>/<name>.log``; each child has its own process group, so a Ctrl-C in the supervisor's terminal
+  reaches only the supervisor, which stops the children in order (as supervisord does).
 * **One-for-one restarts**: a child that exits unasked is started again under the same name with
   ``incarnation + 1`` (the broker too: clients reconnect by themselves). More than ``max_restarts`` restarts of
   one child within ``window_s`` seconds, or an agent that exits with :data:`~m2m.agents.runtime.EXIT_USAGE`
@@ -358,11 +361,12 @@ class Supervisor:
         cfg = self.config
         assert cfg.endpoint is not None and cfg.pub_endpoint is not None, "set from the runtime folder in _start"
         cli = [sys.executable, "-m", "m2m.cli.main"]
+        curve = cfg.curve
         if c.role == BROKER_NAME:
             return [*cli, "broker", "--endpoint", cfg.endpoint, "--pub-endpoint", cfg.pub_endpoint,
-                    "--transcript", str(self.transcript)]
+                    "--transcript", str(self.transcript), *(curve.broker_args() if curve else [])]
         argv = [*cli, "agent", c.role, "--impl", c.impl, "--name", c.name, "--incarnation", str(c.incarnation),
-                "--connect", cfg.endpoint, "--pub-connect", cfg.pub_endpoint]
+                "--connect", cfg.endpoint, "--pub-connect", cfg.pub_endpoint, *(curve.agent_args() if curve else [])]
         for key, value in c.options.items():
             argv += ["--option", f"{key}={value}"]
         return argv

@@ -1,7 +1,10 @@
-"""Dose engines on other hosts: the broker, the evaluator and the planners in one network namespace, a dose engine
-in each of two "host" namespaces, TCP with CURVE between them (see :mod:`support.netns`). The same sessions run
+"""Dose engines on other hosts, as the README has a user set them up: in one network namespace (the main machine)
+``m2m up --config stack.toml`` with ``[bus]`` CURVE keys runs the broker, the evaluator and the planners; in each of
+two "host" namespaces only ``m2m agent dose-engine --connect ... --curve-secret ... --curve-server ...`` runs; TCP
+with CURVE between them (see :mod:`support.netns`). The same sessions (driven with the config's client keys) run
 with one host's engine, then with both: every session completes with the same scores, both hosts take work, and an
-engine whose key the broker was never given gets none. The throughput of each phase is printed, not asserted
+engine whose key the broker was never given gets none; ``m2m status --config`` and ``m2m plan --config`` on the main
+machine reach the stack and plan with the hosts' engines. The throughput of each phase is printed, not asserted
 (``pytest tests/multihost -s`` shows the table; ``python -m support.netns bench`` writes it as JSON)."""
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def two_hosts(request: pytest.FixtureRequest) -> Iterator[tuple[Lab, Procs]]:
 
 def test_dose_engines_on_two_hosts_over_curve(two_hosts: tuple[Lab, Procs]) -> None:
     the_lab, procs = two_hosts
-    report: dict[str, Any] = measure(the_lab, procs, Setup())
+    report: dict[str, Any] = measure(the_lab, procs, Setup(cli=True))
     print("\n" + table(report))
     if out := os.environ.get("M2M_MULTIHOST_REPORT"):
         Path(out).write_text(json.dumps(report, indent=1) + "\n")
@@ -73,3 +76,9 @@ def test_dose_engines_on_two_hosts_over_curve(two_hosts: tuple[Lab, Procs]) -> N
     # The unauthorised key: no answer for a client, no work for an engine.
     assert one["rogue_probe"] in ("RequestTimeout", "BrokerUnavailable", "TimeoutError"), one["rogue_probe"]
     assert report["rogue"]["solves"] == 0
+    # The CLI on the main machine: the stack's status by its config, and a session joined to it.
+    status, plan = report["cli"]["status"], report["cli"]["plan"]
+    assert status["exit"] == 0 and "evaluator-1" in status["output"] and "planner-1" in status["output"], status
+    assert plan["exit"] == 0, plan
+    assert "m2m plan: joining the running stack" in plan["output"] and "started stack" not in plan["output"], plan
+    assert plan["sessions"] == 1, plan

@@ -4,9 +4,13 @@ these namespaces (nothing is added to the machine's own network namespace).
 
 :class:`Lab` makes and removes the namespaces (``ip netns``/``ip link``; root or CAP_NET_ADMIN+CAP_SYS_ADMIN); where
 that fails it raises :class:`NamespacesUnavailable` naming the command and its error (the tests skip with it).
-:func:`measure` runs the same unguided sessions with the dose engine of one host, then of two, and returns the
-report that the multi-host test checks and prints; ``drive`` (run inside the broker's namespace) is its session
-client. As a command, from the repository root (needs root)::
+:func:`measure` runs what the README tells a user to run on real machines: in the broker's namespace (the main
+machine) ``m2m up --config stack.toml`` with ``[bus]`` CURVE keys (:func:`stack_config`: broker, evaluator, rules
+planners), in each host namespace only ``m2m agent dose-engine --connect ... --curve-secret ... --curve-server ...``;
+it runs the same unguided sessions with the dose engine of one host, then of two, and returns the report that the
+multi-host test checks and prints; ``drive`` (run inside the broker's namespace) is its session client, which
+connects with the stack config's own client keys (``StackConfig.bus_config()``). As a command, from the repository
+root (needs root)::
 
     PYTHONPATH=tests .venv/bin/python -m support.netns bench --out runs/i19/multihost.json
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -239,17 +244,18 @@ async def _drive(a: argparse.Namespace) -> dict[str, Any]:
     """Inside the broker's namespace: wait until ``a.ready`` report ready, probe with the unauthorised key, run the
     warm-up and measured sessions, return what happened."""
     from m2m.agents.messages import EVALUATE, SESSION, EvaluateRequest, SessionRequest, SessionResult, new_session_id
-    from m2m.bus.client import BusClient, BusConfig
+    from m2m.bus.client import BusClient
     from m2m.bus.errors import BrokerUnavailable, BusError, RequestTimeout
     from m2m.bus.security import ClientKeys
     from m2m.scenarios import load_scenario
+    from m2m.stack.config import load_stack_config
 
-    def config(secret: str) -> BusConfig:
-        return BusConfig(endpoint=a.connect, pub_endpoint=a.pub_connect,
-                         curve=ClientKeys.load(secret, a.curve_server))
+    stack = load_stack_config(Path(a.config))
+    assert stack.curve is not None, f"{a.config} has no [bus] CURVE keys"
+    bus_config = stack.bus_config()  # what m2m plan/status --config use: the stack's client keys
 
     out: dict[str, Any] = {}
-    async with BusClient("multihost-driver", config(a.curve_secret)) as bus:
+    async with BusClient("multihost-driver", bus_config) as bus:
         wanted, end = set(a.ready), time.monotonic() + a.ready_timeout
         states: dict[str, str] = {}
         while True:
@@ -267,7 +273,9 @@ async def _drive(a: argparse.Namespace) -> dict[str, Any]:
             protocol = load_scenario(a.scenario).protocol
             metrics = {c.id: c.limit for c in protocol.criteria}
             try:
-                async with BusClient("multihost-rogue", config(a.rogue_secret)) as rogue:
+                rogue_config = dataclasses.replace(
+                    bus_config, curve=ClientKeys.load(a.rogue_secret, stack.curve.server_public))
+                async with BusClient("multihost-rogue", rogue_config) as rogue:
                     await rogue.request(EVALUATE, EvaluateRequest(protocol=protocol.name, metrics=metrics),
                                         timeout=ROGUE_PROBE_S, retries=0)
                 out["rogue_probe"] = "answered"
@@ -320,6 +328,16 @@ class Setup:
     cap: int = 4
     planners: int = 4
     rounds: int = 1
+    cli: bool = False
+    """At the end, also ``m2m status --config`` and one ``m2m plan --config`` session in the broker's namespace (the
+    test; the bench leaves them out)."""
+
+
+def logs(procs: Procs, tail: int = 4000) -> str:
+    """The logs of ``procs`` and of every process the stack's supervisor ran (its run folder under ``stack/``)."""
+    runs = sorted((procs.dir / "stack").glob("*/*.log"))
+    return procs.dump_logs(tail) + "".join(f"\n--- {p.parent.name}/{p.name}\n{p.read_text(errors='replace')[-tail:]}"
+                                          for p in runs)
 
 
 def _wait_log(procs: Procs, name: str, text: str, timeout: float) -> None:
@@ -327,10 +345,52 @@ def _wait_log(procs: Procs, name: str, text: str, timeout: float) -> None:
     end = time.monotonic() + timeout
     while text not in log.read_text(errors="replace"):
         if p.poll() is not None:
-            raise AssertionError(f"{name} exited with {p.returncode}:\n{procs.dump_logs()}")
+            raise AssertionError(f"{name} exited with {p.returncode}:\n{logs(procs)}")
         if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {text!r} in {log}:\n{procs.dump_logs()}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {text!r} in {log}:\n{logs(procs)}")
         time.sleep(0.05)
+
+
+def stack_config(d: Path, the_lab: Lab, keys: Keys, planners: int) -> Path:
+    """``d/stack.toml``, the main machine's stack config as the README has a user write it: the broker on the
+    bridge's address with CURVE (key paths relative to the file), an evaluator and ``planners`` rules planners; no
+    dose engine (they run on the hosts)."""
+    def rel(path: Path) -> str:
+        return str(path.relative_to(d))
+
+    path = d / "stack.toml"
+    path.write_text("\n".join([
+        "[bus]",
+        f'endpoint = "{the_lab.endpoint}"',
+        f'pub_endpoint = "{the_lab.pub_endpoint}"',
+        f'transcript_dir = "{d / "stack"}"',
+        f'curve_secret = "{rel(keys.broker_secret)}"',
+        f'curve_clients = "{rel(keys.clients)}"',
+        f'curve_client_secret = "{rel(keys.secret("stack"))}"',
+        "",
+        "[restart]",
+        f"ready_timeout_s = {READY_S:g}",
+        "stop_timeout_s = 30",
+        "",
+        "[[agent]]",
+        'role = "evaluator"',
+        "",
+        "[[agent]]",
+        'role = "planner"',
+        'impl = "rules"',
+        f"instances = {planners}",
+        "",
+    ]))
+    return path
+
+
+def _stack_children(runtime: Path) -> dict[str, int]:
+    """Name → pid of the processes the (only) stack registered in ``runtime`` runs (its ``stack.json``)."""
+    from m2m.stack import registry
+
+    entries = [e for f in runtime.iterdir() if (e := registry.read_entry(f)) is not None]
+    assert len(entries) == 1, entries
+    return {name: pid for name, pid, _ in entries[0].children}
 
 
 def _cpus(n: int) -> list[set[int]]:
@@ -340,29 +400,26 @@ def _cpus(n: int) -> list[set[int]]:
 
 
 def measure(the_lab: Lab, procs: Procs, setup: Setup) -> dict[str, Any]:
-    """Broker, evaluator, ``setup.planners`` rules planners and the session driver in the broker's namespace; one
-    dose engine (one CPU, one thread) in each host that a phase uses; an engine with an unauthorised key in host 2
-    throughout. Each round runs the sessions with host 1's engine, then adds host 2's, and so on (a round after the
-    first stops the extra engines first: alternating rounds share out a changing load of the machine). Returns the
-    report (phases with throughput, the sessions, per-engine solve counts, what the unauthorised engine and probe
-    got)."""
+    """``m2m up --config`` (broker, evaluator, ``setup.planners`` rules planners) and the session driver in the
+    broker's namespace; one ``m2m agent dose-engine`` (one CPU, one thread) in each host that a phase uses; an
+    engine with an unauthorised key in host 2 throughout. Each round runs the sessions with host 1's engine, then
+    adds host 2's, and so on (a round after the first stops the extra engines first: alternating rounds share out
+    a changing load of the machine). Returns the report (phases with throughput, the sessions, per-engine solve
+    counts, what the unauthorised engine and probe got, and with ``setup.cli`` what ``m2m status/plan --config``
+    did)."""
     from m2m.scenarios import load_scenario
 
     seeds = list(load_scenario(setup.scenario).cohorts.get("test").seeds)[: setup.sessions]
     hosts = [f"engine-h{i}" for i in range(1, the_lab.hosts + 1)]
     stack = [f"planner-{i}" for i in range(1, setup.planners + 1)]
     keys = make_keys(procs.dir / "keys", ["stack", *hosts], ["rogue"])
+    config = stack_config(procs.dir, the_lab, keys, setup.planners)
     bus = ["--connect", the_lab.endpoint, "--pub-connect", the_lab.pub_endpoint]
     b = the_lab.broker_ns
-    spawn_in(procs, b, "-m", "m2m.cli.main", "broker", "--endpoint", the_lab.endpoint, "--pub-endpoint",
-             the_lab.pub_endpoint, "--curve-secret", str(keys.broker_secret), "--curve-clients", str(keys.clients),
-             name="broker")
-    _wait_log(procs, "broker", "broker_up", BROKER_UP_S)
-    spawn_in(procs, b, "-m", "m2m.cli.main", "agent", "evaluator", "--name", "evaluator-1", *bus,
-             *keys.client_args("stack"), name="evaluator-1")
-    for p in stack:
-        spawn_in(procs, b, "-m", "m2m.cli.main", "agent", "planner", "--impl", "rules", "--name", p, *bus,
-                 *keys.client_args("stack"), name=p)
+    runtime = {"M2M_RUNTIME_DIR": str(procs.dir / "rt")}  # the stack's registration: m2m status/plan find it there
+    spawn_in(procs, b, "-m", "m2m.cli.main", "up", "--config", str(config), name="stack", env=runtime)
+    _wait_log(procs, "stack", "the stack is up", READY_S + BROKER_UP_S)
+    children = _stack_children(procs.dir / "rt")
     cpus = _cpus(the_lab.hosts)
     running: dict[str, tuple[subprocess.Popen[bytes], Path, str]] = {}  # host's engine → process, log, bus name
     starts = dict.fromkeys(hosts, 0)
@@ -396,9 +453,9 @@ def measure(the_lab: Lab, procs: Procs, setup: Setup) -> dict[str, Any]:
                     running[h] = engine(i, h if starts[h] == 1 else f"{h}-{starts[h]}", h)
             before = {h: solves(running[h][1]) for h in hosts[:n]}
             out = procs.dir / f"phase-{rnd}-{n}.json"
-            watch = {"broker": procs["broker"].pid, "evaluator-1": procs["evaluator-1"].pid,
-                     **{name: procs[name].pid for name in stack}, **{h: running[h][0].pid for h in hosts[:n]}}
-            argv = ["-m", "support.netns", "drive", *bus, *keys.client_args("stack"), "--ready", "evaluator-1",
+            watch = {"broker": children["broker"], "evaluator-1": children["evaluator-1"],
+                     **{name: children[name] for name in stack}, **{h: running[h][0].pid for h in hosts[:n]}}
+            argv = ["-m", "support.netns", "drive", "--config", str(config), "--ready", "evaluator-1",
                     *stack, *(running[h][2] for h in hosts[:n]), "--scenario", setup.scenario, "--seeds",
                     *map(str, seeds), "--repeat", str(setup.repeat), "--cap", str(setup.cap), "--concurrency",
                     str(setup.planners), "--out", str(out), "--watch", *(f"{k}={v}" for k, v in watch.items())]
@@ -409,9 +466,9 @@ def measure(the_lab: Lab, procs: Procs, setup: Setup) -> dict[str, Any]:
                 code = driver.wait(timeout=READY_S + PHASE_S + 30)
             except subprocess.TimeoutExpired:
                 kill_tree(driver.pid)
-                raise AssertionError(f"phase {rnd}-{n} did not finish:\n{procs.dump_logs()}") from None
+                raise AssertionError(f"phase {rnd}-{n} did not finish:\n{logs(procs)}") from None
             if code != 0:
-                raise AssertionError(f"phase {rnd}-{n}'s driver exited with {code}:\n{procs.dump_logs()}")
+                raise AssertionError(f"phase {rnd}-{n}'s driver exited with {code}:\n{logs(procs)}")
             result = json.loads(out.read_text())
             engines = {h: solves(running[h][1]) - before[h] for h in hosts[:n]}
             total = sum(len(s["scores"]) for s in result["sessions"])
@@ -425,12 +482,33 @@ def measure(the_lab: Lab, procs: Procs, setup: Setup) -> dict[str, Any]:
                 "agents": result["agents"], "runs": result["sessions"],
                 **({"rogue_probe": result["rogue_probe"]} if "rogue_probe" in result else {}),
             })
+    cli = _cli_checks(the_lab, procs, config, setup, runtime) if setup.cli else {}
     return {
+        "stack": "m2m up --config (broker, evaluator, planners); hosts: m2m agent dose-engine --curve-...",
+        "cli": cli,
         "scenario": setup.scenario, "mode": "unguided", "planner": "rules", "seeds": seeds, "repeat": setup.repeat,
         "step_cap": setup.cap, "planners": setup.planners, "rounds": setup.rounds, "cpus": [sorted(c) for c in cpus],
         "machine_cpus": os.cpu_count(), "phases": phases,
         "rogue": {"solves": solves(rogue[1]), "exit": rogue[0].poll(), "host": the_lab.host_ns(rogue_host)},
     }
+
+
+def _cli_checks(the_lab: Lab, procs: Procs, config: Path, setup: Setup, env: dict[str, str]) -> dict[str, Any]:
+    """``m2m status --config`` and one ``m2m plan --config`` session (step cap 1) in the broker's namespace: their
+    exit codes and output (the plan joins the stack; its dose engines are on the hosts, not in the config)."""
+    out: dict[str, Any] = {}
+    for name, args in (("status", ["status", "--config", str(config)]),
+                       ("plan", ["plan", "--config", str(config), "--scenario", setup.scenario, "--mode", "unguided",
+                                 "--step-cap", "1", "--out", str(procs.dir / "plans")])):
+        p = spawn_in(procs, the_lab.broker_ns, "-m", "m2m.cli.main", *args, name=f"cli-{name}", env=env)
+        try:
+            code = p.wait(timeout=PHASE_S)
+        except subprocess.TimeoutExpired:
+            kill_tree(p.pid)
+            code = None
+        out[name] = {"exit": code, "output": procs.logs[-1].read_text(errors="replace")[-3000:]}
+    out["plan"]["sessions"] = len(list((procs.dir / "plans").glob("*/transcript.m2mt")))
+    return out
 
 
 def table(report: dict[str, Any]) -> str:
@@ -496,10 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--out", default=None, help="write the report as JSON here")
     bench.set_defaults(func=_bench)
     drive = sub.add_parser("drive", help="(inside the broker's namespace) the session client of one phase")
-    drive.add_argument("--connect", required=True)
-    drive.add_argument("--pub-connect", required=True)
-    drive.add_argument("--curve-secret", required=True)
-    drive.add_argument("--curve-server", required=True)
+    drive.add_argument("--config", required=True, help="the stack config (its endpoints and client keys)")
     drive.add_argument("--rogue-secret", default=None)
     drive.add_argument("--ready", nargs="+", required=True)
     drive.add_argument("--ready-timeout", type=float, default=READY_S)
