@@ -399,8 +399,8 @@ class BusClient:
         if retain:
             self._retained[topic_b] = [f if isinstance(f, bytes) else bytes(f) for f in frames]
         conn = self.conn
-        if not conn.send_nowait(out):
-            await conn.send(out, conn.loop.time() + self.cfg.heartbeat * self.cfg.liveness)
+        if not conn.send_nowait(out, burst=True):  # events come in bursts: one deferred drain for all of them
+            await conn.send(out, conn.loop.time() + self.cfg.heartbeat * self.cfg.liveness, burst=True)
 
     def subscribe(self, prefix: str = "", *, snapshot: bool = True, hwm: int | None = None) -> Subscription:
         """An async iterator of :class:`~m2m.bus.clone.Delivery` for topics starting with ``prefix``; with

@@ -15,6 +15,7 @@ subclass. Fields unknown to this process (sent by a newer minor revision) are ig
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Sequence
@@ -176,7 +177,9 @@ INCARNATION = uuid.uuid4().hex[:16]
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A unique, unguessable id: 128 random bits as 32 hex digits (``os.urandom``; a third of ``uuid4().hex``'s
+    cost, which showed in every request)."""
+    return os.urandom(16).hex()
 
 
 def encode(msg: Message, env: Envelope) -> list[bytes | memoryview]:
@@ -238,7 +241,11 @@ def decode(frames: Sequence[bytes]) -> tuple[Envelope, Message]:
 
 
 def frames_size(frames: Sequence[bytes | memoryview]) -> int:
-    return sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+    """Bytes in ``frames`` (``nbytes`` of a memoryview, whatever its format)."""
+    n = 0
+    for f in frames:
+        n += f.nbytes if type(f) is memoryview else len(f)
+    return n
 
 
 class ErrorReply(Message):

@@ -58,6 +58,14 @@ _BOUNDS = (
 )
 
 
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    """The options of ``m2m bench bus`` (also ``python -m m2m.bus.bench run``); here, not in the heavy
+    :mod:`m2m.bus.bench`, so that building the CLI stays light."""
+    parser.add_argument("--n", type=int, default=2000, help="round trips per measurement (%(default)s)")
+    parser.add_argument("--events", type=int, default=50_000, help="events for the throughput run (%(default)s)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the numbers to FILE as JSON")
+
+
 def run_broker(args: argparse.Namespace) -> int:
     """Run the broker until SIGTERM/SIGINT; exit status 2 with one line on stderr when it cannot start (a bind
     that fails, refused insecure endpoints, unreadable keys or transcript)."""

@@ -41,7 +41,7 @@ from m2m.bus.errors import (
     UnhandledMessage,
     WorkerBusy,
 )
-from m2m.bus.messages import Envelope, ErrorReply, Message, decode, decode_envelope, encode, frames_size
+from m2m.bus.messages import Envelope, ErrorReply, Message, decode_envelope, decode_payload, encode, frames_size
 from m2m.bus.reactor import Conn
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class Worker:
         self.capacity = max(1, capacity)
         self.handlers = handlers
         self.log = client.log.bind(service=service)
+        self._service_b = service.encode()
         self.identity = b"W" + uuid.uuid4().bytes
         """The routing id of this worker's socket (the heartbeat thread names it in HEARTBEAT_FOR)."""
         self._cache: OrderedDict[P.Key, list[bytes]] = OrderedDict()
@@ -77,13 +78,11 @@ class Worker:
         self._task: asyncio.Task[None] | None = None
         self._jobs: set[asyncio.Task[None]] = set()
         self._beat: _HeartbeatThread | None = None
-        self._hello_frames: list[bytes] = []
         self.conn: Conn | None = None
         self.broker_incarnation = 0
         self.last_seen = 0.0
         self.handled = 0
         self.reconnects = 0
-        self._refresh()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -110,9 +109,8 @@ class Worker:
         and its client retries elsewhere (it gets :class:`WorkerLost`). Returns True when every job finished.
         """
         self.capacity = 0
-        self._refresh()
         if self.conn is not None:
-            self.conn.send_nowait([P.WORKER, P.HEARTBEAT, *self._hello_frames])
+            self.conn.send_nowait([P.WORKER, P.HEARTBEAT, *self.hello_frames()])
         finished = True
         if self._jobs:
             _, pending = await asyncio.wait(list(self._jobs), timeout=timeout)
@@ -120,16 +118,17 @@ class Worker:
         await self.stop()
         return finished
 
-    def _refresh(self) -> None:
-        """Rebuild the heartbeat frames (service, capacity, keys in flight) after a change. The list is replaced,
-        never changed in place: the heartbeat thread reads it without a lock."""
-        self._hello_frames = [self.service.encode(), str(self.capacity).encode(), P.pack_keys(self._inflight)]
+    def hello_frames(self) -> list[bytes]:
+        """The frames of a heartbeat or READY: service, capacity, keys in flight. Built when a heartbeat goes out,
+        not at every change of the keys (that cost two msgpack encodings per request). The heartbeat thread calls
+        it too: ``list()`` of a dict is one step under the GIL, so it sees a consistent set of keys."""
+        return [self._service_b, str(self.capacity).encode(), P.pack_keys(list(self._inflight))]
 
     def _ready(self) -> None:
         """Register with the broker: capacity, keys in flight and the keys of the newest cached replies."""
         if self.conn is not None:
             cached = list(self._cache)[-P.MAX_KEYS:]
-            self.conn.send_nowait([P.WORKER, P.READY, *self._hello_frames, P.pack_keys(cached)])
+            self.conn.send_nowait([P.WORKER, P.READY, *self.hello_frames(), P.pack_keys(cached)])
 
     async def _run(self) -> None:
         cfg = self.client.cfg
@@ -166,9 +165,8 @@ class Worker:
             return
         cmd = frames[1]
         if cmd == P.REQUEST and len(frames) >= 5:
-            job = asyncio.get_running_loop().create_task(self._handle(frames[2], frames[3:]))
-            self._jobs.add(job)
-            job.add_done_callback(self._jobs.discard)
+            # the job removes itself from _jobs when it ends (a done callback would cost a turn of the loop)
+            self._jobs.add(asyncio.get_running_loop().create_task(self._handle(frames[2], frames[3:])))
         elif cmd == P.HEARTBEAT:
             if len(frames) > 2 and len(frames[2]) == 8:
                 incarnation = P.unpack_u64(frames[2])
@@ -183,19 +181,22 @@ class Worker:
 
     async def _handle(self, token: bytes, m: list[bytes]) -> None:
         try:
-            reply = await self._reply_for(token, m)
-        except Exception as exc:  # never let one request kill the worker
-            self.log.exception("worker_failed", error=repr(exc))
-            return
-        out = [P.WORKER, P.REPLY, token, *reply]
-        conn = self.conn
-        if conn is None or conn.send_nowait(out):
-            return
-        cfg = self.client.cfg
-        try:
-            await conn.send(out, conn.loop.time() + cfg.heartbeat * cfg.liveness)
-        except RequestTimeout:
-            self.log.warning("reply_lost", reason="broker not taking messages")  # a retry hits the cache
+            try:
+                reply = await self._reply_for(token, m)
+            except Exception as exc:  # never let one request kill the worker
+                self.log.exception("worker_failed", error=repr(exc))
+                return
+            out = [P.WORKER, P.REPLY, token, *reply]
+            conn = self.conn
+            if conn is None or conn.send_nowait(out):
+                return
+            cfg = self.client.cfg
+            try:
+                await conn.send(out, conn.loop.time() + cfg.heartbeat * cfg.liveness)
+            except RequestTimeout:
+                self.log.warning("reply_lost", reason="broker not taking messages")  # a retry hits the cache
+        finally:
+            self._jobs.discard(asyncio.current_task())
 
     async def _reply_for(self, token: bytes, m: list[bytes]) -> list[bytes]:
         try:
@@ -220,7 +221,6 @@ class Worker:
             return self._encode_error(env, WorkerBusy(f"{self.service!r} worker at capacity {self.capacity}"))
         fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
-        self._refresh()
         try:
             reply, cacheable = await self._run_handler(env, m)
             if cacheable:
@@ -238,11 +238,10 @@ class Worker:
             raise
         finally:
             del self._inflight[key]
-            self._refresh()
 
     async def _run_handler(self, env: Envelope, m: list[bytes]) -> tuple[list[bytes], bool]:
         try:
-            _, msg = decode(m)
+            msg = decode_payload(env, m[1], m[2:])  # the envelope is decoded already
             if isinstance(self.handlers, Mapping):
                 fn = self.handlers.get(type(msg))
                 if fn is None:
@@ -318,7 +317,7 @@ class _HeartbeatThread(threading.Thread):
             sock.connect(cfg.endpoint)
             while not self._stopped.wait(cfg.heartbeat / 2):
                 with contextlib.suppress(zmq.ZMQError):  # Again: the broker is not reachable now
-                    sock.send_multipart([P.WORKER, P.HEARTBEAT_FOR, w.identity, *w._hello_frames], zmq.NOBLOCK)
+                    sock.send_multipart([P.WORKER, P.HEARTBEAT_FOR, w.identity, *w.hello_frames()], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the context is being terminated
             w.log.info("heartbeat_thread_stopped", error=str(exc))
         finally:

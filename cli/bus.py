@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from m2m.bus.serve import add_broker_args, run_broker
+from m2m.bus.serve import add_bench_args, add_broker_args, run_broker
 
 
 def run_transcript_show(args: argparse.Namespace) -> int:
@@ -103,8 +103,7 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     k.set_defaults(func=run_keys)
 
     b = bench_sub.add_parser("bus", help="bus round trip vs raw zmq, event throughput, late join, array codec")
-    b.add_argument("--n", type=int, default=2000, help="round trips per measurement (%(default)s)")
-    b.add_argument("--events", type=int, default=50_000, help="events for the throughput run (%(default)s)")
+    add_bench_args(b)
     b.set_defaults(func=run_bench)
 
 
