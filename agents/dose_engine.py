@@ -81,13 +81,14 @@ class DoseEngine(Agent):
             tpps = TppSet.from_dict(msg.tpps, sc.oar_names)
             started = time.perf_counter()
             case = await asyncio.to_thread(bank.get, msg.case_seed)
-        except (ScenarioError, CaseFileError) as exc:
+        except (ScenarioError, CaseFileError, ValueError) as exc:  # ValueError: TPPs that are not the case's
             self.log.warning("bad_case", scenario=msg.scenario, error=str(exc))
             raise BadRequest(str(exc)) from None
         warm = None if msg.warm_start is None else np.asarray(msg.warm_start, dtype=np.float64)
         # One solve at a time per process: the agent's capacity is 1, so the broker never sends a second.
         if warm is not None and warm.shape != (case.dij.n_beamlets,):
-            raise ValueError(f"warm start has {warm.shape} weights; the case has {case.dij.n_beamlets} beamlets")
+            self.log.warning("bad_warm_start", scenario=msg.scenario, shape=list(warm.shape))
+            raise BadRequest(f"warm start has {warm.shape} weights; the case has {case.dij.n_beamlets} beamlets")
         plan = await asyncio.to_thread(optimize, case.dij, tpps, sc.rx_gy, warm_start=warm)
         solve_s = time.perf_counter() - started
 

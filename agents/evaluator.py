@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from m2m.agents.messages import EVALUATE, CriterionResult, EvaluateRequest, Evaluation
 from m2m.agents.runtime import Agent
+from m2m.bus.errors import BadRequest
 from m2m.bus.worker import Handlers, RequestContext
-from m2m.physics.protocol import Protocol, ScoreReport, load_protocol, score_values
-from m2m.scenarios import load_scenario
+from m2m.physics.protocol import Protocol, ProtocolError, ScoreReport, load_protocol, score_values
+from m2m.scenarios import ScenarioError, load_scenario
 
 
 def evaluation_message(report: ScoreReport) -> Evaluation:
@@ -56,5 +57,11 @@ class Evaluator(Agent):
         return 8  # scoring is microseconds of arithmetic: no reason to queue
 
     async def on_evaluate(self, msg: EvaluateRequest, ctx: RequestContext) -> Evaluation:
-        report = score_values(self._protocol(msg.protocol, msg.scenario), msg.metrics)
+        # A protocol, scenario or metric set that cannot be scored is the requester's problem: a typed,
+        # non-retryable answer and a warning (no traceback: those are for bugs); the evaluator keeps serving.
+        try:
+            report = score_values(self._protocol(msg.protocol, msg.scenario), msg.metrics)
+        except (ScenarioError, ProtocolError, FileNotFoundError, KeyError, ValueError) as exc:
+            self.log.warning("bad_evaluate_request", protocol=msg.protocol, scenario=msg.scenario, error=str(exc))
+            raise BadRequest(f"{type(exc).__name__}: {exc}") from None
         return evaluation_message(report)

@@ -33,9 +33,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from m2m.bus.client import BusClient
+from m2m.bus.client import BusClient, RequestContext
 from m2m.bus.messages import Envelope, Message, decode, encode, new_id
-from m2m.bus.serve import RequestContext, add_bench_args
+from m2m.bus.serve import add_bench_args
 
 
 class BenchPing(Message):

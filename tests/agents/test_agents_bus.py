@@ -315,6 +315,10 @@ def test_malformed_requests_get_typed_errors_and_kill_no_agent(services: Procs, 
         assert "bins" in errors[ADVISE][0]
         alive = ("broker", "dose-engine-1", "dose-engine-2", "evaluator-1", "drl-advisor-1", "planner-drl3")
         assert all(services[name].poll() is None for name in alive)
+        # bad input is the requester's problem: warnings in the agents' logs, never tracebacks (those are for bugs)
+        for name in ("broker", "dose-engine-1", "dose-engine-2", "evaluator-1"):
+            log = services.log(name).read_text()
+            assert "Traceback" not in log, f"{name}: {log[-3000:]}"
     finally:
         services.kill("planner-drl3")
 
