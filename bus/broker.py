@@ -42,7 +42,7 @@ import random
 import signal
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ import zmq
 
 from m2m.bus import protocol as P
 from m2m.bus import reactor
-from m2m.bus.clone import KnowledgeStore
+from m2m.bus.clone import KnowledgeStore, RetainedLog, retained_items
 from m2m.bus.errors import (
     BusError,
     DecodeError,
@@ -63,6 +63,7 @@ from m2m.bus.errors import (
     TooManyRequests,
     WorkerBusy,
     WorkerLost,
+    error_for_code,
 )
 from m2m.bus.messages import INCARNATION, Envelope, ErrorReply, decode_envelope, decode_payload, encode, new_id
 from m2m.bus.reactor import send_frames
@@ -75,14 +76,30 @@ EXPIRY_MARGIN = 0.02
 WARNED_PEERS = 10_000
 """Peers remembered for once-per-peer warnings (the set is cleared beyond this)."""
 
-TRIM_AFTER = 5000
-"""Requests forgotten (answered or expired) or messages refused after which the broker hands freed heap back to
-the system."""
 TRIM_EVERY_S = 10.0
-"""... at most this often (s)."""
+"""The broker hands freed heap back to the system (glibc ``malloc_trim``) at most this often (s), when requests were
+forgotten (answered or expired) or messages refused since the last time."""
 
 Key = tuple[str, str, bytes]
 """A request's key at the broker: (service, idempotency key, content digest)."""
+
+
+def _key_bytes(key: Key) -> bytes:
+    """A reply-cache key as the :class:`RetainedLog` of replies stores it: ``service NUL idem NUL digest-hex``."""
+    service, idem, digest = key
+    return b"\0".join((service.encode(), idem.encode("utf-8", "surrogateescape"), digest.hex().encode()))
+
+
+def _key_from_bytes(data: bytes) -> Key | None:
+    """The inverse of :func:`_key_bytes`; None for a record that is not one."""
+    service, sep, rest = data.partition(b"\0")
+    idem, sep2, digest = rest.rpartition(b"\0")
+    if not sep or not sep2:
+        return None
+    try:
+        return service.decode(), idem.decode("utf-8", "surrogateescape"), bytes.fromhex(digest.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def _malloc_trim() -> Any:
@@ -112,6 +129,9 @@ class BrokerConfig:
     published as an event but not retained (logged at warning).
     ``snapshot_max_bytes``: most bytes of values in one snapshot reply (the rest is left out and KVEND says so).
     ``grace``: after start, dispatch waits this long so workers can re-register (None: 1.5 heartbeats).
+    ``retained``: a file that keeps the knowledge values across broker restarts (:class:`RetainedLog`; None: they
+    live in memory only and publishers re-assert them). ``replies``: a file that keeps the reply cache across broker
+    restarts the same way, so a request whose worker died after answering is still answered once.
     ``transcript_max_bytes`` / ``transcript_keep``: the transcript rotates to a new segment at this size and keeps
     this many closed segments (0: all); see :class:`~m2m.bus.transcript.TranscriptWriter`.
     """
@@ -136,6 +156,8 @@ class BrokerConfig:
     snapshot_max_bytes: int = 32 * MiB
     grace: float | None = None
     transcript: str | Path | None = None
+    retained: str | Path | None = None
+    replies: str | Path | None = None
     transcript_max_bytes: int = DEFAULT_SEGMENT_BYTES
     transcript_keep: int = DEFAULT_KEEP_SEGMENTS
     curve: ServerKeys | None = None
@@ -211,6 +233,18 @@ class Broker:
         self._cache_bytes = 0
         self.knowledge = KnowledgeStore(self.incarnation, max_topics=config.max_retained_topics,
                                         max_bytes=config.max_retained_bytes)
+        self.retained_log = RetainedLog(config.retained) if config.retained else None
+        if self.retained_log is not None:  # the knowledge of the broker before this one, publishers dead or alive
+            for topic, frames in self.retained_log.load():
+                self.knowledge.stamp(topic, P.RETAIN, frames)
+            self.retained_log.rewrite(retained_items(self.knowledge))
+        self.replies_log = RetainedLog(config.replies) if config.replies else None
+        if self.replies_log is not None:  # answers the broker before this one gave: repeated keys get them again
+            for key_b, frames in self.replies_log.load():
+                key = _key_from_bytes(key_b)
+                if key is not None:
+                    self._cache_put(key, frames, persist=False)
+            self.replies_log.rewrite(self._cached_items())
         self._warned: set[tuple[str, bytes]] = set()
         self._seq = 0
         self._stop = False
@@ -303,6 +337,9 @@ class Broker:
             self._send(ident, [P.WORKER, P.DISCONNECT])
         if self.transcript:
             self.transcript.close()
+        for log in (self.retained_log, self.replies_log):
+            if log is not None:
+                log.close()
         if self._auth is not None:
             self._auth.stop()
         self.router.close(0)
@@ -698,7 +735,7 @@ class Broker:
         self.stats["replies"] += 1
         service = w.service
         self._record("in", "error" if err is not None else "reply", service, wid, env, m)
-        if err is None or not err.retryable:
+        if err is None or (not err.retryable and error_for_code(err.code).remembered):
             self._cache_put(key, m)
         if p is not None:
             self._resolve(p)
@@ -723,7 +760,7 @@ class Broker:
             return ErrorReply(code=DecodeError.code, retryable=True)
         return err if isinstance(err, ErrorReply) else ErrorReply(code=DecodeError.code, retryable=True)
 
-    def _cache_put(self, key: Key, m: list[bytes]) -> None:
+    def _cache_put(self, key: Key, m: list[bytes], *, persist: bool = True) -> None:
         size = sum(len(f) for f in m)
         if size > self.cfg.reply_cache_bytes // 4:
             return
@@ -735,6 +772,14 @@ class Broker:
         while len(self.cache) > self.cfg.reply_cache_entries or self._cache_bytes > self.cfg.reply_cache_bytes:
             _, gone = self.cache.popitem(last=False)
             self._cache_bytes -= sum(len(f) for f in gone)
+        if persist and self.replies_log is not None and key in self.cache:
+            try:
+                self.replies_log.append(_key_bytes(key), m, self._cache_bytes, self._cached_items)
+            except OSError as exc:
+                self.log.error("replies_write_failed", error=str(exc))
+
+    def _cached_items(self) -> Iterator[tuple[bytes, list[bytes]]]:
+        return ((_key_bytes(k), m) for k, m in self.cache.items())
 
     def _purge(self, wid: bytes, reason: str) -> None:
         w = self.workers.pop(wid, None)
@@ -763,7 +808,9 @@ class Broker:
                 del self.services[name]
         for svc in list(self.services.values()):  # a worker skipped as unreachable may be reachable now
             self._dispatch(svc)
-        if self._forgotten >= TRIM_AFTER and now - self._trimmed_at >= TRIM_EVERY_S and self._trim is not None:
+        # at most every TRIM_EVERY_S, whenever anything was freed since the last trim (so the tail of a burst that
+        # came after a trim is handed back too)
+        if self._forgotten and now - self._trimmed_at >= TRIM_EVERY_S and self._trim is not None:
             self._forgotten = 0
             self._trimmed_at = now
             self._trim(0)
@@ -783,6 +830,11 @@ class Broker:
             self._warn_once("retained_value_refused", cid, topic=topic.decode()[:200],
                             topics=len(self.knowledge.values), retained_bytes=self.knowledge.bytes)
         self.stats["events"] += 1
+        if self.retained_log is not None and P.unpack_header(header)[2] & P.RETAIN:
+            try:
+                self.retained_log.append(topic, m, self.knowledge.bytes, lambda: retained_items(self.knowledge))
+            except OSError as exc:
+                self.log.error("retained_write_failed", error=str(exc))
         if self.transcript is not None:
             self._record("in", "event", topic.decode("utf-8", "replace"), cid, env, m)
         try:

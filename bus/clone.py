@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import struct
+import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -26,10 +30,13 @@ from m2m.bus import protocol as P
 from m2m.bus.errors import BusClosed, DecodeError
 from m2m.bus.messages import Envelope, Message, decode
 from m2m.bus.reactor import Conn
+from m2m.bus.transcript import INDEX_SUFFIX, TranscriptWriter, read_transcript
 
 if TYPE_CHECKING:
     from m2m.bus.client import BusClient
 
+NEVER_ROTATE = 1 << 62
+"""A :class:`RetainedLog` is compacted, never rotated."""
 CATCH_UP_S = 0.5
 """When the follow-up snapshot is taken (s after the first one); see :meth:`Subscription._catch_up`."""
 
@@ -92,6 +99,75 @@ class KnowledgeStore:
     @staticmethod
     def _size(topic: bytes, frames: list[bytes]) -> int:
         return len(topic) + sum(len(f) for f in frames)
+
+
+class RetainedLog:
+    """Values that outlive the broker (Clone + Titanic): a keyed store — the knowledge values of a
+    :class:`KnowledgeStore` (key = topic), or the broker's reply cache — whose every new value is appended to
+    ``path`` in the transcript's record format (one crc-checked record per value, route = the key). A starting
+    broker reads it back — the last value per key — and rewrites the file with just those. So a value whose
+    publisher died before the broker did (a planner's ``takeover.<id>`` state after both were ``kill -9``-ed) is
+    still there for the planner that takes the session over, and a reply whose worker died is still answered from
+    the cache. The file is compacted again whenever what was appended since the last rewrite exceeds twice what
+    the store holds (at least :data:`COMPACT_FLOOR` bytes)."""
+
+    COMPACT_FLOOR = 8 << 20
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._writer: TranscriptWriter | None = None
+        self._appended = 0
+
+    def load(self) -> list[tuple[bytes, list[bytes]]]:
+        """(key, frames) of the last value of every key in the file, in first-seen order; a torn tail or a bad
+        record is passed over (the transcript reader's rules)."""
+        if not self.path.exists():
+            return []
+        last: dict[bytes, list[bytes]] = {}
+        for rec in read_transcript(self.path).records:
+            last[rec.route.encode("utf-8", "surrogateescape")] = [rec.envelope, rec.payload, *rec.arrays]
+        return list(last.items())
+
+    def rewrite(self, values: Iterable[tuple[bytes, list[bytes]]]) -> None:
+        """Replace the file by one record per value (written beside it, then renamed over it)."""
+        self.close()
+        tmp = self.path.with_name(self.path.name + ".new")
+        for stale in (tmp, Path(f"{tmp}{INDEX_SUFFIX}"), Path(f"{self.path}{INDEX_SUFFIX}")):
+            stale.unlink(missing_ok=True)
+        writer = TranscriptWriter(tmp, max_bytes=NEVER_ROTATE, keep=0)
+        for key, frames in values:
+            self._write(writer, key, frames)
+        writer.close()
+        Path(f"{tmp}{INDEX_SUFFIX}").unlink(missing_ok=True)
+        os.replace(tmp, self.path)
+        self._writer = TranscriptWriter(self.path, max_bytes=NEVER_ROTATE, keep=0)
+        self._appended = 0
+
+    def append(self, key: bytes, frames: list[bytes], held_bytes: int,
+               held: Callable[[], Iterable[tuple[bytes, list[bytes]]]]) -> None:
+        """Record a new value; ``held_bytes`` is what the store holds now and ``held()`` its values, for the
+        compaction (see the class notes)."""
+        if self._writer is None:
+            self._writer = TranscriptWriter(self.path, max_bytes=NEVER_ROTATE, keep=0)
+        self._appended += self._write(self._writer, key, frames)
+        if self._appended > max(2 * held_bytes, self.COMPACT_FLOOR):
+            self.rewrite(held())
+
+    @staticmethod
+    def _write(writer: TranscriptWriter, key: bytes, frames: list[bytes]) -> int:
+        writer.append(t=time.time(), direction="in", kind="retained", route=key.decode("utf-8", "surrogateescape"),
+                      peer="", session="", frames=frames)
+        return len(key) + sum(len(f) for f in frames)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def retained_items(store: KnowledgeStore) -> Iterable[tuple[bytes, list[bytes]]]:
+    """(topic, frames) of every value the store keeps: what :class:`RetainedLog` writes."""
+    return ((topic, frames) for topic, (_, frames) in store.values.items())
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,17 @@ class BusError(Exception):
 
     code: ClassVar[str] = "bus_error"
     retryable: ClassVar[bool] = False
+    remembered: ClassVar[bool] = True
+    """Whether a non-retryable error reply is kept in the reply caches (broker and worker) for its idempotency key,
+    like an answer. False for cheap refusals of malformed input: a flood of them (fuzz) must not evict real
+    answers from the bounded caches."""
 
 
 class DecodeError(BusError):
     """Bytes that are not a valid message (truncated, wrong types, hostile input, bad array frames)."""
 
     code = "decode_error"
+    remembered = False
 
 
 class UnknownSchema(DecodeError):
@@ -44,12 +49,14 @@ class MessageTooLarge(BusError):
     """A message is over the bus's maximum message size."""
 
     code = "message_too_large"
+    remembered = False
 
 
 class ProtocolError(BusError):
     """Frames that do not follow the bus protocol (wrong header, command or frame count)."""
 
     code = "protocol_error"
+    remembered = False
 
 
 class RequestTimeout(BusError):
@@ -100,6 +107,7 @@ class UnhandledMessage(BusError):
     """The service has no handler for this message type."""
 
     code = "unhandled_message"
+    remembered = False
 
 
 class RemoteError(BusError):

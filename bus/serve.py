@@ -22,6 +22,10 @@ def add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="request/reply ROUTER endpoint (%(default)s)")
     p.add_argument("--pub-endpoint", default=DEFAULT_PUB_ENDPOINT, help="event PUB endpoint (%(default)s)")
     p.add_argument("--transcript", default=None, metavar="FILE", help="append every routed message to FILE")
+    p.add_argument("--retained", default=None, metavar="FILE",
+                   help="keep the knowledge (retained) values in FILE across broker restarts")
+    p.add_argument("--replies", default=None, metavar="FILE",
+                   help="keep the reply cache in FILE across broker restarts")
     p.add_argument("--curve-secret", default=None, metavar="FILE", help="broker secret key (m2m keys broker)")
     p.add_argument("--curve-clients", default=None, metavar="DIR", help="folder of authorised client *.key files")
     p.add_argument(
@@ -87,6 +91,7 @@ def run_broker(args: argparse.Namespace) -> int:
     cfg = BrokerConfig(
         endpoint=args.endpoint, pub_endpoint=args.pub_endpoint, heartbeat=args.heartbeat, liveness=args.liveness,
         max_message_size=args.max_message_size, hwm=args.hwm, pub_hwm=args.pub_hwm, transcript=args.transcript,
+        retained=args.retained, replies=args.replies,
         curve=curve, **{b.name: getattr(args, b.name) for b in _BOUNDS if getattr(args, b.name) is not None},
     )
     try:

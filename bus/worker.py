@@ -263,7 +263,7 @@ class Worker:
             log = self.log.info if isinstance(exc, RequestTimeout) else self.log.warning
             log("handler_error", msg_id=env.id, requester=env.sender, error=type(exc).__name__,
                 detail=str(exc)[:200])
-            return self._encode_error(env, exc), not exc.retryable
+            return self._encode_error(env, exc), not exc.retryable and exc.remembered
         except Exception as exc:
             self.log.exception("handler_raised", msg_id=env.id, requester=env.sender)
             return self._encode_error(env, RemoteError(f"{type(exc).__name__}: {exc}")), True

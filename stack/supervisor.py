@@ -95,6 +95,12 @@ FAILURE_PREFIX = "stack failed: "
 """How ``m2m up`` reports a failure on stderr; :func:`start_detached` finds the reason in the log by it."""
 
 SUSPECT_AFTER_S = 3.0
+REPLIES_NAME = "replies.m2mt"
+"""The broker's reply cache file (``m2m broker --replies``): a step redone after a takeover is answered from it
+even when the worker that did it and the broker both died meanwhile."""
+RETAINED_NAME = "retained.m2mt"
+"""The broker's knowledge file in the run folder (``m2m broker --retained``): takeover states and knowledge survive a
+broker restart even when their publisher died first."""
 """Watchdog silence (s) after which an agent counts as not ready (it is killed after ``hang_timeout_s``)."""
 HANG_CHECK_S = 0.5
 """How often the supervisor looks at its children's watchdog pipes."""
@@ -364,7 +370,9 @@ class Supervisor:
         curve = cfg.curve
         if c.role == BROKER_NAME:
             return [*cli, "broker", "--endpoint", cfg.endpoint, "--pub-endpoint", cfg.pub_endpoint,
-                    "--transcript", str(self.transcript), *(curve.broker_args() if curve else [])]
+                    "--transcript", str(self.transcript), "--retained", str(self.transcript.parent / RETAINED_NAME),
+                    "--replies", str(self.transcript.parent / REPLIES_NAME),
+                    *(curve.broker_args() if curve else [])]
         argv = [*cli, "agent", c.role, "--impl", c.impl, "--name", c.name, "--incarnation", str(c.incarnation),
                 "--connect", cfg.endpoint, "--pub-connect", cfg.pub_endpoint, *(curve.agent_args() if curve else [])]
         for key, value in c.options.items():

@@ -540,3 +540,87 @@ def test_worker_commands_with_hostile_content_are_refused(short_tmp: Path, raws:
         assert not b.broker.workers
     finally:
         b.close()
+
+
+# ------------------------------------------------------------------------------------------ retained knowledge
+def test_knowledge_outlives_its_publisher_and_the_broker(procs: Procs) -> None:
+    """A retained value whose publisher is gone survives a ``kill -9`` of the broker (``--retained FILE``): before,
+    a planner's takeover state died with the broker when the planner had died first, and the session started over
+    from step 0 (the chaos suite's duplicated solves)."""
+    retained = procs.dir / "retained.m2mt"
+    broker = procs.broker("--retained", str(retained))
+
+    async def publish() -> None:
+        async with client(procs, name="publisher") as bus:
+            await bus.wait_for_broker(10)
+            await bus.publish("takeover.s1", Fact(value=1), retain=True)
+            await bus.publish("takeover.s1", Fact(value=7), retain=True)  # the last value is the one kept
+            await bus.publish("takeover.s2", Fact(value=2), retain=True)
+            assert set(await bus.retained("takeover.")) == {"takeover.s1", "takeover.s2"}
+
+    asyncio.run(publish())  # the publisher has gone: nobody will re-assert these values
+    broker.send_signal(signal.SIGKILL)
+    broker.wait(timeout=10)
+    procs.broker("--retained", str(retained), name="broker-2")
+
+    async def read() -> dict[str, Message]:
+        async with client(procs, name="reader") as bus:
+            await bus.wait_for_broker(10)
+            return await bus.retained("takeover.")
+
+    got = asyncio.run(read())
+    assert {t: m.value for t, m in got.items() if isinstance(m, Fact)} == {"takeover.s1": 7, "takeover.s2": 2}
+
+
+def test_retained_log_is_compacted_to_one_record_per_topic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from m2m.bus.clone import KnowledgeStore, RetainedLog, retained_items
+    from m2m.bus.transcript import read_transcript
+
+    monkeypatch.setattr(RetainedLog, "COMPACT_FLOOR", 10_000)
+    store = KnowledgeStore(1)
+    log = RetainedLog(tmp_path / "r.m2mt")
+    for i in range(2000):  # ~1 MB of updates of two topics
+        topic = b"k.%d" % (i % 2)
+        frames = [b"env-%d" % i, b"x" * 500]
+        store.stamp(topic, P.RETAIN, frames)
+        log.append(topic, frames, store.bytes, lambda: retained_items(store))
+    log.close()
+    assert (tmp_path / "r.m2mt").stat().st_size < 30_000  # compacted, not 2000 records
+    assert len(read_transcript(tmp_path / "r.m2mt").records) < 60
+    assert dict(RetainedLog(tmp_path / "r.m2mt").load()) == {b"k.0": [b"env-1998", b"x" * 500],
+                                                             b"k.1": [b"env-1999", b"x" * 500]}
+
+
+def test_a_reply_outlives_its_worker_and_the_broker(procs: Procs) -> None:
+    """``--replies FILE``: the worker that answered and the broker both die; the same request sent again (a
+    step redone after a takeover) is answered from the broker's kept cache, not run a second time."""
+    replies = procs.dir / "replies.m2mt"
+    broker = procs.broker("--replies", str(replies))
+    worker = procs.worker(name="w1")
+    marker = procs.dir / "marker"
+    work = Work(key="once", marker=str(marker))
+
+    async def ask() -> WorkDone:
+        async with client(procs, name="asker") as bus:
+            reply: WorkDone = await bus.request("echo", work, timeout=30, idempotency_key="s1:3:dose")
+            return reply
+
+    first = asyncio.run(ask())
+    for p in (worker, broker):
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+    procs.broker("--replies", str(replies), name="broker-2")
+    procs.worker(name="w2")
+    again = asyncio.run(ask())
+    assert again == first
+    assert len(marker_lines(marker, "done")) == 1  # the work ran once
+
+
+def test_refusals_of_malformed_requests_do_not_flood_the_reply_cache() -> None:
+    """A decode error is cheap to give again: it is never kept for its key (a fuzz flood evicted real answers from
+    the bounded cache in the chaos suite); a refusal that cost the handler work (BadRequest) and an answer are."""
+    from m2m.bus.errors import BadRequest, DecodeError, MessageTooLarge, ProtocolError, UnhandledMessage, UnknownSchema
+
+    assert not any(e.remembered for e in (DecodeError, UnknownSchema, UnhandledMessage, ProtocolError,
+                                          MessageTooLarge))
+    assert BadRequest.remembered and not BadRequest.retryable
