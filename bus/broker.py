@@ -52,7 +52,7 @@ import zmq
 
 from m2m.bus import protocol as P
 from m2m.bus import reactor
-from m2m.bus.clone import KnowledgeStore, RetainedLog, retained_items
+from m2m.bus.clone import KnowledgeStore, RetainedLog
 from m2m.bus.errors import (
     BusError,
     DecodeError,
@@ -65,7 +65,16 @@ from m2m.bus.errors import (
     WorkerLost,
     error_for_code,
 )
-from m2m.bus.messages import INCARNATION, Envelope, ErrorReply, decode_envelope, decode_payload, encode, new_id
+from m2m.bus.messages import (
+    INCARNATION,
+    Envelope,
+    ErrorReply,
+    decode_envelope,
+    decode_payload,
+    encode,
+    frames_size,
+    new_id,
+)
 from m2m.bus.reactor import send_frames
 from m2m.bus.security import ServerKeys, apply_server, require_safe_bind, start_authenticator
 from m2m.bus.transcript import DEFAULT_KEEP_SEGMENTS, DEFAULT_SEGMENT_BYTES, TranscriptWriter
@@ -184,9 +193,8 @@ class _Worker:
     """This broker's HEARTBEAT reached it (it answers a new incarnation with READY and its cached keys)."""
 
     def load(self) -> int:
-        if not self.reported:
-            return len(self.dispatched)
-        return len(self.dispatched) + len(self.reported - self.dispatched)
+        """Jobs it runs: what this broker sent it and what it reported, each counted once."""
+        return len(self.dispatched | self.reported) if self.reported else len(self.dispatched)
 
     def holds(self, key: Key) -> bool:
         """Whether it is running ``key`` or holds its reply (the request may go to it at no cost)."""
@@ -237,7 +245,7 @@ class Broker:
         if self.retained_log is not None:  # the knowledge of the broker before this one, publishers dead or alive
             for topic, frames in self.retained_log.load():
                 self.knowledge.stamp(topic, P.RETAIN, frames)
-            self.retained_log.rewrite(retained_items(self.knowledge))
+            self.retained_log.rewrite(self.knowledge.items())
         self.replies_log = RetainedLog(config.replies) if config.replies else None
         if self.replies_log is not None:  # answers the broker before this one gave: repeated keys get them again
             for key_b, frames in self.replies_log.load():
@@ -348,31 +356,11 @@ class Broker:
         self.log.info("broker_down", **self.stats)
 
     def _recv(self) -> tuple[list[bytes], str] | None:
-        """One message from the ROUTER, or None when none is waiting, with a reason when it is over the size or
-        frame-count limit: then only its first frames are kept and the rest is received without a copy into
-        Python and discarded."""
-        sock = self.router
+        """One message from the ROUTER (see :func:`~m2m.bus.reactor.recv_bounded`), or None when none is waiting."""
         try:
-            f = reactor._recv(sock, reactor._NB, False)  # a zmq.Frame: its .more is read in C (no getsockopt)
+            return reactor.recv_bounded(self.router, self.cfg.max_message_size, self.cfg.max_frames)
         except zmq.Again:
             return None
-        frames = [f.bytes]
-        limit, max_frames = self.cfg.max_message_size, self.cfg.max_frames
-        total, over = 0, ""
-        while f.more:
-            f = reactor._recv(sock, reactor._NB, False)
-            if over:
-                continue  # the rest of an oversized message is never copied into Python
-            b = f.bytes
-            frames.append(b)
-            total += len(b)
-            if total > limit:
-                over = f"message over the limit of {limit} bytes ({total} bytes received before it was cut)"
-            elif len(frames) - 1 > max_frames:
-                over = f"message of more than {max_frames} frames"
-            if over:
-                del frames[6:]  # enough to answer it (header, command, route, envelope)
-        return frames, over
 
     def _send(self, identity: bytes, frames: Sequence[bytes]) -> bool:
         try:
@@ -463,8 +451,7 @@ class Broker:
             return
         if p is not None:  # the same request again (a resend, or another client): the one reply answers all
             if not self._add_client(p, cid):
-                self._error(cid, service, env, TooManyRequests(f"more than {self.cfg.max_pending_per_client} "
-                                                                "requests pending"))
+                self._error(cid, service, env, self._too_many())
             elif p.worker is not None:  # in case the worker lost it: it joins the running job or answers again
                 self._send(p.worker, [P.WORKER, P.REQUEST, key[2], *m])
             return
@@ -474,8 +461,7 @@ class Broker:
             self._error(cid, service, env, RequestTimeout("deadline passed before the request reached the broker"))
             return
         if self._per_client.get(cid, 0) >= self.cfg.max_pending_per_client:
-            self._error(cid, service, env, TooManyRequests(f"more than {self.cfg.max_pending_per_client} "
-                                                            "requests pending"))
+            self._error(cid, service, env, self._too_many())
             return
         svc = self._service(service)
         if svc.waiting >= self.cfg.queue_limit:
@@ -490,6 +476,9 @@ class Broker:
                 return
         self._enqueue(svc, p)
         self._dispatch(svc)
+
+    def _too_many(self) -> TooManyRequests:
+        return TooManyRequests(f"more than {self.cfg.max_pending_per_client} requests pending")
 
     def _add_client(self, p: _Pending, cid: bytes) -> bool:
         """Answer ``cid`` too when ``p`` is answered; False when ``cid`` has too many requests pending."""
@@ -520,8 +509,7 @@ class Broker:
             if w is not None:
                 w.dispatched.discard(p.key)
         if p.queued:
-            p.queued = False
-            self._service(p.key[0]).waiting -= 1
+            self._unqueue(self._service(p.key[0]), p)
         for c in p.clients:
             self._client_done(c)
         self._forgotten += 1
@@ -535,6 +523,12 @@ class Broker:
                 svc.queue.appendleft(p)
             else:
                 svc.queue.append(p)
+
+    @staticmethod
+    def _unqueue(svc: _Service, p: _Pending) -> None:
+        """``p`` stops waiting in ``svc``'s queue (its entry there is skipped and dropped lazily)."""
+        p.queued = False
+        svc.waiting -= 1
 
     def _affine(self, svc: _Service, key: Key) -> _Worker | None:
         """A live worker that runs ``key`` or holds its reply (after a broker restart or a re-registration)."""
@@ -576,8 +570,7 @@ class Broker:
             if w is None:
                 return
             q.popleft()
-            p.queued = False
-            svc.waiting -= 1
+            self._unqueue(svc, p)
             if not self._send_to(w, p):
                 self._enqueue(svc, p, front=True)
                 return
@@ -699,8 +692,7 @@ class Broker:
         if (new or ready) and not self._holding and svc.waiting:
             for p in list(svc.queue):  # queued requests that this worker already runs or has answered
                 if p.queued and self.pending.get(p.key) is p and w.holds(p.key):
-                    p.queued = False
-                    svc.waiting -= 1
+                    self._unqueue(svc, p)
                     if not self._send_to(w, p):
                         self._enqueue(svc, p, front=True)
         self._dispatch(svc)
@@ -761,17 +753,17 @@ class Broker:
         return err if isinstance(err, ErrorReply) else ErrorReply(code=DecodeError.code, retryable=True)
 
     def _cache_put(self, key: Key, m: list[bytes], *, persist: bool = True) -> None:
-        size = sum(len(f) for f in m)
+        size = frames_size(m)
         if size > self.cfg.reply_cache_bytes // 4:
             return
         old = self.cache.pop(key, None)
         if old is not None:
-            self._cache_bytes -= sum(len(f) for f in old)
+            self._cache_bytes -= frames_size(old)
         self.cache[key] = m
         self._cache_bytes += size
         while len(self.cache) > self.cfg.reply_cache_entries or self._cache_bytes > self.cfg.reply_cache_bytes:
             _, gone = self.cache.popitem(last=False)
-            self._cache_bytes -= sum(len(f) for f in gone)
+            self._cache_bytes -= frames_size(gone)
         if persist and self.replies_log is not None and key in self.cache:
             try:
                 self.replies_log.append(_key_bytes(key), m, self._cache_bytes, self._cached_items)
@@ -821,22 +813,24 @@ class Broker:
         if len(flags_b) != 1:
             raise ProtocolError("flags must be one byte")
         try:
-            topic.decode()
+            topic_s = topic.decode()
         except UnicodeDecodeError:
             raise ProtocolError("topic is not UTF-8") from None
         refused = self.knowledge.refused
         header = self.knowledge.stamp(topic, flags_b[0], m)
+        kept = bool(flags_b[0] & P.RETAIN)
         if self.knowledge.refused != refused:
-            self._warn_once("retained_value_refused", cid, topic=topic.decode()[:200],
+            kept = False
+            self._warn_once("retained_value_refused", cid, topic=topic_s[:200],
                             topics=len(self.knowledge.values), retained_bytes=self.knowledge.bytes)
         self.stats["events"] += 1
-        if self.retained_log is not None and P.unpack_header(header)[2] & P.RETAIN:
+        if kept and self.retained_log is not None:
             try:
-                self.retained_log.append(topic, m, self.knowledge.bytes, lambda: retained_items(self.knowledge))
+                self.retained_log.append(topic, m, self.knowledge.bytes, self.knowledge.items)
             except OSError as exc:
                 self.log.error("retained_write_failed", error=str(exc))
         if self.transcript is not None:
-            self._record("in", "event", topic.decode("utf-8", "replace"), cid, env, m)
+            self._record("in", "event", topic_s, cid, env, m)
         try:
             send_frames(self.pub, [topic, header, *m])
         except zmq.Again:

@@ -207,14 +207,14 @@ class BusClient:
     def _saw_broker(self, incarnation: int) -> None:
         old = self.broker_incarnation
         self.broker_incarnation = incarnation
-        if old != incarnation:
-            # a new broker (a restart), or the first one seen: a knowledge value set before any broker answered
-            # (an agent announcing its state while the broker starts) may never have reached it
-            if old:
-                self.log.info("broker_restarted", pending=len(self._pending), retained=len(self._retained))
-            for topic, m in self._retained.items():
-                self.conn.send_nowait([P.CLIENT, P.PUBLISH, topic, bytes([P.RETAIN]), *m])
-        if old and old != incarnation:
+        if old == incarnation:
+            return
+        # a new broker (a restart), or the first one seen: a knowledge value set before any broker answered (an
+        # agent announcing its state while the broker starts) may never have reached it
+        for topic, m in self._retained.items():
+            self.conn.send_nowait([P.CLIENT, P.PUBLISH, topic, _RETAIN, *m])
+        if old:  # a restart: what the old broker held for us is gone
+            self.log.info("broker_restarted", pending=len(self._pending), retained=len(self._retained))
             for p in self._pending.values():
                 if not p.future.done():
                     self.conn.send_nowait([P.CLIENT, P.REQUEST, p.service, *p.frames])

@@ -19,7 +19,7 @@ import os
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ import zmq
 
 from m2m.bus import protocol as P
 from m2m.bus.errors import BusClosed, DecodeError
-from m2m.bus.messages import Envelope, Message, decode
+from m2m.bus.messages import Envelope, Message, decode, frames_size
 from m2m.bus.reactor import Conn
 from m2m.bus.transcript import INDEX_SUFFIX, TranscriptWriter, read_transcript
 
@@ -96,9 +96,13 @@ class KnowledgeStore:
             out.append((t, h, m))
         return out, False
 
+    def items(self) -> Iterator[tuple[bytes, list[bytes]]]:
+        """(topic, frames) of every value kept: what a :class:`RetainedLog` writes."""
+        return ((topic, frames) for topic, (_, frames) in self.values.items())
+
     @staticmethod
     def _size(topic: bytes, frames: list[bytes]) -> int:
-        return len(topic) + sum(len(f) for f in frames)
+        return len(topic) + frames_size(frames)
 
 
 class RetainedLog:
@@ -157,17 +161,12 @@ class RetainedLog:
     def _write(writer: TranscriptWriter, key: bytes, frames: list[bytes]) -> int:
         writer.append(t=time.time(), direction="in", kind="retained", route=key.decode("utf-8", "surrogateescape"),
                       peer="", session="", frames=frames)
-        return len(key) + sum(len(f) for f in frames)
+        return len(key) + frames_size(frames)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def retained_items(store: KnowledgeStore) -> Iterable[tuple[bytes, list[bytes]]]:
-    """(topic, frames) of every value the store keeps: what :class:`RetainedLog` writes."""
-    return ((topic, frames) for topic, (_, frames) in store.values.items())
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,30 @@ def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
     return out
 
 
+def recv_bounded(sock: zmq.Socket[Any], max_bytes: int, max_frames: int) -> tuple[list[bytes], str]:
+    """:func:`recv_frames` for a peer that may be hostile: ``(frames, over)`` where ``over`` says why the message is
+    over ``max_bytes`` (frames after the first, counted while they arrive) or ``max_frames``; then only its first
+    frames are kept (enough to answer it: identity, header, command, route, envelope) and the rest is received
+    without a copy into Python and discarded. Raises ``zmq.Again`` when nothing is waiting."""
+    f = _recv(sock, _NB, False)
+    frames = [f.bytes]
+    total, over = 0, ""
+    while f.more:
+        f = _recv(sock, _NB, False)
+        if over:
+            continue  # the rest of an oversized message is never copied into Python
+        b = f.bytes
+        frames.append(b)
+        total += len(b)
+        if total > max_bytes:
+            over = f"message over the limit of {max_bytes} bytes ({total} bytes received before it was cut)"
+        elif len(frames) - 1 > max_frames:
+            over = f"message of more than {max_frames} frames"
+        if over:
+            del frames[6:]
+    return frames, over
+
+
 def readable(sock: zmq.Socket[Any]) -> bool:
     """Whether a message is waiting (``ZMQ_EVENTS`` has POLLIN). Reading ``ZMQ_EVENTS`` also re-arms the socket's
     FD: after it answers False the FD signals the next arrival, which a send alone does not guarantee."""

@@ -40,7 +40,6 @@ import zmq.asyncio
 from m2m.agents.messages import (
     DOSE_PLAN,
     EVALUATE,
-    CriterionResult,
     DosePlanRequest,
     Evaluation,
     SessionRequest,
@@ -132,7 +131,7 @@ def stack_config_text(cfg: ChaosConfig, folder: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ sessions
-async def _plan_all(bus: BusConfig, cfg: ChaosConfig, label: str) -> dict[int, SessionResult | BaseException]:
+async def _plan_all(bus: BusConfig, cfg: ChaosConfig) -> dict[int, SessionResult | BaseException]:
     """Plan every case at once; a session that fails gives its exception."""
 
     async def one(seed: int) -> SessionResult | BaseException:
@@ -251,26 +250,20 @@ class Attacker:
             pass
 
     def broker_pid(self) -> int | None:
-        """The stack's broker process: the supervisor's child whose command line runs ``broker``."""
+        """The stack's broker process, as its supervisor records its children in the stack registry."""
         from m2m.stack import registry
+        from m2m.stack.supervisor import BROKER_NAME
 
         entry = registry.stack_at(self.bus.endpoint)
         if entry is None:
             return None
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rpartition(")")[2].split()
-                if int(fields[1]) != entry.pid:
-                    continue
-                cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
-            except (OSError, ValueError, IndexError):
-                continue
-            if b"broker" in cmd:
-                return int(stat.parent.name)
-        return None
+        return next((pid for name, pid in registry.live_children(entry) if name == BROKER_NAME), None)
 
-    def _fake_evaluation(self) -> Evaluation:
-        return Evaluation(protocol="forged", criteria=list[CriterionResult](), total=9.0, max_score=9.0, failing=[])
+    @staticmethod
+    def forged_evaluation() -> Evaluation:
+        """What a forger answers for an evaluation: a perfect score with no criteria behind it. Were it taken, the
+        session would stop at once with 9/9 (a changed step)."""
+        return Evaluation(protocol="forged", criteria=[], total=9.0, max_score=9.0, failing=[])
 
     async def _forge_reply(self) -> None:
         """Replies for every evaluate key of every session seen, from an unregistered peer and from a peer
@@ -283,7 +276,7 @@ class Attacker:
                 key = f"{sid}:{step}:evaluate"
                 env = Envelope(id=new_id(), schema="", version=0, sender="evaluator-1", kind="reply", route=EVALUATE,
                                idem=key, session=sid, ts=time.time())
-                frames = [bytes(f) for f in encode(self._fake_evaluation(), env)]
+                frames = [bytes(f) for f in encode(self.forged_evaluation(), env)]
                 for sock in (stranger, rogue_worker):
                     await sock.send_multipart([P.WORKER, P.REPLY, b"\x00k", *frames])
         await asyncio.sleep(0.05)
@@ -352,7 +345,7 @@ async def run_chaos(cfg: ChaosConfig, folder: Path | None = None,
         try:
             progress(f"reference: {cfg.sessions} sessions, undisturbed")
             t = time.monotonic()
-            ref = await _plan_all(bus, cfg, "reference")
+            ref = await _plan_all(bus, cfg)
             report.reference_wall_s = time.monotonic() - t
 
             attacker = Attacker(bus, cfg, report, lambda: stack_status(bus, timeout=2.0))
@@ -363,7 +356,7 @@ async def run_chaos(cfg: ChaosConfig, folder: Path | None = None,
             progress(f"chaos: the same {cfg.sessions} sessions under attack")
             t = time.monotonic()
             try:
-                got = await _plan_all(bus, cfg, "chaos")
+                got = await _plan_all(bus, cfg)
             finally:
                 stop.set()
                 await attack

@@ -449,11 +449,10 @@ class Supervisor:
         should this supervisor die without stopping them."""
         if self.runtime is None:
             return
-        procs = [c for c in [self._broker, *self._agents.values()] if c is not None and c.process is not None
-                 and c.process.returncode is None]
+        running = [(c.name, c.process.pid) for c in [self._broker, *self._agents.values()]
+                   if c is not None and c.process is not None and c.process.returncode is None]
         with contextlib.suppress(OSError):
-            self.runtime = registry.record_children(self.runtime, [(c.name, c.process.pid) for c in procs
-                                                                   if c.process is not None])
+            self.runtime = registry.record_children(self.runtime, running)
 
     async def _watch_hangs(self) -> None:
         """Kill (SIGKILL to its process group) an agent silent on its watchdog pipe for ``hang_timeout_s`` s; its

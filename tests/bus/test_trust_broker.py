@@ -573,7 +573,7 @@ def test_knowledge_outlives_its_publisher_and_the_broker(procs: Procs) -> None:
 
 
 def test_retained_log_is_compacted_to_one_record_per_topic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from m2m.bus.clone import KnowledgeStore, RetainedLog, retained_items
+    from m2m.bus.clone import KnowledgeStore, RetainedLog
     from m2m.bus.transcript import read_transcript
 
     monkeypatch.setattr(RetainedLog, "COMPACT_FLOOR", 10_000)
@@ -583,7 +583,7 @@ def test_retained_log_is_compacted_to_one_record_per_topic(tmp_path: Path, monke
         topic = b"k.%d" % (i % 2)
         frames = [b"env-%d" % i, b"x" * 500]
         store.stamp(topic, P.RETAIN, frames)
-        log.append(topic, frames, store.bytes, lambda: retained_items(store))
+        log.append(topic, frames, store.bytes, store.items)
     log.close()
     assert (tmp_path / "r.m2mt").stat().st_size < 30_000  # compacted, not 2000 records
     assert len(read_transcript(tmp_path / "r.m2mt").records) < 60

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import zmq
 from support.procs import children_of, gone, kill_tree, stop_stack, wait_until
+from support.stacks import stack_toml
 
 from m2m.agents.messages import DosePlanRequest, SessionRequest, knowledge_topic, new_session_id, status_topic
 from m2m.bus import protocol as P
@@ -33,22 +34,6 @@ from m2m.stack.control import stack_status, start_detached
 from m2m.stack.supervisor import PID_FILE_NAME
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
-
-AGENTS = """
-[[agent]]
-role = "dose-engine"
-
-[[agent]]
-role = "evaluator"
-
-[[agent]]
-role = "drl-advisor"
-
-[[agent]]
-role = "planner"
-impl = "knowledge"
-"""
-
 
 def poisoned(topic: str) -> list[bytes]:
     """A PUBLISH with RETAIN of a message whose one array frame declares the dtype ``","``."""
@@ -66,7 +51,7 @@ def test_poisoned_retained_values_break_no_follower(monkeypatch: pytest.MonkeyPa
     d = Path(tempfile.mkdtemp(prefix="m2mpz", dir="/tmp"))
     monkeypatch.setenv("M2M_RUNTIME_DIR", str(d / "rt"))
     config = d / "stack.toml"
-    config.write_text(f'[bus]\ntranscript_dir = "{d}/runs"\n\n[restart]\nready_timeout_s = 120\n{AGENTS}')
+    config.write_text(stack_toml(d, planner="knowledge", ready_timeout_s=120))  # with the DRL advisor
     status = start_detached(config)
     bus = BusConfig(endpoint=status.endpoint, pub_endpoint=status.pub_endpoint)
     supervisor = int((Path(status.transcript).parent / PID_FILE_NAME).read_text())
