@@ -30,7 +30,7 @@ from m2m.bus import protocol as P
 from m2m.bus.errors import BusClosed, DecodeError
 from m2m.bus.messages import Envelope, Message, decode, frames_size
 from m2m.bus.reactor import Conn
-from m2m.bus.transcript import INDEX_SUFFIX, TranscriptWriter, read_transcript
+from m2m.bus.transcript import TranscriptWriter, index_path, read_transcript
 
 if TYPE_CHECKING:
     from m2m.bus.client import BusClient
@@ -136,13 +136,13 @@ class RetainedLog:
         """Replace the file by one record per value (written beside it, then renamed over it)."""
         self.close()
         tmp = self.path.with_name(self.path.name + ".new")
-        for stale in (tmp, Path(f"{tmp}{INDEX_SUFFIX}"), Path(f"{self.path}{INDEX_SUFFIX}")):
+        for stale in (tmp, index_path(tmp), index_path(self.path)):
             stale.unlink(missing_ok=True)
         writer = TranscriptWriter(tmp, max_bytes=NEVER_ROTATE, keep=0)
         for key, frames in values:
             self._write(writer, key, frames)
         writer.close()
-        Path(f"{tmp}{INDEX_SUFFIX}").unlink(missing_ok=True)
+        index_path(tmp).unlink(missing_ok=True)
         os.replace(tmp, self.path)
         self._writer = TranscriptWriter(self.path, max_bytes=NEVER_ROTATE, keep=0)
         self._appended = 0
