@@ -91,7 +91,7 @@ class BusClient:
         self.cfg = cfg
         self.session = session
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.log = structlog.get_logger("m2m.bus.client").bind(sender=name, incarnation=INCARNATION)
+        self.log = structlog.get_logger("m2m.bus.client").bind(sender=name, bus_incarnation=INCARNATION)
         self._seq = itertools.count(1)
         self._pending: dict[str, _Pending] = {}
         self._snapshots: dict[bytes, asyncio.Queue[list[bytes] | None]] = {}
