@@ -46,7 +46,7 @@ from m2m.physics.dij import Dij
 
 log = structlog.get_logger()
 
-ENGINE_VERSION = "pb6mv-1"
+ENGINE_VERSION = "pb6mv-2"  # 2: stored packed (m2m.physics.sparse)
 
 SURFACE_FRACTION = 0.25
 BUILDUP_K_PER_MM = 0.2869
@@ -110,8 +110,8 @@ def compute_dij(case: Case, beams: BeamSet, structures: Sequence[str] | None = N
         beam_of.append(np.full(grid.n, b, dtype=np.int32))
     matrix = sp.hstack(blocks, format="csc").tocsr()
     matrix.sort_indices()
-    dij = Dij(
-        matrix=matrix,
+    dij = Dij.from_csr(
+        matrix,
         voxel_index=voxel_index,
         rows=rows,
         beamlet_beam=np.concatenate(beam_of),

@@ -22,8 +22,9 @@ weights so that it always dominates them (default ``μ0 = 10``). The plan is the
 Solver: L-BFGS-B with bounds ``x ≥ 0`` (scipy) in variables scaled by each beamlet's inverse RMS PTV dose,
 gradient ``Aᵀ ∇_d F`` with the hottest-fraction sets held fixed at the current dose (``F`` is continuous and
 piecewise quadratic). It stops when an iteration lowers ``F`` by less than ``max(atol, rtol·F)``. Products
-use float32 CSR restricted to the rows of the structures that carry TPPs, with a stored transpose; a warm
-start from the previous plan's fluence typically needs 5-20 evaluations instead of 100-300. ``F`` is flat
+run on the dij's packed matrix (:mod:`m2m.physics.sparse`: ``A @ x`` over the dij's rows, then each structure's
+rows gathered; ``Aᵀ @ g`` from the same storage, no transpose, no copy); a warm start from the previous plan's
+fluence typically needs 5-20 evaluations instead of 100-300. ``F`` is flat
 along many directions, so a warm-started plan can differ from a cold-started one by a percentage point or
 two on DVH metrics at an equal objective: the plan depends on the warm start, deterministically.
 """
@@ -38,7 +39,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.optimize
-import scipy.sparse as sp
 
 from m2m.physics.dij import Dij
 from m2m.physics.dvh import d_percent
@@ -53,18 +53,17 @@ DEFAULT_MU0 = 10.0
 
 @dataclass(frozen=True, eq=False)
 class FmoProblem:
-    """The dij rows the objective needs: one contiguous block per structure (overlapping rows repeated).
-
-    ``matrix`` is float32 CSR (sum of block sizes × n_beamlets), ``matrix_t`` its stored transpose,
-    ``slices[name]`` the block of each structure in ``structures`` order (PTV first). ``column_scale`` is the
+    """What the objective needs besides the dij itself: the dij rows of each structure that carries TPPs
+    (``rows[name]``, ``structures`` order, PTV first; overlapping structures share rows, computed once) and the
     solver's variable scaling ``x = column_scale · y``: the inverse RMS PTV dose per unit weight of each beamlet.
+    Products run on the dij's own packed matrix; nothing of it is copied.
     """
 
     structures: tuple[str, ...]
-    matrix: sp.csr_matrix
-    matrix_t: sp.csr_matrix
-    slices: dict[str, slice]
+    rows: dict[str, np.ndarray]
     column_scale: np.ndarray
+    #: The rows any structure reads (sorted, each once), or None when that is every row of the dij.
+    active: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +73,7 @@ class PlanResult:
     ``fluence``: beamlet weights (float64, ≥ 0) scaled so PTV D95 = ``rx_gy``. ``dose[name]``: Gy on each row
     of the structure (``dij.rows[name]`` order) for every reported structure. ``objective``: F at the solution
     before normalisation (dimensionless). ``evaluations``: objective/gradient evaluations, each one ``A @ x``
-    and one ``Aᵀ @ g`` on the problem's rows. ``scale``: the normalisation factor applied.
+    and one ``Aᵀ @ g`` on the dij's rows. ``scale``: the normalisation factor applied.
     """
 
     fluence: np.ndarray
@@ -93,9 +92,9 @@ _PROBLEMS: weakref.WeakKeyDictionary[Dij, dict[tuple[str, tuple[str, ...]], FmoP
 
 
 def prepare(dij: Dij, structures: Iterable[str], *, target: str = PTV) -> FmoProblem:
-    """The row-restricted problem for ``structures`` (cached per dij object, so repeated calls are free).
+    """The problem for ``structures`` (cached per dij object, so repeated calls are free).
 
-    The block named ``"ptv"`` takes the dij rows of ``target``, so a dij may name its target differently.
+    The structure named ``"ptv"`` takes the dij rows of ``target``, so a dij may name its target differently.
     """
     names = tuple(structures)
     per_dij = _PROBLEMS.setdefault(dij, {})
@@ -108,17 +107,13 @@ def prepare(dij: Dij, structures: Iterable[str], *, target: str = PTV) -> FmoPro
     empty = [n for n in sources if len(dij.rows[n]) == 0]
     if empty:
         raise ValueError(f"structures without voxels cannot carry TPPs: {empty}")
-    blocks = [np.asarray(dij.rows[n], dtype=np.int64) for n in sources]
-    matrix = dij.matrix[np.concatenate(blocks)].astype(np.float32).tocsr()
-    matrix.sort_indices()
-    offsets = np.cumsum([0, *(len(b) for b in blocks)])
-    slices = {n: slice(int(offsets[i]), int(offsets[i + 1])) for i, n in enumerate(names)}
-    ptv_rows = matrix[slices[PTV]]
-    rms = np.sqrt(np.asarray(ptv_rows.multiply(ptv_rows).sum(axis=0), dtype=np.float64).ravel() / ptv_rows.shape[0])
+    rows = {n: np.asarray(dij.rows[src], dtype=np.int64) for n, src in zip(names, sources, strict=True)}
+    rms = np.sqrt(dij.matrix.column_sumsq(rows[PTV]) / rows[PTV].size)
     if not np.any(rms > 0):
         raise ValueError("no beamlet delivers dose to the PTV")
     rms = np.maximum(rms, SCALE_FLOOR * np.median(rms[rms > 0]))
-    problem = FmoProblem(names, matrix, matrix.T.tocsr(), slices, 1.0 / rms)
+    active = np.unique(np.concatenate(list(rows.values())))
+    problem = FmoProblem(names, rows, 1.0 / rms, None if active.size == dij.n_rows else active)
     per_dij[(target, names)] = problem
     return problem
 
@@ -135,14 +130,15 @@ def _hot_mask(d: np.ndarray, fraction: float) -> np.ndarray | None:
 class _Objective:
     """F(x) and its gradient, counting evaluations."""
 
-    def __init__(self, problem: FmoProblem, tpps: TppSet, rx_gy: float, mu0: float) -> None:
+    def __init__(self, dij: Dij, problem: FmoProblem, tpps: TppSet, rx_gy: float, mu0: float) -> None:
+        self.matrix = dij.matrix
         self.problem = problem
         self.inv_rx = np.float32(1.0 / rx_gy)
         lam_p = tpps.ptv.lam
-        # (slice, threshold t, hottest fraction v, weight) per penalty term, PTV hot spot first.
-        self.terms: list[tuple[slice, float, float, float]] = [(problem.slices[PTV], tpps.ptv.t, tpps.ptv.v, 1.0)]
+        # (dij rows, threshold t, hottest fraction v, weight) per penalty term, PTV hot spot first.
+        self.terms: list[tuple[np.ndarray, float, float, float]] = [(problem.rows[PTV], tpps.ptv.t, tpps.ptv.v, 1.0)]
         for name, tpp in tpps.oars.items():
-            self.terms.append((problem.slices[name], tpp.t, tpp.v, tpp.lam / lam_p))
+            self.terms.append((problem.rows[name], tpp.t, tpp.v, tpp.lam / lam_p))
         self.mu = mu0 * (1.0 + sum(w for *_, w in self.terms[1:]))
         self.evaluations = 0
         # L-BFGS-B stops when ΔF ≤ ftol·max(|F|, 1): the solver sees F·rtol/atol with ftol = rtol, so it
@@ -163,20 +159,28 @@ class _Objective:
 
     def _evaluate(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         self.evaluations += 1
-        u = self.problem.matrix @ x.astype(np.float32)
+        value, grad_u = self.dose_terms(x)
+        # dF/dx = Aᵀ (dF/du) / R.
+        grad = self.matrix.rmatvec(grad_u).astype(np.float64) * float(self.inv_rx)
+        return value, grad
+
+    def dose_terms(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """F(x) and dF/du per dij row (u = dose / R): one ``A @ x``, no ``Aᵀ`` product."""
+        active = self.problem.active
+        u = self.matrix @ x if active is None else self.matrix.matvec_rows(x, active)
         u *= self.inv_rx
         grad_u = np.zeros_like(u)
         value = 0.0
-        for sl, t, v, w in self.terms:
-            us = u[sl]
+        for rows, t, v, w in self.terms:
+            us = u[rows]
             excess = np.maximum(us - np.float32(t), np.float32(0.0))
             mask = _hot_mask(us, v)
             if mask is not None:
                 excess *= mask
             scale = w / us.size
             value += 0.5 * scale * float(np.dot(excess, excess))
-            grad_u[sl] += np.float32(scale) * excess
-        ptv = self.problem.slices[PTV]
+            grad_u[rows] += np.float32(scale) * excess  # rows are unique within a structure
+        ptv = self.problem.rows[PTV]
         up = u[ptv]
         deficit = np.maximum(np.float32(1.0) - up, np.float32(0.0))
         mask = _hot_mask(up, COVERAGE_FRACTION)
@@ -185,18 +189,23 @@ class _Objective:
         scale = self.mu / up.size
         value += 0.5 * scale * float(np.dot(deficit, deficit))
         grad_u[ptv] -= np.float32(scale) * deficit
-        # dF/dx = Aᵀ (dF/du) / R.
-        grad = np.asarray(self.problem.matrix_t @ grad_u, dtype=np.float64) * float(self.inv_rx)
-        return value, grad
+        return value, grad_u
 
 
-def _open_field(problem: FmoProblem, rx_gy: float) -> np.ndarray:
+def dose_gradient(dij: Dij, tpps: TppSet, rx_gy: float, fluence: np.ndarray, *, target: str = PTV,
+                  mu0: float = DEFAULT_MU0) -> np.ndarray:
+    """dF/du per dij row (float32; u = dose / Rx) at beamlet weights ``fluence``: the vector each objective
+    evaluation multiplies by ``Aᵀ`` (zero on rows no penalty touches, which the product skips)."""
+    problem = prepare(dij, tpps.structures, target=target)
+    return _Objective(dij, problem, tpps, rx_gy, mu0).dose_terms(np.asarray(fluence, dtype=np.float64))[1]
+
+
+def _open_field(dij: Dij, problem: FmoProblem, rx_gy: float) -> np.ndarray:
     """Uniform fluence scaled so the PTV mean dose is ``rx_gy``: the cold start."""
-    ones = np.ones(problem.matrix.shape[1], dtype=np.float32)
-    mean = float(np.mean(problem.matrix[problem.slices[PTV]] @ ones))
+    mean = float(np.mean((dij.matrix @ np.ones(dij.n_beamlets, dtype=np.float32))[problem.rows[PTV]]))
     if mean <= 0:
         raise ValueError("no beamlet delivers dose to the PTV")
-    return np.full(problem.matrix.shape[1], rx_gy / mean, dtype=np.float64)
+    return np.full(dij.n_beamlets, rx_gy / mean, dtype=np.float64)
 
 
 def held_by_normalisation(
@@ -236,9 +245,9 @@ def optimize(
         raise ValueError(f"rx_gy must be positive, got {rx_gy}")
     started = time.perf_counter()
     problem = prepare(dij, tpps.structures, target=target)
-    objective = _Objective(problem, tpps, rx_gy, mu0)
+    objective = _Objective(dij, problem, tpps, rx_gy, mu0)
     if warm_start is None:
-        x0 = _open_field(problem, rx_gy)
+        x0 = _open_field(dij, problem, rx_gy)
     else:
         x0 = np.maximum(np.asarray(warm_start, dtype=np.float64), 0.0)
         if x0.shape != (dij.n_beamlets,):
@@ -259,15 +268,11 @@ def optimize(
         options={"maxiter": max_iterations, "ftol": rtol, "gtol": 1e-10, "maxcor": 10},
     )
     x = np.maximum(solution.x * column_scale, 0.0)
-    x32 = x.astype(np.float32)
     names = tuple(dij.rows) if dose_structures is None else tuple(dose_structures)
-    # The problem's rows usually cover every reported structure: one small product instead of the full dij.
-    blocks = np.asarray(problem.matrix @ x32)
-    block_of = {(target if n == PTV else n): sl for n, sl in problem.slices.items()}
-    full = None if set(names) <= set(block_of) else np.asarray(dij.matrix @ x32)
+    full = dij.matrix @ x.astype(np.float32)
 
     def rows_of(name: str) -> np.ndarray:
-        return blocks[block_of[name]] if full is None else full[dij.rows[name]]
+        return full[dij.rows[name]]
 
     d95 = d_percent(rows_of(target), 100.0 * COVERAGE_FRACTION)
     if d95 <= 0:

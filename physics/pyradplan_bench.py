@@ -239,7 +239,7 @@ def _dij_from_pyradplan(matrix: sp.csc_array | sp.csc_matrix, case: Case, beam_n
         union |= case.structure(name).mask
     voxel_index = np.flatnonzero(union)
     rows = {n: np.searchsorted(voxel_index, np.flatnonzero(case.structure(n).mask)) for n in (PTV, *TPP_OARS)}
-    return Dij(matrix=_csc_rows(matrix, voxel_index).tocsr(), voxel_index=voxel_index, rows=rows,
+    return Dij.from_csr(_csc_rows(matrix, voxel_index).tocsr(), voxel_index=voxel_index, rows=rows,
                beamlet_beam=beam_num.astype(np.int32), voxel_volume_cc=case.grid.voxel_volume_cc,
                grid_shape=case.grid.shape)
 

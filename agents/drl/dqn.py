@@ -276,8 +276,9 @@ class _ProcessActors:
     def __init__(self, workers: int, make_env: Callable[[], PlanningEnv], torch_threads: int) -> None:
         # One BLAS thread per actor: OpenBLAS's extra thread spins between calls, and with an actor per core it took
         # a third of each core (measured: 37 % of a core beside 54 % of useful work). The variables must be set
-        # before an actor imports numpy, so they are set here, for the processes this run spawns.
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        # before an actor imports numpy, so they are set here, for the processes this run spawns. Same for the dij
+        # products' numba threads (m2m.physics.sparse; their results do not depend on the thread count).
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             os.environ[var] = str(torch_threads)
         # spawn, not fork: the learner already holds torch's thread pools.
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),

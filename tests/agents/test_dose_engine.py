@@ -41,8 +41,9 @@ def test_report_doses_come_from_the_report_dij_and_leave_the_planning_dij_alone(
 
 def _renamed(dij: Dij, source: str, name: str) -> Dij:
     rows = dij.rows[source]
-    return Dij(matrix=dij.matrix[rows].tocsr(), voxel_index=dij.voxel_index[rows], rows={name: np.arange(rows.size)},
-               beamlet_beam=dij.beamlet_beam, voxel_volume_cc=dij.voxel_volume_cc, grid_shape=dij.grid_shape)
+    return Dij(matrix=dij.matrix.select_rows(rows), voxel_index=dij.voxel_index[rows],
+               rows={name: np.arange(rows.size)}, beamlet_beam=dij.beamlet_beam, voxel_volume_cc=dij.voxel_volume_cc,
+               grid_shape=dij.grid_shape)
 
 
 def test_dose_engine_reports_every_target_and_oar_of_the_case_but_plans_on_the_tpp_structures(

@@ -56,7 +56,8 @@ def toy_dij(target: str = "ptv") -> Dij:
             beam_of.append(b)
     matrix = sp.csr_matrix(np.stack(columns, axis=1).astype(np.float32))
     rows = {name: np.searchsorted(idx, np.flatnonzero(m.ravel())) for name, m in masks.items()}
-    return Dij(matrix, idx, rows, np.array(beam_of), spacing * spacing * 5.0 / 1000.0, (1, n, n))
+    return Dij.from_csr(matrix, voxel_index=idx, rows=rows, beamlet_beam=np.array(beam_of),
+                        voxel_volume_cc=spacing * spacing * 5.0 / 1000.0, grid_shape=(1, n, n))
 
 
 def _d95(plan: PlanResult) -> float:

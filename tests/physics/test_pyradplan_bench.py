@@ -103,3 +103,14 @@ def test_every_bixel_of_ours_has_exactly_one_pyradplan_partner() -> None:
     n_ours = sum(bixel_grid(case, beams, b).n for b in range(beams.n_beams))
     matched = cols[cols >= 0]
     assert np.array_equal(np.sort(matched), np.arange(n_ours))
+
+
+def test_bench_physics_reports_the_walk_its_floor_and_the_rows_the_floor_multiplies() -> None:
+    rows = {r.what: r for r in bench.run(seed=0, evaluations=3, skip_complex=True, skip_pyradplan=True)}
+    walk = rows["warm FMO per TPP evaluation (median of 3 steps)"]
+    assert walk.value.endswith(" ms") and "evaluations" in walk.note
+    floor = rows["matvec floor of those solves (median)"].note
+    # prostate-basic plans read the PTV, bladder and rectum rows, not the femoral heads' the dij also holds
+    read, total = (int(v) for v in floor.split("(")[1].split(" rows")[0].split(" of "))
+    assert 0 < read < total
+    assert float(rows["ratio warm solve / floor (median)"].value) > 0

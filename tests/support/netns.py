@@ -56,7 +56,8 @@ SCENARIO = "liver"
 planners or the evaluator, bound the sessions' throughput (prostate-basic's take ~0.2 s)."""
 ROUTER_PORT, PUB_PORT = 5555, 5556
 """The broker's ports inside its own namespace (nothing else listens there)."""
-ENGINE_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ENGINE_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                  "NUMBA_NUM_THREADS": "1"}
 """One thread per dose engine: with one CPU each, the engines are the sessions' bottleneck."""
 
 

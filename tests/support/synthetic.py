@@ -29,8 +29,8 @@ def synthetic_case(seed: int) -> PlanningCase:
         "bladder": np.arange(n_ptv, n_ptv + n_oar),
         "rectum": np.arange(n_ptv + n_oar, n_ptv + 2 * n_oar),
     }
-    dij = Dij(
-        matrix=matrix,
+    dij = Dij.from_csr(
+        matrix,
         voxel_index=np.arange(n_ptv + 2 * n_oar),
         rows=rows,
         beamlet_beam=np.repeat(np.arange(4), 6).astype(np.int32),
