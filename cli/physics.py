@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from m2m.scenarios.calibrate import CalibrationReport
 
 # m2m.scenarios.calibrate.SEARCH_STARTS, spelled out so that every m2m command does not import the optimizer
 # (0.5 s); a test keeps the two equal.
@@ -21,6 +25,8 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     bench.add_argument("--seed", type=int, default=0, help="prostate phantom seed (default 0)")
     bench.add_argument("--evaluations", type=int, default=30, help="warm-started TPP steps to time (default 30)")
     bench.add_argument("--skip-complex", action="store_true", help="skip the 180-beam case (quick run)")
+    bench.add_argument("--complex-steps", type=int, default=10,
+                       help="warm-started TPP steps to time on the 180-beam case (default 10)")
     bench.add_argument("--skip-pyradplan", action="store_true",
                        help="skip the pyRadPlan comparison even when pyRadPlan is installed (it takes minutes)")
     bench.add_argument("--pyradplan-seed", type=int, default=None,
@@ -36,8 +42,9 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     cal = sub.add_parser(
         "calibrate", help="score default/random initial TPPs and search for the maximum score on a cohort"
     )
-    cal.add_argument("--scenario", required=True,
-                     help="prostate-basic, prostate-complex, liver, tg119, alderson or a registered scenario")
+    cal.add_argument("--scenario", required=True, nargs="+",
+                     help="prostate-basic, prostate-complex, liver, tg119, alderson or a registered scenario "
+                          "(several: one after the other; needs --summary)")
     cal.add_argument("--cases", type=int, default=20, help="number of phantoms (default 20)")
     cal.add_argument("--cohort", default="validation", help="cohort whose first seeds are used (default validation)")
     cal.add_argument("--max-evaluations", type=int, default=400, help="search budget per case (plans)")
@@ -51,6 +58,11 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     cal.add_argument("--start", choices=_SEARCH_STARTS, default="better",
                      help="initial plan the search ascends from: the better of default and random TPPs (default), "
                           "or one of them")
+    cal.add_argument("--summary", default=None, metavar="DIR",
+                     help="keep each scenario's cases in DIR/<scenario>.json (resumable, as --json) and write "
+                          "DIR/summary.json and DIR/summary.md over every scenario there (e.g. examples/calibration)")
+    cal.add_argument("--readme", default=None, metavar="FILE",
+                     help="with --summary: also replace the table between the calibration-summary markers in FILE")
     cal.set_defaults(func=_calibrate)
 
     data = sub.add_parser("data", help="download the case files of the packaged case-file scenarios (tg119, "
@@ -121,10 +133,79 @@ def _bench(args: argparse.Namespace) -> int:
     if pyradplan_seed is None:  # the first case of the prostate-basic validation cohort
         pyradplan_seed = int(load_scenario("prostate-basic").cohorts.get("validation").seeds[0])
     return main(seed=args.seed, evaluations=args.evaluations, skip_complex=args.skip_complex,
-                skip_pyradplan=args.skip_pyradplan, pyradplan_seed=pyradplan_seed)
+                skip_pyradplan=args.skip_pyradplan, pyradplan_seed=pyradplan_seed, complex_steps=args.complex_steps)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from m2m.scenarios import ScenarioError, load_scenario
+    from m2m.scenarios.calibrate import summary_record, summary_table
+
+    if len(args.scenario) > 1 and args.summary is None:
+        print("m2m calibrate: several --scenario names need --summary DIR (one case file per scenario)",
+              file=sys.stderr)
+        return 2
+    if args.json and args.summary:
+        print("m2m calibrate: --json and --summary both name the case file; give one", file=sys.stderr)
+        return 2
+    if args.readme and not args.summary:
+        print("m2m calibrate: --readme needs --summary", file=sys.stderr)
+        return 2
+    for name in args.scenario:
+        try:
+            load_scenario(name)
+        except ScenarioError as exc:
+            print(f"m2m calibrate: --scenario: {exc}", file=sys.stderr)
+            return 2
+    folder = Path(args.summary) if args.summary else None
+    reports: list[CalibrationReport] = []
+    for name in args.scenario:
+        path = folder / f"{name}.json" if folder is not None else (Path(args.json) if args.json else None)
+        report = _calibrate_one(args, name, path)
+        if isinstance(report, int):
+            return report
+        reports.append(report)
+    if folder is None:
+        return 0
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+    for report in reports:
+        try:
+            summary[report.scenario] = summary_record(report)
+        except ValueError as exc:
+            print(f"m2m calibrate: {exc}", file=sys.stderr)
+            return 1
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    table = summary_table(summary)
+    (folder / "summary.md").write_text(
+        "# Scenario calibration\n\nWritten by `m2m calibrate --summary` (README: Regenerating the shipped artifacts); "
+        "per-case results in the `<scenario>.json` files beside this one, the same figures machine-readable in "
+        "`summary.json`.\n\n" + table, encoding="utf-8")
+    print(table)
+    if args.readme:
+        return _replace_block(Path(args.readme), table)
+    return 0
+
+
+#: The lines between which ``m2m calibrate --summary DIR --readme README.md`` writes its table.
+README_MARKERS = ("<!-- calibration-summary:begin (written by m2m calibrate --summary; do not edit) -->",
+                  "<!-- calibration-summary:end -->")
+
+
+def _replace_block(path: Path, table: str) -> int:
+    """Put ``table`` between :data:`README_MARKERS` in ``path``; 1 with a message when the markers are missing."""
+    text = path.read_text(encoding="utf-8")
+    begin, end = README_MARKERS
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        print(f"m2m calibrate: {path}: needs one '{begin}' line and one '{end}' line after it", file=sys.stderr)
+        return 1
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{table}{end}{tail}", encoding="utf-8")
+    return 0
+
+
+def _calibrate_one(args: argparse.Namespace, name: str, path: Path | None) -> CalibrationReport | int:
+    """Calibrate scenario ``name`` (resuming from the case file ``path``): its report, or an exit code."""
     import dataclasses
 
     from rich.console import Console
@@ -135,35 +216,31 @@ def _calibrate(args: argparse.Namespace) -> int:
     from m2m.scenarios import ScenarioError, load_scenario
     from m2m.scenarios.calibrate import CaseCalibration, calibrate, case_from_dict
 
-    try:
-        scenario = load_scenario(args.scenario)
-    except ScenarioError as exc:
-        print(f"m2m calibrate: --scenario: {exc}", file=sys.stderr)
-        return 2
+    scenario = load_scenario(name)
     seeds = args.seeds if args.seeds else list(scenario.cohorts.get(args.cohort).seeds)[: args.cases]
-    path = Path(args.json) if args.json else None
     done: dict[int, CaseCalibration] = {}
     if path is not None and path.exists():
         saved = json.loads(path.read_text(encoding="utf-8"))
         # Files written before --start existed hold "better" searches.
         held = (saved.get("scenario"), saved.get("max_evaluations"), saved.get("start", "better"))
-        if held != (args.scenario, args.max_evaluations, args.start):
+        if held != (name, args.max_evaluations, args.start):
             raise SystemExit(f"{path}: holds {held[0]} with budget {held[1]} and start {held[2]}, not "
-                             f"{args.scenario} with {args.max_evaluations} and {args.start}; use another --json file")
+                             f"{name} with {args.max_evaluations} and {args.start}; use another --json file")
         done = {c.seed: c for c in map(case_from_dict, saved["cases"])}
     finished: list[CaseCalibration] = list(done.values())
 
     def save(case: CaseCalibration) -> None:
         finished.append(case)
         if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(
-                {"scenario": args.scenario, "max_evaluations": args.max_evaluations, "start": args.start,
+                {"scenario": name, "max_evaluations": args.max_evaluations, "start": args.start,
                  "cases": [dataclasses.asdict(c) for c in sorted(finished, key=lambda c: c.seed)]}, indent=1,
             ) + "\n", encoding="utf-8")
 
     console = Console()
     with Progress(console=console) as progress:
-        task = progress.add_task(f"calibrating {args.scenario}", total=len(seeds), completed=len(done))
+        task = progress.add_task(f"calibrating {name}", total=len(seeds), completed=len(done))
 
         def on_case(case: CaseCalibration) -> None:
             save(case)
@@ -171,20 +248,21 @@ def _calibrate(args: argparse.Namespace) -> int:
 
         try:
             report = calibrate(
-                args.scenario, seeds, cache_dir=args.cache_dir, max_evaluations=args.max_evaluations,
+                name, seeds, cache_dir=args.cache_dir, max_evaluations=args.max_evaluations,
                 on_case=on_case, workers=args.workers, done=done, start=args.start,
             )
         except (ScenarioError, CaseFileError) as exc:  # e.g. the case file went missing during the run
             print(f"m2m calibrate: {exc} (the cases done are kept{f' in {path}' if path else ''})", file=sys.stderr)
             return 1
-    table = Table(title=f"calibration: {args.scenario} (max {report.max_score:g})")
-    for column in ("seed", "default", "random", "searched", "max?", "plans", "still failing"):
+    table = Table(title=f"calibration: {name} (max {report.max_score:g})")
+    for column in ("seed", "initial", "default", "random", "searched", "max?", "plans", "still failing"):
         table.add_column(column)
     for c in report.cases:
         table.add_row(
-            str(c.seed), f"{c.default_score:.2f}", f"{c.random_score:.2f}", f"{c.searched_score:.2f}",
-            "yes" if c.reached_max else "no", str(c.search_evaluations), "; ".join(c.failing_after_search),
+            str(c.seed), f"{c.initial_score:.2f}", f"{c.default_score:.2f}", f"{c.random_score:.2f}",
+            f"{c.searched_score:.2f}", "yes" if c.reached_max else "no", str(c.search_evaluations),
+            "; ".join(c.failing_after_search),
         )
     console.print(table)
     console.print(report.summary())
-    return 0
+    return report

@@ -142,6 +142,10 @@ class CaseCalibration:
     default_values: dict[str, float]
     dij_seconds: float
     fmo_seconds: float
+    #: The plan from the scenario's own initial TPPs (its ``[tpp] initial`` policy: the random or the default plan):
+    #: its score and the labels of the criteria it fails. Absent (NaN, empty) in files written before they existed.
+    initial_score: float = float("nan")
+    initial_failing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,7 @@ def calibrate_case(
     default = planner.evaluate(scenario.default_tpps())
     fmo_seconds = time.perf_counter() - started
     rand = planner.evaluate(scenario.random_tpps(seed))
+    initial = default if scenario.initial_tpps == "default" else rand
     first = {"better": max(default, rand, key=lambda e: e.key), "default": default, "random": rand}[start]
     result = search_max(
         planner, first, max_evaluations=max_evaluations,
@@ -227,12 +232,15 @@ def calibrate_case(
         default_values={i.criterion.label: round(i.value, 2) for i in default.report.items},
         dij_seconds=dij_seconds,
         fmo_seconds=fmo_seconds,
+        initial_score=initial.report.total,
+        initial_failing=initial.report.failing,
     )
 
 
 def case_from_dict(data: Mapping[str, Any]) -> CaseCalibration:
     """A :class:`CaseCalibration` from its :func:`dataclasses.asdict` form (e.g. read back from JSON)."""
-    return CaseCalibration(**{**data, "failing_after_search": tuple(data["failing_after_search"])})
+    return CaseCalibration(**{**data, "failing_after_search": tuple(data["failing_after_search"]),
+                              "initial_failing": tuple(data.get("initial_failing", ()))})
 
 
 def calibrate(
@@ -280,3 +288,63 @@ def calibrate(
             for future in as_completed(futures):
                 finished(future.result())
     return CalibrationReport(scenario_name, scenario.protocol.max_score, tuple(results[s] for s in seeds))
+
+
+#: The initial scores of the paper this project reproduces (arXiv 2606.00922; mean and sd of its starting plans, the
+#: complex prostate's given as about 10 of 15 without an sd), which :func:`summary_record` and :func:`summary_table`
+#: set ours beside.
+PAPER_INITIAL: Mapping[str, tuple[float, float | None]] = {
+    "prostate-basic": (5.8, 1.7),
+    "prostate-complex": (10.0, None),
+    "liver": (2.5, 0.4),
+}
+
+
+def summary_record(report: CalibrationReport) -> dict[str, Any]:
+    """One scenario's entry of ``examples/calibration/summary.json``: ``n`` cases; ``initial_mean`` / ``initial_sd``
+    of the scenario's own initial plans; ``max_score``; ``reached_max``, the share of cases on which the search
+    reached the maximum; ``median_plans``, the median over all cases of the plans the search cost (0 where it
+    started at the maximum); ``fail_share``, per criterion of the protocol, the share of cases whose initial plan
+    fails it; and the default TPPs' mean and sd beside them."""
+    cases = report.cases
+    if not cases or any(np.isnan(c.initial_score) for c in cases):
+        raise ValueError(f"{report.scenario}: a summary needs every case's initial plan (rerun with a new --json)")
+    initial = [c.initial_score for c in cases]
+    mean, sd = CalibrationReport._mean_sd(initial)
+    labels = [c.label for c in load_scenario(report.scenario).protocol.criteria]
+    return {
+        "n": len(cases),
+        "seeds": [c.seed for c in cases],
+        "initial_policy": load_scenario(report.scenario).initial_tpps,
+        "initial_mean": round(mean, 3),
+        "initial_sd": round(sd, 3),
+        "default_mean": round(report.default_mean_sd[0], 3),
+        "default_sd": round(report.default_mean_sd[1], 3),
+        "max_score": report.max_score,
+        "reached_max": report.n_reached_max / len(cases),
+        "median_plans": float(statistics.median(c.search_evaluations for c in cases)),
+        "max_plans": max(c.search_evaluations for c in cases),
+        "fail_share": {label: sum(label in c.initial_failing for c in cases) / len(cases) for label in labels},
+        "paper_initial_mean": PAPER_INITIAL[report.scenario][0] if report.scenario in PAPER_INITIAL else None,
+        "paper_initial_sd": PAPER_INITIAL[report.scenario][1] if report.scenario in PAPER_INITIAL else None,
+    }
+
+
+def summary_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """The Markdown table of a whole summary (one row per scenario), with the paper's initial scores beside ours."""
+    lines = [
+        "| scenario | n | initial TPPs (policy) | paper's initial | default TPPs | maximum reached by the search | "
+        "median plans (most) | criteria failing at the start (share of cases) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        mean, sd = s.get("paper_initial_mean"), s.get("paper_initial_sd")
+        paper_text = "—" if mean is None else (f"≈ {mean:g}" if sd is None else f"{mean:g} ± {sd:g}")
+        failing = ", ".join(f"{label} {share:.0%}" for label, share in
+                            sorted(s["fail_share"].items(), key=lambda kv: -kv[1]) if share > 0) or "none"
+        lines.append(
+            f"| {name} (max {s['max_score']:g}) | {s['n']} | {s['initial_mean']:.2f} ± {s['initial_sd']:.2f} "
+            f"({s['initial_policy']}) | {paper_text} | {s['default_mean']:.2f} ± {s['default_sd']:.2f} | "
+            f"{round(s['reached_max'] * s['n'])}/{s['n']} | {s['median_plans']:g} ({s['max_plans']}) | {failing} |"
+        )
+    return "\n".join(lines) + "\n"

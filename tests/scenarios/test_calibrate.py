@@ -71,7 +71,7 @@ def test_cli_registers_calibrate_and_bench_physics() -> None:
 
     parser = build_parser()
     args = parser.parse_args(["calibrate", "--scenario", "liver", "--cases", "3"])
-    assert (args.scenario, args.cases, args.cohort) == ("liver", 3, "validation") and callable(args.func)
+    assert (args.scenario, args.cases, args.cohort) == (["liver"], 3, "validation") and callable(args.func)
     args = parser.parse_args(["bench", "physics", "--skip-complex"])
     assert args.skip_complex and callable(args.func)
 
@@ -168,3 +168,43 @@ def test_cli_calibrates_given_seeds_from_a_given_start_and_keeps_files_apart(tmp
     # A file of default-start searches does not resume a run from another start.
     with pytest.raises(SystemExit, match="start default"):
         main([*args[:-5], "random", *args[-4:]])
+
+
+def test_cli_summary_over_scenarios_writes_json_markdown_and_the_readme_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from m2m.cli.main import main
+    from m2m.cli.physics import README_MARKERS
+
+    out, readme = tmp_path / "calibration", tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{README_MARKERS[0]}\nold table\n{README_MARKERS[1]}\n\nafter\n")
+    base = ["calibrate", "--cases", "2", "--max-evaluations", "2", "--cache-dir", str(tmp_path)]
+    assert main([*base, "--scenario", "liver", "prostate-basic"]) == 2  # several scenarios need --summary
+    assert "--summary" in capsys.readouterr().err
+    assert main([*base, "--scenario", "liver", "prostate-basic", "--summary", str(out), "--readme", str(readme)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["liver", "prostate-basic"]
+    for name, entry in summary.items():
+        cases = json.loads((out / f"{name}.json").read_text())["cases"]
+        assert entry["n"] == len(cases) == 2 and entry["seeds"] == [1000, 1001]
+        initial = [c["initial_score"] for c in cases]
+        assert entry["initial_mean"] == pytest.approx(sum(initial) / 2, abs=1e-3)
+        assert entry["max_score"] == {"liver": 4.0, "prostate-basic": 9.0}[name]
+        assert (entry["paper_initial_mean"], entry["paper_initial_sd"]) == {"liver": (2.5, 0.4),
+                                                                           "prostate-basic": (5.8, 1.7)}[name]
+        assert entry["reached_max"] == sum(c["reached_max"] for c in cases) / 2
+        assert entry["median_plans"] == pytest.approx(sum(c["search_evaluations"] for c in cases) / 2)
+        for label, share in entry["fail_share"].items():  # every criterion, each share from the cases' own lists
+            assert share == sum(label in c["initial_failing"] for c in cases) / 2
+        assert len(entry["fail_share"]) == {"liver": 4, "prostate-basic": 9}[name]
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title") and text.endswith("after\n")
+    assert "| liver (max 4) | 2 |" in text and "| prostate-basic (max 9) | 2 |" in text and "| 2.5 ± 0.4 |" in text
+    table = text.split(README_MARKERS[0] + "\n")[1].split(README_MARKERS[1])[0]
+    assert (out / "summary.md").read_text().endswith(table)  # the same table in both
+    # a README without the markers is refused, the summary is still written
+    readme.write_text("no markers\n")
+    assert main([*base, "--scenario", "liver", "--summary", str(out), "--readme", str(readme)]) == 1
+    assert "needs one" in capsys.readouterr().err and readme.read_text() == "no markers\n"
