@@ -94,6 +94,13 @@ def _column_sumsq(indptr: np.ndarray, indices: np.ndarray, codes: np.ndarray, ro
             out[indices[k]] += q * q
 
 
+def set_product_threads(n: int) -> None:
+    """Run this thread's parallel products on ``n`` threads (clamped to 1..``NUMBA_NUM_THREADS``); the results do
+    not depend on it. Set it this way, not by changing ``NUMBA_NUM_THREADS`` in a running process: numba refuses a
+    changed value once its threads have started."""
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+
+
 def index_dtype(n_cols: int) -> type[np.unsignedinteger] | type[np.signedinteger]:
     """The narrowest column-index type for ``n_cols`` columns: uint16 up to :data:`SMALL_INDEX`, else int32."""
     return np.uint16 if n_cols <= SMALL_INDEX else np.int32

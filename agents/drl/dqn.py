@@ -42,6 +42,7 @@ from torch import nn
 
 from m2m.agents.drl.env import SCORE_TOLERANCE, PlanningEnv
 from m2m.agents.drl.evaluate import EpisodeRecord, run_cohort, summarise
+from m2m.physics.sparse import set_product_threads
 from m2m.scenarios.cases import file_sha256
 
 log = structlog.get_logger()
@@ -247,6 +248,7 @@ _ACTOR_ENV: PlanningEnv | None = None
 def _actor_setup(make_env: Callable[[], PlanningEnv], torch_threads: int) -> None:
     global _ACTOR_ENV
     torch.set_num_threads(torch_threads)
+    set_product_threads(torch_threads)  # the dij products' threads (same results on any number)
     _ACTOR_ENV = make_env()
 
 
@@ -276,9 +278,10 @@ class _ProcessActors:
     def __init__(self, workers: int, make_env: Callable[[], PlanningEnv], torch_threads: int) -> None:
         # One BLAS thread per actor: OpenBLAS's extra thread spins between calls, and with an actor per core it took
         # a third of each core (measured: 37 % of a core beside 54 % of useful work). The variables must be set
-        # before an actor imports numpy, so they are set here, for the processes this run spawns. Same for the dij
-        # products' numba threads (m2m.physics.sparse; their results do not depend on the thread count).
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        # before an actor imports numpy, so they are set here, for the processes this run spawns. The dij products'
+        # threads are set in each actor instead (_actor_setup): numba refuses a changed NUMBA_NUM_THREADS in a process
+        # whose threads already run, and this one may have run them.
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(torch_threads)
         # spawn, not fork: the learner already holds torch's thread pools.
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
