@@ -4,10 +4,10 @@ Key = sha256 over the case's :meth:`~m2m.physics.case.Case.content_hash`, every 
 structure names and :data:`m2m.physics.dose.ENGINE_VERSION` (bump it whenever the engine's numbers change). One
 uncompressed ``.npz`` per key (memory-speed loads, no pickle), written to a temporary file in the cache directory and
 renamed into place, so readers never see a partial file and concurrent writers of the same key are harmless.
-The packed matrix (:class:`~m2m.physics.sparse.PackedCsr`: uint16 codes, int32 indices, per-beamlet scales) is
-stored as is and its members are read straight into arrays (no zip CRC pass), so a 43 M non-zero, 180-beam dij
-(247 MiB) loads in a fraction of a second once the file is in the page cache. A file of another layout (an older
-version) is unreadable here: it is recomputed and replaced.
+The packed matrix (:class:`~m2m.physics.sparse.PackedCsr`: uint16 codes, uint16 or int32 column indices,
+per-beamlet scales) is stored as is and its members are read straight into arrays (no zip CRC pass), so a 44 M
+non-zero, 180-beam dij (168 MiB) loads in a fraction of a second once the file is in the page cache. A file of
+another layout (an older version) is unreadable here: it is recomputed and replaced.
 """
 
 from __future__ import annotations

@@ -166,8 +166,7 @@ class _Objective:
 
     def dose_terms(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         """F(x) and dF/du per dij row (u = dose / R): one ``A @ x``, no ``Aᵀ`` product."""
-        active = self.problem.active
-        u = self.matrix @ x if active is None else self.matrix.matvec_rows(x, active)
+        u = self.matrix.matvec_rows(x, self.problem.active)
         u *= self.inv_rx
         grad_u = np.zeros_like(u)
         value = 0.0
@@ -202,7 +201,8 @@ def dose_gradient(dij: Dij, tpps: TppSet, rx_gy: float, fluence: np.ndarray, *, 
 
 def _open_field(dij: Dij, problem: FmoProblem, rx_gy: float) -> np.ndarray:
     """Uniform fluence scaled so the PTV mean dose is ``rx_gy``: the cold start."""
-    mean = float(np.mean((dij.matrix @ np.ones(dij.n_beamlets, dtype=np.float32))[problem.rows[PTV]]))
+    ptv = problem.rows[PTV]
+    mean = float(np.mean(dij.matrix.matvec_rows(np.ones(dij.n_beamlets, dtype=np.float32), ptv)[ptv]))
     if mean <= 0:
         raise ValueError("no beamlet delivers dose to the PTV")
     return np.full(dij.n_beamlets, rx_gy / mean, dtype=np.float64)
@@ -270,16 +270,12 @@ def optimize(
     x = np.maximum(solution.x * column_scale, 0.0)
     names = tuple(dij.rows) if dose_structures is None else tuple(dose_structures)
     full = dij.matrix @ x.astype(np.float32)
-
-    def rows_of(name: str) -> np.ndarray:
-        return full[dij.rows[name]]
-
-    d95 = d_percent(rows_of(target), 100.0 * COVERAGE_FRACTION)
+    d95 = d_percent(full[dij.rows[target]], 100.0 * COVERAGE_FRACTION)
     if d95 <= 0:
         raise ValueError("the optimised plan gives the PTV no dose; cannot normalise")
     scale = rx_gy / d95
     x *= scale
-    dose = {name: rows_of(name) * np.float32(scale) for name in names}
+    dose = {name: full[dij.rows[name]] * np.float32(scale) for name in names}
     return PlanResult(
         fluence=x,
         dose=dose,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numba
 import numpy as np
@@ -127,12 +128,17 @@ class PackedCsr:
             raise ValueError(f"packed matrix arrays do not match its shape {self.shape}")
         if self.indices.shape != self.codes.shape or self.indices.size != int(self.indptr[-1]):
             raise ValueError("packed matrix: indices, codes and indptr disagree on the number of entries")
-        # Row blocks of about equal non-zeros for Aᵀ @ y.
-        targets = np.linspace(0, self.indices.size, CHUNKS + 1)
-        bounds = np.searchsorted(self.indptr, targets).astype(np.int64)
-        bounds[0], bounds[-1] = 0, n_rows
-        object.__setattr__(self, "_bounds", np.maximum.accumulate(bounds))
-        object.__setattr__(self, "_all_rows", np.arange(n_rows, dtype=np.int64))
+
+    @cached_property
+    def _row_blocks(self) -> np.ndarray:
+        """The :data:`CHUNKS` row blocks of ``Aᵀ @ y`` (bounds, int64), of about equal non-zeros."""
+        bounds = np.searchsorted(self.indptr, np.linspace(0, self.indices.size, CHUNKS + 1)).astype(np.int64)
+        bounds[0], bounds[-1] = 0, self.shape[0]
+        return np.maximum.accumulate(bounds)
+
+    @cached_property
+    def _every_row(self) -> np.ndarray:
+        return np.arange(self.shape[0], dtype=np.int64)
 
     @classmethod
     def from_csr(cls, matrix: sp.csr_matrix | sp.csr_array) -> PackedCsr:
@@ -185,19 +191,19 @@ class PackedCsr:
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
         """``A @ x`` (float32, one entry per row)."""
-        all_rows: np.ndarray = self._all_rows  # type: ignore[attr-defined]
-        return self.matvec_rows(x, all_rows)
+        return self.matvec_rows(x)
 
-    def matvec_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """``(A @ x)[i]`` for the rows ``rows`` (int64, each once), in a full-length float32 vector whose other entries
-        are 0: the product an objective needs when the dij has rows it does not read (e.g. report-only OARs)."""
+    def matvec_rows(self, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """``(A @ x)[i]`` for the rows ``rows`` (int64, each once; None: every row), in a full-length float32 vector
+        whose other entries are 0: the product an objective needs when the dij has rows it does not read (e.g.
+        report-only OARs)."""
         x = np.asarray(x)
         if x.shape != (self.shape[1],):
             raise ValueError(f"A @ x: x has shape {x.shape}, expected ({self.shape[1]},)")
         out = np.zeros(self.shape[0], dtype=np.float32)
         kernel = _forward if self.parallel else _forward_serial
         kernel(self.indptr, self.indices, self.codes, (self.scale * x).astype(np.float32),
-               np.asarray(rows, dtype=np.int64), out)
+               self._every_row if rows is None else np.asarray(rows, dtype=np.int64), out)
         return out
 
     def rmatvec(self, y: np.ndarray) -> np.ndarray:
@@ -205,7 +211,7 @@ class PackedCsr:
         y = np.ascontiguousarray(y, dtype=np.float32)
         if y.shape != (self.shape[0],):
             raise ValueError(f"Aᵀ @ y: y has shape {y.shape}, expected ({self.shape[0]},)")
-        bounds: np.ndarray = self._bounds  # type: ignore[attr-defined]
+        bounds = self._row_blocks
         part = np.zeros((bounds.size - 1, self.shape[1]), dtype=np.float32)
         (_backward if self.parallel else _backward_serial)(self.indptr, self.indices, self.codes, y, bounds, part)
         out = part[0].copy()

@@ -309,13 +309,13 @@ def summary_record(report: CalibrationReport) -> dict[str, Any]:
     cases = report.cases
     if not cases or any(np.isnan(c.initial_score) for c in cases):
         raise ValueError(f"{report.scenario}: a summary needs every case's initial plan (rerun with a new --json)")
-    initial = [c.initial_score for c in cases]
-    mean, sd = CalibrationReport._mean_sd(initial)
-    labels = [c.label for c in load_scenario(report.scenario).protocol.criteria]
+    scenario = load_scenario(report.scenario)
+    mean, sd = CalibrationReport._mean_sd([c.initial_score for c in cases])
+    labels = [c.label for c in scenario.protocol.criteria]
     return {
         "n": len(cases),
         "seeds": [c.seed for c in cases],
-        "initial_policy": load_scenario(report.scenario).initial_tpps,
+        "initial_policy": scenario.initial_tpps,
         "initial_mean": round(mean, 3),
         "initial_sd": round(sd, 3),
         "default_mean": round(report.default_mean_sd[0], 3),

@@ -64,12 +64,12 @@ def test_poisoned_retained_values_break_no_follower(monkeypatch: pytest.MonkeyPa
         s = ctx.socket(zmq.DEALER)
         s.linger = 5000  # linger 0 could drop the poison before it left (CI once killed the planner before it landed)
         s.connect(bus.endpoint)
-        for topic in (status_topic("zz-poison"), knowledge_topic("zz-poison")):
+        topics = (status_topic("zz-poison"), knowledge_topic("zz-poison"))
+        for topic in topics:
             s.send_multipart(poisoned(topic))
         transcript = Path(status.transcript)
-        topics = [t.encode() for t in (status_topic("zz-poison"), knowledge_topic("zz-poison"))]
-        wait_until(lambda: all(t in transcript.read_bytes() for t in topics), "the broker has both poisoned values",
-                   timeout=30)
+        wait_until(lambda: all(t.encode() in transcript.read_bytes() for t in topics),
+                   "the broker has both poisoned values", timeout=30)
         s.close()
 
         # a restarted planner reads the knowledge snapshot (poison included); the supervisor sees the poisoned status
