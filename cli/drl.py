@@ -93,6 +93,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from m2m.agents.drl.advisor import Advisor
     from m2m.agents.drl.dqn import episode_to_dict
     from m2m.agents.drl.evaluate import run_cohort, summarise, table
+    from m2m.scenarios.cases import file_sha256
 
     advisor = Advisor.from_checkpoint(args.checkpoint)
     env, seeds = advisor.cohort_env(args.scenario, args.cohort, args.cases)
@@ -103,7 +104,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"scenario": args.scenario, "cohort": args.cohort, "seeds": seeds,
-                                         "decision_rule": rule, "checkpoint": str(args.checkpoint),
+                                         "decision_rule": rule,
+                                         # identified as the training summary and the knowledge identify it, not by
+                                         # a path that is only true on the machine that ran this
+                                         "checkpoint": {"file": args.checkpoint.name,
+                                                        "sha256": file_sha256(args.checkpoint)},
                                          "summary": summary.as_dict(),
                                          "episodes": [episode_to_dict(r) for r in records]}, indent=2) + "\n")
     return 0
