@@ -175,10 +175,11 @@ def _loads(scenario: str) -> bool:
 
 
 def initial_tpps(scenario: str, seed: int, case_seed: int, init: int) -> dict[str, float]:
-    """Random initial TPPs from the published training ranges, a pure function of its arguments."""
+    """Random initial TPPs from the scenario's initial ranges (:attr:`Scenario.initial_ranges`), a pure function of
+    its arguments."""
     sc = load_scenario(scenario)
     rng = np.random.default_rng([sc.initial_seed, seed, case_seed, init])
-    return random_tpps(rng, sc.oar_names).as_dict()
+    return random_tpps(rng, sc.oar_names, sc.initial_ranges).as_dict()
 
 
 def runs_of(design: Design) -> list[Run]:

@@ -39,7 +39,7 @@ from msgspec import Meta
 
 from m2m.physics.config_file import ConfigError, convert, expected, key_path, read_toml, toml_repr
 from m2m.physics.protocol import Protocol, ProtocolError, load_protocol, load_protocol_file
-from m2m.physics.tpp import PARAMS, PTV, TppSet, random_tpps
+from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, ROLES, TRAINING_RANGES, TppSet, random_tpps
 
 #: A scenario's anatomical site: the phantom family of a cohort scenario; a case-file scenario may say ``"other"``
 #: (its knowledge then comes from another site, through the role map).
@@ -185,6 +185,11 @@ class Scenario:
     fingerprint: str = ""
     #: The protocol file the scenario names (None: a packaged protocol by name).
     protocol_file: str | None = None
+    #: ``(role, param) → (low, high, log_uniform)``: what the scenario's random initial TPPs are drawn from (the
+    #: ``[tpp.initial_ranges]`` table over :data:`~m2m.physics.tpp.TRAINING_RANGES`); DRL training draws its
+    #: episodes' starts from the same ranges.
+    initial_ranges: Mapping[tuple[str, str], tuple[float, float, bool]] = field(
+        default_factory=lambda: TRAINING_RANGES, hash=False)
 
     @property
     def oar_names(self) -> tuple[str, ...]:
@@ -200,7 +205,7 @@ class Scenario:
 
     def random_tpps(self, case_seed: int) -> TppSet:
         """Random TPPs for one case: a pure function of (``initial_seed``, ``case_seed``)."""
-        return random_tpps(np.random.default_rng([self.initial_seed, case_seed]), self.oar_names)
+        return random_tpps(np.random.default_rng([self.initial_seed, case_seed]), self.oar_names, self.initial_ranges)
 
     def initial_tpp_set(self, case_seed: int) -> TppSet:
         """The starting TPPs for a case under this scenario's policy."""
@@ -224,10 +229,36 @@ def list_scenarios() -> tuple[str, ...]:
 _TPP_STRUCTURES = f"an array of structure names, {toml_repr(PTV)} first, then at least one OAR"
 
 
+_RANGE = "an array [low, high] of two numbers"
+
+
 class _TppTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     structures: Annotated[tuple[str, ...], Meta(min_length=2, description=_TPP_STRUCTURES)]
     initial: InitialPolicy = "default"
     initial_seed: Annotated[int, Meta(ge=0)] = 0
+    #: ``[tpp.initial_ranges.<role>]``: ``<param> = [low, high]`` overriding the training range of that role's
+    #: parameter (log-uniform for a log-scale parameter such as lambda).
+    initial_ranges: dict[str, dict[str, Annotated[tuple[float, float], Meta(description=_RANGE)]]] = {}
+
+
+def initial_ranges(table: Mapping[str, Mapping[str, tuple[float, float]]],
+                   fail: Callable[..., NoReturn]) -> Mapping[tuple[str, str], tuple[float, float, bool]]:
+    """:data:`~m2m.physics.tpp.TRAINING_RANGES` with a scenario's ``[tpp.initial_ranges]`` over it; each range lies in
+    the parameter's valid range and has ``low ≤ high``."""
+    ranges = dict(TRAINING_RANGES)
+    for role, params in table.items():
+        if role not in ROLES:
+            fail(expected(f"one of {toml_repr(list(ROLES))}", role), "tpp", "initial_ranges")
+        for param, (low, high) in params.items():
+            if param not in PARAMETERS:
+                fail(expected(f"one of {toml_repr(list(PARAMETERS))}", param), "tpp", "initial_ranges", role)
+            spec = PARAMETERS[param].of(role)
+            if not (spec.valid.contains(low) and spec.valid.contains(high) and low <= high):
+                lo_bracket = "[" if spec.valid.low_inclusive else "("
+                fail(expected(f"low <= high, both in {lo_bracket}{spec.valid.low:g}, {spec.valid.high:g}]",
+                              [low, high]), "tpp", "initial_ranges", role, param)
+            ranges[(role, param)] = (float(low), float(high), PARAMETERS[param].log_scale)
+    return MappingProxyType(ranges)
 
 
 class _ScenarioFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -419,6 +450,7 @@ def parse_scenario(data: Mapping[str, Any], where: str = "<scenario>") -> Scenar
         case=file.case,
         fingerprint=fingerprint,
         protocol_file=file.protocol if file.protocol.endswith(".toml") else None,
+        initial_ranges=initial_ranges(file.tpp.initial_ranges, fail),
     )
 
 

@@ -22,7 +22,7 @@ The episode terminates when the score reaches the protocol maximum and is trunca
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from gymnasium import spaces
 from m2m.physics.dvh import N_BINS, cumulative_dvh, dvh_bins_gy
 from m2m.physics.optimizer import PlanResult, optimize
 from m2m.physics.protocol import SCORE_TOLERANCE, Protocol, ScoreReport, score
-from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, ROLES, TppSet, random_tpps, step
+from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, ROLES, TRAINING_RANGES, TppSet, random_tpps, step
 from m2m.scenarios import Scenario
 from m2m.scenarios.cases import CaseBank, PlanningCase, scenario_bank
 
@@ -131,7 +131,8 @@ class PlanningEnv(gym.Env[np.ndarray, np.int64]):
 
     ``controlled`` lists the structures whose TPPs the agent moves, PTV first then OARs in role order; every
     structure in ``tpp_structures`` carries TPPs in the optimizer. ``initial_tpps(seed)`` fixes a case's starting
-    TPPs (evaluation); without it they are drawn from the published training ranges with the env's generator.
+    TPPs (evaluation); without it they are drawn from ``initial_ranges`` (default the published training ranges; a
+    scenario's env passes :attr:`Scenario.initial_ranges`) with the env's generator.
     ``fmo_max_iterations`` caps L-BFGS-B iterations per re-optimisation.
 
     ``reset(options={"case_seed": s, "tpps": TppSet})`` plans a chosen case from chosen TPPs.
@@ -149,6 +150,7 @@ class PlanningEnv(gym.Env[np.ndarray, np.int64]):
         step_cap: int = 20,
         initial_tpps: Callable[[int], TppSet] | None = None,
         fmo_max_iterations: int = 300,
+        initial_ranges: Mapping[tuple[str, str], tuple[float, float, bool]] = TRAINING_RANGES,
     ) -> None:
         if next(iter(tpp_structures)) != PTV or next(iter(controlled)) != PTV:
             raise ValueError("tpp_structures and controlled must start with 'ptv'")
@@ -162,6 +164,7 @@ class PlanningEnv(gym.Env[np.ndarray, np.int64]):
         self.controlled = tuple(controlled)
         self.step_cap = step_cap
         self.initial_tpps = initial_tpps
+        self.initial_ranges = initial_ranges
         self.fmo_max_iterations = fmo_max_iterations
         self.tpp_names = tuple(f"{p}_{s}" for s in self.controlled for p in PARAMS)
         self.action_space: spaces.Discrete = spaces.Discrete(2 * len(self.tpp_names))
@@ -259,7 +262,7 @@ class PlanningEnv(gym.Env[np.ndarray, np.int64]):
         elif self.initial_tpps is not None:
             tpps = self.initial_tpps(case_seed)
         else:
-            tpps = random_tpps(self.np_random, self.oar_names)
+            tpps = random_tpps(self.np_random, self.oar_names, self.initial_ranges)
         self._steps = 0
         self._previews = {}
         self._current = self._evaluate(tpps, None, None)
@@ -312,4 +315,5 @@ def scenario_env(
         step_cap=scenario.step_cap,
         initial_tpps=scenario.random_tpps if fixed_initial_tpps else None,
         fmo_max_iterations=fmo_max_iterations,
+        initial_ranges=scenario.initial_ranges,
     )

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from m2m.physics.beams import DEFAULT_GANTRY_DEG
+from m2m.physics.tpp import TRAINING_RANGES
 from m2m.scenarios import (
     COHORTS,
     ScenarioError,
@@ -43,6 +44,21 @@ def test_initial_tpps_follow_the_policy_and_are_reproducible() -> None:
     assert s.random_tpps(5).names() == s.default_tpps().names()
 
 
+def test_initial_ranges_override_the_training_ranges_for_the_scenarios_starts() -> None:
+    data = _set(_data(), "tpp.initial_ranges", {"oar": {"lambda": [50.0, 60.0]}, "ptv": {"t": [1.0, 1.0]}})
+    s = parse_scenario(data, "test.toml")
+    assert s.initial_ranges[("oar", "lambda")] == (50.0, 60.0, True)  # lambda is log-scale: log-uniform
+    assert s.initial_ranges[("ptv", "t")] == (1.0, 1.0, False)
+    assert s.initial_ranges[("oar", "t")] == TRAINING_RANGES[("oar", "t")]
+    for seed in range(20):
+        tpps = s.random_tpps(seed)
+        assert tpps.ptv.t == 1.0
+        assert all(50.0 <= o.lam <= 60.0 for o in tpps.oars.values())
+    plain = parse_scenario(_set(_data(), "tpp.initial_ranges", {}), "test.toml")
+    assert dict(plain.initial_ranges) == dict(TRAINING_RANGES)
+    assert plain.random_tpps(3) != s.random_tpps(3)
+
+
 def _data() -> dict[str, Any]:
     return copy.deepcopy(read_scenario_data("prostate-basic"))
 
@@ -74,7 +90,16 @@ def _set(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("tpp", _DELETE, "tpp: missing; expected a table"),
         ("colour", "red", "colour: unknown key; expected one of name, description, site, rx_gy, protocol, step_cap, "
                           "beams, tpp, roles, cohorts, case"),
-        ("tpp.colour", "red", "tpp.colour: unknown key; expected one of structures, initial, initial_seed"),
+        ("tpp.colour", "red", "tpp.colour: unknown key; expected one of structures, initial, initial_seed, "
+                               "initial_ranges"),
+        ("tpp.initial_ranges", {"ptv": {"lambda": [5.0, 1.0]}},
+         "tpp.initial_ranges.ptv.lambda: expected low <= high, both in (0, 100000], got [5.0, 1.0]"),
+        ("tpp.initial_ranges", {"oar": {"t": [0.5, 1.5]}},
+         "tpp.initial_ranges.oar.t: expected low <= high, both in (0, 1], got [0.5, 1.5]"),
+        ("tpp.initial_ranges", {"oar": {"w": [0.5, 1.0]}},
+         'tpp.initial_ranges.oar: expected one of ["t", "lambda", "v"], got "w"'),
+        ("tpp.initial_ranges", {"organ": {"t": [0.5, 1.0]}},
+         'tpp.initial_ranges: expected one of ["ptv", "oar"], got "organ"'),
         # bounds and choices
         ("cohorts.paper", [5, 5], "cohorts.paper: [5, 5) holds no seeds; expected [start, stop) with 0 ≤ start < stop"),
         ("site", "brain", 'site: expected one of ["prostate", "liver", "other"], got "brain"'),

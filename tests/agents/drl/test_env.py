@@ -25,6 +25,23 @@ def test_passes_gymnasium_env_checker(env: PlanningEnv) -> None:
     check_env(env, skip_render_check=True)
 
 
+def test_training_starts_are_drawn_from_the_initial_ranges() -> None:
+    from m2m.agents.drl.env import scenario_env
+    from m2m.physics.tpp import TRAINING_RANGES
+    from m2m.scenarios import parse_scenario, read_scenario_data
+
+    env = make_env()
+    env.initial_ranges = {**TRAINING_RANGES, ("oar", "lambda"): (40.0, 50.0, True), ("ptv", "t"): (1.1, 1.1, False)}
+    for seed in range(4):
+        _, info = env.reset(seed=seed)
+        assert info["tpps"]["t_ptv"] == pytest.approx(1.1)
+        assert all(40.0 <= v <= 50.0 for k, v in info["tpps"].items() if k.startswith("lambda_") and k != "lambda_ptv")
+    data = read_scenario_data("prostate-basic")
+    data["tpp"]["initial_ranges"] = {"oar": {"lambda": [40.0, 50.0]}}
+    scenario = parse_scenario(data, "test.toml")
+    assert scenario_env(scenario, [0], ["bladder"]).initial_ranges is scenario.initial_ranges
+
+
 def test_spaces_match_the_controlled_tpps() -> None:
     env = make_env(controlled=("ptv", "rectum"))
     assert env.action_space.n == 12
