@@ -45,7 +45,9 @@ class SearchResult:
 
 def targeted_steps(report: ScoreReport) -> list[tuple[str, int]]:
     """The steps that tighten each failing criterion's structure (a failing lower limit: loosen), worst criterion
-    first: fewest points, then the largest overshoot in widths ``|zero − limit|``."""
+    first: fewest points, then the largest overshoot in widths ``|zero − limit|``; then, while something fails, the
+    steps that loosen each structure none of whose criteria fail (the trade: an OAR spared beyond its limits can cost
+    the PTV its homogeneity, and loosening it is what repairs the hot spot)."""
     failing = sorted(
         (i for i in report.items if not i.passed),
         key=lambda i: (i.points, -abs(i.value - i.criterion.limit) / abs(i.criterion.zero - i.criterion.limit)),
@@ -53,6 +55,12 @@ def targeted_steps(report: ScoreReport) -> list[tuple[str, int]]:
     moves: list[tuple[str, int]] = []
     for item in failing:
         for move in tightening_steps(item.criterion.structure, 1 if item.criterion.upper else -1):
+            if move not in moves:
+                moves.append(move)
+    failing_structures = {i.criterion.structure for i in failing}
+    passing = [s for s in dict.fromkeys(i.criterion.structure for i in report.items) if s not in failing_structures]
+    for structure in passing if failing else ():
+        for move in tightening_steps(structure, -1):
             if move not in moves:
                 moves.append(move)
     return moves
