@@ -4,9 +4,10 @@ TPP drawing ranges, and whether the maximum stays reachable.
 The paper's random initial plans scored 5.8 ± 1.7 of 9 (prostate) and 2.5 ± 0.4 of 4 (liver). This script plans
 each validation case of a scenario from ``--draws`` random TPP sets (the first one is the scenario's own start,
 :meth:`Scenario.random_tpps`, when the ranges are the scenario's) under each named drawing-range set, and prints the
-initial score and which criteria fail. With ``--search B`` it also runs the calibration search
-(:func:`m2m.scenarios.calibrate.search_max`, budget ``B`` plans) from the first draw of each case and reports how
-many reach the maximum, the plans that cost, and how far the TPPs it found lie from the start in published steps.
+initial score and which criteria fail. With ``--search B`` it also runs the calibration search with its trade
+moves (:func:`m2m.scenarios.calibrate.search_max` with ``trade=True``, budget ``B`` plans) from the first draw of
+each case and reports how many reach the maximum, the plans that cost, and how far the TPPs it found lie from the
+start in published steps.
 
 ``--objective fidelity`` is a candidate, not the product's optimizer (issue 16): it swaps the PTV coverage penalty of
 :mod:`m2m.physics.optimizer` (weight μ = 10·(1 + Σ λ_o/λ_P), which always dominates the OARs) for the papers'
@@ -175,7 +176,8 @@ def main() -> None:
         for criterion, n in failing.most_common():
             print(f"  fails {n:3d}/{len(scores)}  {criterion}")
         if args.search:
-            results = [search_max(planner, start, max_evaluations=args.search) for planner, start in starts]
+            results = [search_max(planner, start, max_evaluations=args.search, trade=True)
+                       for planner, start in starts]
             reached = [r for r in results if r.reached_max]
             plans = [r.evaluations for r in results]
             steps = [published_steps(s.tpps, r.best.tpps) for (_, s), r in zip(starts, results, strict=True)

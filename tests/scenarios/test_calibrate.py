@@ -91,7 +91,7 @@ def test_parallel_calibration_gives_the_serial_report(tmp_path: Path) -> None:
     assert scores(parallel) == scores(serial)
 
 
-def test_targeted_steps_tighten_the_worst_failing_structure_first_then_loosen_the_passing_ones() -> None:
+def test_targeted_steps_tighten_the_worst_failing_structure_first_and_may_trade() -> None:
     protocol = Protocol(
         "two",
         (
@@ -112,14 +112,15 @@ def test_targeted_steps_tighten_the_worst_failing_structure_first_then_loosen_th
     ]
     bladder = Criterion("bladder", "V70Gy", "%", limit=35.0, zero=40.0)
     traded = ScoreReport("three", (*items, CriterionScore(bladder, 10.0, 1.0, True)), 2.7, 4.0)
-    assert targeted_steps(traded) == [  # then loosen the structure that passes everything: the trade
+    assert targeted_steps(traded) == targeted_steps(report)  # the trade is off by default
+    assert targeted_steps(traded, trade=True) == [  # then loosen the structure that passes everything
         ("lambda_rectum", 1), ("t_rectum", -1), ("v_rectum", 1), ("t_ptv", -1), ("v_ptv", 1), ("lambda_ptv", 1),
         ("lambda_bladder", -1), ("t_bladder", 1), ("v_bladder", -1),
     ]
     coverage = Criterion("ptv", "D95%", "%Rx", limit=100.0, zero=95.0)  # a lower limit: the PTV needs more dose
     low = ScoreReport("cov", (CriterionScore(coverage, 97.0, 0.4, False),), 0.4, 1.0)
     assert targeted_steps(low) == [("t_ptv", 1), ("v_ptv", -1), ("lambda_ptv", -1)]
-    assert targeted_steps(ScoreReport("two", items[2:], 1.0, 1.0)) == []
+    assert targeted_steps(ScoreReport("two", items[2:], 1.0, 1.0), trade=True) == []
 
 
 def test_cli_calibration_saves_each_case_and_resumes_from_the_file(tmp_path: Path) -> None:
