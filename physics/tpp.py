@@ -52,6 +52,10 @@ class ValidRange:
         ok_low = x >= self.low if self.low_inclusive else x > self.low
         return math.isfinite(x) and ok_low and x <= self.high
 
+    def __str__(self) -> str:
+        """The interval as written in messages: ``(0, 1]``, ``[1, 1.2]``."""
+        return f"{'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}]"
+
     def clamp(self, x: float) -> float:
         """``x`` moved into the range (an open lower end clamps to the next float above ``low``)."""
         floor = self.low if self.low_inclusive else math.nextafter(self.low, math.inf)
@@ -138,9 +142,12 @@ PARAMETERS: Mapping[str, ParameterSpec] = MappingProxyType({p.name: p for p in (
 #: The parameter names in vector order.
 PARAMS: tuple[Param, ...] = tuple(p.name for p in PARAMETERS.values())
 
+#: What random TPPs are drawn from: ``(role, param) → (low, high, log_uniform)`` (:func:`random_tpps`).
+DrawRanges = Mapping[tuple[str, str], tuple[float, float, bool]]
+
 #: :attr:`RoleSpec.training` per (role, param): the default ``ranges`` of :func:`random_tpps` (a view of the table;
 #: pass a modified copy to draw from other ranges).
-TRAINING_RANGES: Mapping[tuple[str, str], tuple[float, float, bool]] = MappingProxyType(
+TRAINING_RANGES: DrawRanges = MappingProxyType(
     {(role, p.name): p.of(role).training for role in ROLES for p in PARAMETERS.values()}
 )
 
@@ -159,10 +166,9 @@ def spec_of(name: str) -> RoleSpec:
 class TppRangeError(ValueError):
     """A TPP value outside its valid range (the message names the TPP, the value and the range)."""
 
-    def __init__(self, name: str, value: float, low: float, high: float, low_inclusive: bool) -> None:
-        bracket = "[" if low_inclusive else "("
-        self.name, self.value, self.low, self.high = name, value, low, high
-        super().__init__(f"TPP {name} = {value!r} is outside its valid range {bracket}{low:g}, {high:g}]")
+    def __init__(self, name: str, value: float, valid: ValidRange) -> None:
+        self.name, self.value, self.low, self.high = name, value, valid.low, valid.high
+        super().__init__(f"TPP {name} = {value!r} is outside its valid range {valid}")
 
 
 @dataclass(frozen=True)
@@ -202,7 +208,7 @@ def check_value(name: str, value: float) -> None:
     """Raise :class:`TppRangeError` if ``value`` is outside the valid range of TPP ``name``."""
     valid = spec_of(name).valid
     if not valid.contains(value):
-        raise TppRangeError(name, value, valid.low, valid.high, valid.low_inclusive)
+        raise TppRangeError(name, value, valid)
 
 
 def clamp_value(name: str, value: float) -> float:
@@ -324,7 +330,7 @@ def tightening_steps(structure: str, need: int = 1) -> tuple[tuple[str, int], ..
 def random_tpps(
     rng: np.random.Generator,
     oar_names: Iterable[str],
-    ranges: Mapping[tuple[str, str], tuple[float, float, bool]] = TRAINING_RANGES,
+    ranges: DrawRanges = TRAINING_RANGES,
 ) -> TppSet:
     """TPPs drawn from ``ranges`` (default :data:`TRAINING_RANGES`; uniform, or log-uniform where flagged), PTV
     first then each OAR. Drawn values must lie in the valid ranges (:class:`TppRangeError` otherwise)."""

@@ -39,7 +39,7 @@ from msgspec import Meta
 
 from m2m.physics.config_file import ConfigError, convert, expected, key_path, read_toml, toml_repr
 from m2m.physics.protocol import Protocol, ProtocolError, load_protocol, load_protocol_file
-from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, ROLES, TRAINING_RANGES, TppSet, random_tpps
+from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, ROLES, TRAINING_RANGES, DrawRanges, TppSet, random_tpps
 
 #: A scenario's anatomical site: the phantom family of a cohort scenario; a case-file scenario may say ``"other"``
 #: (its knowledge then comes from another site, through the role map).
@@ -188,8 +188,7 @@ class Scenario:
     #: ``(role, param) → (low, high, log_uniform)``: what the scenario's random initial TPPs are drawn from (the
     #: ``[tpp.initial_ranges]`` table over :data:`~m2m.physics.tpp.TRAINING_RANGES`); DRL training draws its
     #: episodes' starts from the same ranges.
-    initial_ranges: Mapping[tuple[str, str], tuple[float, float, bool]] = field(
-        default_factory=lambda: TRAINING_RANGES, hash=False)
+    initial_ranges: DrawRanges = field(default_factory=lambda: TRAINING_RANGES, hash=False)
 
     @property
     def oar_names(self) -> tuple[str, ...]:
@@ -241,8 +240,8 @@ class _TppTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     initial_ranges: dict[str, dict[str, Annotated[tuple[float, float], Meta(description=_RANGE)]]] = {}
 
 
-def initial_ranges(table: Mapping[str, Mapping[str, tuple[float, float]]],
-                   fail: Callable[..., NoReturn]) -> Mapping[tuple[str, str], tuple[float, float, bool]]:
+def _initial_ranges(table: Mapping[str, Mapping[str, tuple[float, float]]],
+                    fail: Callable[..., NoReturn]) -> DrawRanges:
     """:data:`~m2m.physics.tpp.TRAINING_RANGES` with a scenario's ``[tpp.initial_ranges]`` over it; each range lies in
     the parameter's valid range and has ``low ≤ high``."""
     ranges = dict(TRAINING_RANGES)
@@ -254,9 +253,7 @@ def initial_ranges(table: Mapping[str, Mapping[str, tuple[float, float]]],
                 fail(expected(f"one of {toml_repr(list(PARAMETERS))}", param), "tpp", "initial_ranges", role)
             spec = PARAMETERS[param].of(role)
             if not (spec.valid.contains(low) and spec.valid.contains(high) and low <= high):
-                lo_bracket = "[" if spec.valid.low_inclusive else "("
-                fail(expected(f"low <= high, both in {lo_bracket}{spec.valid.low:g}, {spec.valid.high:g}]",
-                              [low, high]), "tpp", "initial_ranges", role, param)
+                fail(expected(f"low <= high, both in {spec.valid}", [low, high]), "tpp", "initial_ranges", role, param)
             ranges[(role, param)] = (float(low), float(high), PARAMETERS[param].log_scale)
     return MappingProxyType(ranges)
 
@@ -450,7 +447,7 @@ def parse_scenario(data: Mapping[str, Any], where: str = "<scenario>") -> Scenar
         case=file.case,
         fingerprint=fingerprint,
         protocol_file=file.protocol if file.protocol.endswith(".toml") else None,
-        initial_ranges=initial_ranges(file.tpp.initial_ranges, fail),
+        initial_ranges=_initial_ranges(file.tpp.initial_ranges, fail),
     )
 
 

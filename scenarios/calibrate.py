@@ -55,18 +55,12 @@ def targeted_steps(report: ScoreReport, *, trade: bool = False) -> list[tuple[st
         (i for i in report.items if not i.passed),
         key=lambda i: (i.points, -abs(i.value - i.criterion.limit) / abs(i.criterion.zero - i.criterion.limit)),
     )
-    moves: list[tuple[str, int]] = []
-    for item in failing:
-        for move in tightening_steps(item.criterion.structure, 1 if item.criterion.upper else -1):
-            if move not in moves:
-                moves.append(move)
-    failing_structures = {i.criterion.structure for i in failing}
-    passing = [s for s in dict.fromkeys(i.criterion.structure for i in report.items) if s not in failing_structures]
-    for structure in passing if failing and trade else ():
-        for move in tightening_steps(structure, -1):
-            if move not in moves:
-                moves.append(move)
-    return moves
+    moves = [m for i in failing for m in tightening_steps(i.criterion.structure, 1 if i.criterion.upper else -1)]
+    if trade and failing:
+        tightened = {i.criterion.structure for i in failing}
+        passing = dict.fromkeys(i.criterion.structure for i in report.items if i.criterion.structure not in tightened)
+        moves += [m for structure in passing for m in tightening_steps(structure, -1)]
+    return list(dict.fromkeys(moves))  # each move once, first place kept
 
 
 def _greedy(

@@ -22,7 +22,7 @@ The episode terminates when the score reaches the protocol maximum and is trunca
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from gymnasium import spaces
 from m2m.physics.dvh import N_BINS, cumulative_dvh, dvh_bins_gy
 from m2m.physics.optimizer import PlanResult, optimize
 from m2m.physics.protocol import SCORE_TOLERANCE, Protocol, ScoreReport, score
-from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, ROLES, TRAINING_RANGES, TppSet, random_tpps, step
+from m2m.physics.tpp import PARAMETERS, PARAMS, PTV, ROLES, TRAINING_RANGES, DrawRanges, TppSet, random_tpps, step
 from m2m.scenarios import Scenario
 from m2m.scenarios.cases import CaseBank, PlanningCase, scenario_bank
 
@@ -150,7 +150,7 @@ class PlanningEnv(gym.Env[np.ndarray, np.int64]):
         step_cap: int = 20,
         initial_tpps: Callable[[int], TppSet] | None = None,
         fmo_max_iterations: int = 300,
-        initial_ranges: Mapping[tuple[str, str], tuple[float, float, bool]] = TRAINING_RANGES,
+        initial_ranges: DrawRanges = TRAINING_RANGES,
     ) -> None:
         if next(iter(tpp_structures)) != PTV or next(iter(controlled)) != PTV:
             raise ValueError("tpp_structures and controlled must start with 'ptv'")

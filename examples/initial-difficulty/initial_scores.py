@@ -34,20 +34,17 @@ import argparse
 import math
 import statistics
 from collections import Counter
-from collections.abc import Mapping
 
 import numpy as np
 
 from m2m.physics import optimizer, phantoms
-from m2m.physics.tpp import PARAMETERS, TRAINING_RANGES, TppSet, random_tpps, role_of
+from m2m.physics.tpp import PARAMETERS, TRAINING_RANGES, DrawRanges, TppSet, random_tpps, role_of
 from m2m.scenarios import load_scenario
 from m2m.scenarios.calibrate import search_max
-from m2m.scenarios.cases import scenario_optimizer
-
-Ranges = Mapping[tuple[str, str], tuple[float, float, bool]]
+from m2m.scenarios.cases import scenario_case, scenario_optimizer
 
 
-def _with(**changes: tuple[float, float, bool]) -> dict[tuple[str, str], tuple[float, float, bool]]:
+def _with(**changes: tuple[float, float, bool]) -> DrawRanges:
     """The training ranges with ``role_param=(low, high, log)`` changes."""
     out = dict(TRAINING_RANGES)
     for key, value in changes.items():
@@ -56,7 +53,7 @@ def _with(**changes: tuple[float, float, bool]) -> dict[tuple[str, str], tuple[f
     return out
 
 
-RANGE_SETS: dict[str, tuple[str, dict[tuple[str, str], tuple[float, float, bool]]]] = {
+RANGE_SETS: dict[str, tuple[str, DrawRanges]] = {
     "training": ("training ranges (tpp.TRAINING_RANGES)", dict(TRAINING_RANGES)),
     "weak-oars": ("weak OARs: λ_oar 0.1–10, t_oar 0.6–1, λ_ptv 1–100",
                   _with(oar_lambda=(0.1, 10.0, True), oar_t=(0.6, 1.0, False), ptv_lambda=(1.0, 100.0, True))),
@@ -152,7 +149,7 @@ def main() -> None:
         _use_closer_anatomy()
     sc = load_scenario(args.scenario)
     first = sc.cohorts.validation.start
-    planners = [(seed, scenario_optimizer(sc, phantoms.make_case(sc.site, seed)))
+    planners = [(seed, scenario_optimizer(sc, scenario_case(sc, seed)))
                 for seed in range(first, first + args.cases)]
     print(f"{args.scenario}: validation seeds {first}-{first + args.cases - 1}, {args.draws} draws each, "
           f"max {sc.protocol.max_score:g}, objective {args.objective}, anatomy {args.anatomy}")
